@@ -1,0 +1,24 @@
+"""analogllm: run, train, fine-tune and export large language models for analogue hardware.
+
+The public API is small::
+
+    import analogllm as al
+    cfg = al.AnalogConfig.from_profile("pcm")
+    al.analogize_(model, cfg)          # every matmul goes through the analogue path
+    al.program_(model, seed=0)         # sample one chip instance
+    al.drift_(model, seconds=86400)    # age it by a day
+"""
+
+from analogllm.chip import chip_info, drift_, program_
+from analogllm.config import AnalogConfig, device_names, profile_names
+from analogllm.convert import ConversionReport, analog_matrices, analogize_, register_adapter
+from analogllm.nn.linear import AnalogConv1D, AnalogLinear
+from analogllm.schema import ConfigError
+
+convert = analogize_
+
+__all__ = [
+    "AnalogConfig", "AnalogConv1D", "AnalogLinear", "ConfigError", "ConversionReport", "analog_matrices",
+    "analogize_", "chip_info", "convert", "device_names", "drift_", "profile_names", "program_", "register_adapter",
+]
+__version__ = "0.1.0"

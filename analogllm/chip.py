@@ -1,0 +1,48 @@
+"""Chip instances: programming a converted model onto one sampled chip, and ageing it.
+
+A chip instance is everything that is random but fixed once the weights are written: programming
+noise, device-to-device variation, drift exponents, mesh phase errors. It is identified by a seed,
+so the same seed gives the same chip and different seeds give different chips. Time since
+programming is a second, independent knob (drift, growing read noise).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from analogllm.convert import analog_matrices
+
+
+def _require_analog(model: nn.Module) -> None:
+    if getattr(model, "analog_config", None) is None:
+        raise ValueError("model is not analogue: call analogllm.analogize_(model, config) first")
+
+
+def program_(model: nn.Module, seed: int = 0, seconds: float = 0.0) -> nn.Module:
+    """Program ``model`` onto chip instance ``seed`` (programming noise frozen), read at ``seconds``."""
+    _require_analog(model)
+    for _, matrix, weight in analog_matrices(model):
+        matrix.program(weight, seed, seconds)
+    return model
+
+
+def drift_(model: nn.Module, seconds: float) -> nn.Module:
+    """Age the programmed chip to ``seconds`` after programming (same chip instance, same seed).
+
+    With ``drift.compensation`` on, each layer's global drift-compensation scalar is recomputed
+    from its calibration read, as a deployed chip would do.
+    """
+    _require_analog(model)
+    if seconds < 0:
+        raise ValueError(f"seconds must be >= 0, got {seconds}")
+    for _, matrix, weight in analog_matrices(model):
+        seed = matrix.config.seed if matrix.seed is None else matrix.seed
+        matrix.program(weight, seed, seconds)
+    return model
+
+
+def chip_info(model: nn.Module) -> dict[str, float | int | None]:
+    """The seed and drift time the model's chip is at (from its first analogue matrix)."""
+    for _, matrix, _ in analog_matrices(model):
+        return {"seed": matrix.seed, "seconds": matrix.seconds}
+    return {"seed": None, "seconds": 0.0}

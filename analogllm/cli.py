@@ -1,0 +1,48 @@
+"""The ``analogllm`` command line.
+
+Each command lives beside the subsystem it drives and registers itself through a
+``register(subparsers)`` function; this file only lists those modules and dispatches. Errors that are
+the user's (a bad config, a missing file, an unknown model) are printed as one clear line with exit
+status 2, not as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from analogllm.schema import ConfigError
+
+#: modules that define ``register(subparsers)``; the order is the order of ``analogllm --help``.
+COMMAND_MODULES = [
+    "analogllm.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="analogllm",
+        description="Run, train, fine-tune and export large language models for analogue hardware.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"analogllm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Core commands: ``analogllm profiles`` and ``analogllm convert``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from analogllm.config import AnalogConfig, profile_names
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``["adc.bits=6", "device.g_max=20"]`` → ``{"adc.bits": 6, "device.g_max": 20}``; values are
+    parsed as YAML scalars/lists, so types are checked by the config itself."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                        help="override a field, e.g. --set adc.bits=6 (repeatable)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profiles", help="list the built-in device profiles and their key parameters")
+    p.set_defaults(func=run_profiles)
+
+    p = sub.add_parser("convert", help="convert a model (id, path or built-in name) into an analogue checkpoint")
+    p.add_argument("model", help="Hugging Face id or local path, or a built-in name (see `analogllm models`)")
+    p.add_argument("--profile", default="pcm", help="device profile name or YAML file (default: pcm)")
+    add_set_argument(p)
+    p.add_argument("--include", nargs="*", default=None, help="regexes of module names to convert")
+    p.add_argument("--exclude", nargs="*", default=None, help="regexes of module names to keep digital")
+    p.add_argument("--seed", type=int, default=0, help="chip instance to program (default 0)")
+    p.add_argument("--out", type=Path, default=None, help="write the analogue checkpoint here")
+    p.set_defaults(func=run_convert)
+
+    p = sub.add_parser("models", help="list the built-in models")
+    p.set_defaults(func=run_models)
+
+
+def profile_rows() -> list[tuple[str, ...]]:
+    """One row of key parameters per built-in profile."""
+    rows = []
+    for name in profile_names():
+        c = AnalogConfig.from_profile(name)
+        tiles = f"{c.tiling.rows}×{c.tiling.cols}" if c.tiling.rows else "none"
+        rows.append((name, c.device.kind, str(c.dac.bits), str(c.adc.bits), tiles, str(c.output.noise),
+                     str(c.training.weight_noise), c.device.summary()))
+    return rows
+
+
+def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
+def run_profiles(args: argparse.Namespace) -> int:
+    header = ("profile", "device", "DAC bits", "ADC bits", "tiles", "out noise", "train noise", "device parameters")
+    print(markdown_table(header, profile_rows()))
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from analogllm.models import list_models
+
+    for name in list_models():
+        print(name)
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from analogllm.chip import program_
+    from analogllm.convert import analogize_
+    from analogllm.models import load_model
+    from analogllm.persistence import save_pretrained
+
+    config = AnalogConfig.from_profile(args.profile, **parse_overrides(args.set))
+    model, tokenizer = load_model(args.model)
+    analogize_(model, config, include=args.include, exclude=args.exclude)
+    program_(model, seed=args.seed)
+    print(model.analog_report.table())
+    if args.out is not None:
+        save_pretrained(model, args.out, tokenizer=tokenizer)
+        print(f"\nwrote analogue checkpoint to {args.out}")
+    return 0

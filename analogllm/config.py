@@ -1,0 +1,260 @@
+"""AnalogConfig: everything that decides how a matmul behaves on the chip, as frozen dataclasses.
+
+The fields follow the data path of one analogue matmul (see ``docs/`` and the design notes):
+
+    x ─DAC─► tiles ─► y_t = x_t · W_t(device) ─► + noise ─► nonlinearity ─► ADC ─► Σ_t ─► × scale + bias
+
+``device`` says what W_t(device) is (ideal, pcm, rram, photonic), ``training`` what the in-silico
+training noise is (``model.train()``), and ``include``/``exclude`` which modules go analogue. Profiles
+in ``configs/*.yaml`` are complete configs loaded by name; any field can be overridden.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from analogllm.devices.base import Device, device_from_dict, device_names
+from analogllm.devices.ideal import Ideal
+from analogllm.schema import ConfigError, check, from_dict, replace_path, to_dict
+
+
+@dataclass(frozen=True)
+class DACConfig:
+    """Input digital-to-analogue converter.
+
+    bits:  resolution; ``None`` means an ideal (unquantised) input. 8 bits = 255 signed levels, the
+           setting of IBM's HWA presets and Analog Foundation Models.
+    range: how the input range r is chosen (inputs are clipped to ±r, then quantised):
+           ``dynamic`` per token abs-max (no clipping, needs a per-token digital scale),
+           ``learned`` one trainable scalar per layer, initialised from the first batch it sees,
+           ``static`` a fixed ``init_range``.
+    init_range: the range for ``static`` (and the start value for ``learned`` when given).
+    """
+
+    bits: int | None = 8
+    range: Literal["dynamic", "learned", "static"] = "learned"
+    init_range: float | None = None
+
+    def __post_init__(self) -> None:
+        check(self.bits is None or 1 <= self.bits <= 24, "dac.bits", f"must be in 1..24 or null, got {self.bits}")
+        check(self.init_range is None or self.init_range > 0, "dac.init_range", "must be > 0")
+        check(self.range != "static" or self.init_range is not None, "dac.init_range", "is required for range: static")
+
+
+@dataclass(frozen=True)
+class ADCConfig:
+    """Output analogue-to-digital converter, one per tile column (a per-tile ADC).
+
+    bits:  resolution; ``None`` = ideal readout. Levels are 2·bound/(2^bits − 2) apart (254 steps for 8
+           bits, as in aihwkit), so at most 2^bits − 1 distinct codes.
+    bound: saturation level in normalised output units (inputs scaled to ±1, weights to ±1 per column);
+           aihwkit uses 10–14 for its HWA presets.
+    """
+
+    bits: int | None = 8
+    bound: float = 12.0
+
+    def __post_init__(self) -> None:
+        check(self.bits is None or 2 <= self.bits <= 24, "adc.bits", f"must be in 2..24 or null, got {self.bits}")
+        check(self.bound > 0, "adc.bound", f"must be > 0, got {self.bound}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Analogue output stage before the ADC.
+
+    noise: additive Gaussian std per read in normalised output units (aihwkit out_noise 0.04–0.06).
+    nonlinearity: ``none`` or ``tanh``, a saturating I–V / sense-amplifier response
+                  y ↦ s·tanh(y/s) with s = ``saturation`` (normalised units).
+    """
+
+    noise: float = 0.0
+    nonlinearity: Literal["none", "tanh"] = "none"
+    saturation: float = 12.0
+
+    def __post_init__(self) -> None:
+        check(self.noise >= 0, "output.noise", f"must be >= 0, got {self.noise}")
+        check(self.saturation > 0, "output.saturation", f"must be > 0, got {self.saturation}")
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """Fixed-size arrays. ``rows`` inputs per tile (each tile has its own ADCs and scale per column);
+    ``cols`` outputs per tile (only changes the export layout: columns are independent). ``None`` = one
+    array as large as the matrix."""
+
+    rows: int | None = None
+    cols: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rows", "cols"):
+            v = getattr(self, name)
+            check(v is None or v >= 1, f"tiling.{name}", f"must be >= 1 or null, got {v}")
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Drift compensation: one digital scalar per layer, from a fixed calibration input read at t and
+    right after programming (aihwkit GlobalDriftCompensation)."""
+
+    compensation: bool = True
+    calibration_vectors: int = 64
+
+    def __post_init__(self) -> None:
+        check(self.calibration_vectors >= 1, "drift.calibration_vectors", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Noise injected by ``model.train()`` (hardware-aware training), not by the deployed chip.
+
+    weight_noise: additive Gaussian weight noise, std relative to each output channel's abs-max
+                  (0.03 in Analog Foundation Models); sampled exactly in output space.
+    output_noise: additive output noise in normalised units while training.
+    clip_sigma:   clip each output channel's weights to ±clip_sigma·std (2.5 in AFM); ``None`` = off.
+    quantize:     apply the DAC/ADC (with straight-through gradients) while training.
+    """
+
+    weight_noise: float = 0.0
+    output_noise: float = 0.0
+    clip_sigma: float | None = None
+    quantize: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.weight_noise >= 0, "training.weight_noise", f"must be >= 0, got {self.weight_noise}")
+        check(self.output_noise >= 0, "training.output_noise", f"must be >= 0, got {self.output_noise}")
+        check(self.clip_sigma is None or self.clip_sigma > 0, "training.clip_sigma", "must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class AnalogConfig:
+    """The complete description of how a model's matmuls run on an analogue chip.
+
+    include / exclude: regular expressions matched (``re.search``) against module names; a module is
+    analogue when it matches ``include`` (empty = everything) and no ``exclude``. The LM head stays
+    digital by default, like embeddings and norms, following Analog Foundation Models.
+    """
+
+    device: Device = field(default_factory=Ideal)
+    dac: DACConfig = field(default_factory=DACConfig)
+    adc: ADCConfig = field(default_factory=ADCConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ("lm_head",)
+    analog_attention: bool = False
+    exact_read_noise: bool = False
+    seed: int = 0
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for key in ("include", "exclude"):
+            for pattern in getattr(self, key):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({exc})") from None
+        check(isinstance(self.device, Device), "device", "must be a device (see `analogllm profiles`)")
+
+    # ----- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_profile(cls, name: str, **overrides: Any) -> AnalogConfig:
+        """Load the named profile from ``configs/`` and apply dotted overrides, e.g.
+        ``AnalogConfig.from_profile("pcm", **{"adc.bits": 6})``."""
+        config = cls.from_dict(_read_profile(name))
+        for key, value in overrides.items():
+            config = config.set(key, value)
+        return config
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AnalogConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"analog config: expected a mapping, got {type(data).__name__}")
+        data = dict(data)
+        device = device_from_dict(data.pop("device", {"kind": "ideal"}))
+        config = from_dict(cls, data)
+        return replace(config, device=device)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AnalogConfig:
+        """Read a config from a ``.json`` or ``.yaml`` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = to_dict(self)
+        data["device"] = self.device.to_dict()
+        return data
+
+    def set(self, dotted: str, value: Any) -> AnalogConfig:
+        """Copy with one dotted field replaced (validated), e.g. ``cfg.set("device.g_max", 20.0)``."""
+        if dotted == "device" or dotted.startswith("device."):
+            if dotted == "device":
+                return replace(self, device=device_from_dict(value))
+            return replace(self, device=replace_path(self.device, dotted[len("device.") :], value))
+        return replace_path(self, dotted, value)
+
+    # ----- queries -----------------------------------------------------------------------------------------
+    @property
+    def is_identity(self) -> bool:
+        """True when the analogue path is mathematically a plain matmul (the ideal profile)."""
+        return (
+            self.device.is_ideal
+            and self.dac.bits is None
+            and self.adc.bits is None
+            and self.output.noise == 0
+            and self.output.nonlinearity == "none"
+            and self.tiling.rows is None
+            and self.training.weight_noise == 0
+            and self.training.output_noise == 0
+            and self.training.clip_sigma is None
+        )
+
+    def selects(self, module_name: str) -> bool:
+        """Whether the module called ``module_name`` goes analogue under include/exclude."""
+        if self.include and not any(re.search(p, module_name) for p in self.include):
+            return False
+        return not any(re.search(p, module_name) for p in self.exclude)
+
+
+def profile_names() -> list[str]:
+    """Names of the built-in device profiles (``configs/*.yaml``)."""
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("analogllm.profiles").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_profile(name: str) -> dict[str, Any]:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    else:
+        names = profile_names()
+        if name not in names:
+            raise ConfigError(
+                f"unknown profile {name!r}; built-in profiles: {', '.join(names)} (or a path to a .yaml file)"
+            )
+        data = yaml.safe_load(resources.files("analogllm.profiles").joinpath(f"{name}.yaml").read_text())
+    if not isinstance(data, dict):
+        raise ConfigError(f"profile {name!r}: expected a mapping at the top level")
+    data.pop("sources", None)  # citations for the humans reading the YAML
+    data.setdefault("name", path.stem if path.suffix else name)
+    return data
+
+
+__all__ = [
+    "ADCConfig", "AnalogConfig", "DACConfig", "DriftConfig", "OutputConfig", "TilingConfig", "TrainingConfig",
+    "device_names", "profile_names",
+]

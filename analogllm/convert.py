@@ -1,0 +1,182 @@
+"""Model surgery: put every weight-carrying matmul of a model through the analogue path.
+
+``analogize_`` walks the model once and consults one table of adapters (module type → converter), in
+the style of torchao's ``quantize_`` and Brevitas' layer map. Family rules add what a type table
+cannot see: weights that a model reads directly (Mamba's ``dt_proj.weight``) get weight-side physics
+through a parametrization. Everything not converted is listed as digital with the reason, so
+``analogllm convert`` can print what runs where.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from analogllm.config import AnalogConfig
+from analogllm.nn.experts import is_experts, to_analog_experts
+from analogllm.nn.linear import AnalogConv1D, AnalogLinear
+from analogllm.nn.matrix import AnalogMatrix
+from analogllm.nn.weight import to_weight_side
+
+Converter = Callable[[nn.Module, AnalogConfig, int], nn.Module]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One row of the adapter table: which modules it takes and how many layer ids it consumes."""
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    convert: Converter
+    ids: int = 1
+
+
+#: The one table of analogue adapters, tried in order. Extend it with :func:`register_adapter`.
+ADAPTERS: list[Adapter] = [
+    Adapter("linear", lambda m: type(m) is nn.Linear, AnalogLinear.from_linear),
+    Adapter("conv1d", lambda m: type(m) is Conv1D, AnalogConv1D.from_conv1d),
+    Adapter("experts", is_experts, to_analog_experts, ids=2),
+]
+
+#: Per model type: modules whose weight the model reads directly (so a swapped forward is never
+#: called). They get weight-side physics via a parametrization instead of a module swap.
+WEIGHT_SIDE_RULES: dict[str, tuple[str, ...]] = {
+    "mamba": (r"\.dt_proj$",),
+    "falcon_mamba": (r"\.dt_proj$",),
+}
+
+
+def register_adapter(adapter: Adapter, first: bool = True) -> None:
+    """Add an adapter for a new module type (tried before the built-ins when ``first``)."""
+    ADAPTERS.insert(0, adapter) if first else ADAPTERS.append(adapter)
+
+
+@dataclass
+class ConversionReport:
+    """What ``analogize_`` did: one row per module with weights: (name, type, shape, placement, note)."""
+
+    rows: list[tuple[str, str, str, str, str]] = field(default_factory=list)
+
+    @property
+    def analog(self) -> list[str]:
+        return [r[0] for r in self.rows if r[3] != "digital"]
+
+    @property
+    def digital(self) -> list[str]:
+        return [r[0] for r in self.rows if r[3] == "digital"]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r[3]] = out.get(r[3], 0) + 1
+        return out
+
+    def table(self) -> str:
+        """A Markdown table of every module with weights and where it runs."""
+        header = ("module", "type", "weight", "runs", "note")
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *self.rows)]
+        line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+        out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        out += [line(r) for r in self.rows]
+        summary = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
+        return "\n".join(out) + f"\n\n{summary}"
+
+
+def analogize_(
+    model: nn.Module,
+    config: AnalogConfig | str | None = None,
+    include: list[str] | tuple[str, ...] | None = None,
+    exclude: list[str] | tuple[str, ...] | None = None,
+) -> nn.Module:
+    """Convert ``model`` in place so that its matmuls run on the analogue chip described by ``config``.
+
+    ``config`` is an :class:`AnalogConfig` or a profile name (default ``"pcm"``); ``include`` /
+    ``exclude`` (regular expressions on module names) override the config's. Returns the model, with
+    the config on ``model.analog_config`` and the report on ``model.analog_report``.
+    """
+    if config is None or isinstance(config, str):
+        config = AnalogConfig.from_profile(config or "pcm")
+    if include is not None:
+        config = config.set("include", list(include))
+    if exclude is not None:
+        config = config.set("exclude", list(exclude))
+    if getattr(model, "analog_config", None) is not None:
+        raise ValueError("model is already analogue (it has an analog_config); convert a fresh digital model")
+
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    weight_side = [re.compile(p) for p in WEIGHT_SIDE_RULES.get(model_type, ())]
+    report = ConversionReport()
+    layer_id = 0
+    handled: set[str] = set()
+    for name, module in list(model.named_modules()):
+        if any(name.startswith(h + ".") for h in handled):
+            continue
+        if not _has_weights(module):
+            continue
+        kind = type(module).__name__
+        shape = _weight_shape(module)
+        adapter = next((a for a in ADAPTERS if a.matches(module)), None)
+        if adapter is None:
+            if any(isinstance(p, nn.Parameter) and p.dim() >= 2 for p in module.parameters(recurse=False)):
+                note = _digital_reason(module)
+                report.rows.append((name, kind, shape, "digital", note))
+            continue
+        if not config.selects(name):
+            report.rows.append((name, kind, shape, "digital", "excluded by config"))
+            continue
+        if any(p.search(name) for p in weight_side) and hasattr(module, "weight"):
+            to_weight_side(module, config, layer_id)
+            report.rows.append((name, kind, shape, "weight-side", "weight read directly by the model"))
+        else:
+            adapter.convert(module, config, layer_id)
+            report.rows.append((name, kind, shape, "analog", adapter.name))
+        handled.add(name)
+        layer_id += adapter.ids
+    model.analog_config = config  # type: ignore[assignment]
+    model.analog_report = report  # type: ignore[assignment]
+    if config.analog_attention:
+        from analogllm.nn.attention import enable_analog_attention
+
+        enable_analog_attention(model, config)
+    return model
+
+
+def analog_matrices(model: nn.Module):
+    """Yield (module name, AnalogMatrix, the weight it computes with (out, in) or (E, out, in))."""
+    for name, module in model.named_modules():
+        if isinstance(module, (AnalogLinear, AnalogConv1D)):
+            yield name, module.analog, module.analog_weight()
+        elif hasattr(module, "analog_matrices"):
+            for i, (matrix, weight) in enumerate(module.analog_matrices()):
+                yield f"{name}.{('up', 'down')[i]}", matrix, weight
+        elif hasattr(module, "parametrizations"):
+            for pname, plist in module.parametrizations.items():
+                for p in plist:
+                    if isinstance(getattr(p, "analog", None), AnalogMatrix):
+                        yield f"{name}.{pname}", p.analog, plist.original
+
+
+def _has_weights(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False)) or hasattr(module, "parametrizations")
+
+
+def _weight_shape(module: nn.Module) -> str:
+    w = getattr(module, "weight", None)
+    if w is None:
+        w = next((p for p in module.parameters(recurse=False) if p.dim() >= 2), None)
+    return "x".join(map(str, w.shape)) if w is not None else "-"
+
+
+def _digital_reason(module: nn.Module) -> str:
+    if isinstance(module, nn.Embedding):
+        return "embedding (a lookup, not a matmul)"
+    if "router" in type(module).__name__.lower():
+        return "MoE router (routing is a discrete decision; kept digital)"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        groups = getattr(module, "groups", 1)
+        return "depthwise convolution" if groups > 1 else "convolution"
+    return "no analogue adapter for this type"

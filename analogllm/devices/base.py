@@ -1,0 +1,107 @@
+"""The contract between a layer and the physics of the device that stores its weights.
+
+A layer never knows whether it sits on phase-change memory, RRAM or a photonic mesh. It hands the
+device its weights, normalised per tile column to [-1, 1], and asks one question: *which matrix does
+this chip instance actually compute at time t?* The answer (:class:`Realisation`) is computed once per
+chip instance and drift time and then cached by the layer, so eval-time cost stays a plain matmul.
+
+Devices are frozen dataclasses: their fields are the physical parameters written in the YAML profile,
+and adding a device is one new file that subclasses :class:`Device` and registers itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from analogllm.schema import ConfigError, from_dict
+
+_DEVICES: dict[str, type[Device]] = {}
+
+
+@dataclass
+class Realisation:
+    """What one chip instance computes for one layer, in normalised weight units.
+
+    weight:   (T, out, rows) effective weight per input tile (programming noise, drift, levels, mesh
+              errors included), normalised so that the ideal value is the target in [-1, 1].
+    read_std: same shape, std of the fresh noise added at every read (1/f read noise), or ``None``.
+    gain:     scalar applied digitally after the ADC (e.g. photonic loss compensation); drift
+              compensation is applied by the layer on top of it.
+    """
+
+    weight: torch.Tensor
+    read_std: torch.Tensor | None = None
+    gain: float = 1.0
+
+
+@dataclass(frozen=True)
+class Device:
+    """Base class of a device model. Subclasses set ``kind`` and override :meth:`realise`."""
+
+    kind: ClassVar[str] = ""
+    #: what a tile is physically called in reports and exports ("crossbar" or "mesh")
+    array: ClassVar[str] = "crossbar"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            _DEVICES[cls.kind] = cls
+
+    @property
+    def is_ideal(self) -> bool:
+        """True when the device computes the target weights exactly (no noise, drift or levels)."""
+        return False
+
+    @property
+    def drifts(self) -> bool:
+        """True when :meth:`realise` depends on the time since programming."""
+        return False
+
+    def realise(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
+        """Return what this chip instance computes for ``weight`` ((T, out, rows), in [-1, 1]).
+
+        ``generator`` is freshly seeded from the chip seed for every call, so a device must draw its
+        random numbers in a fixed order: realising the same layer at two drift times then sees the
+        same programmed conductances, which is what makes drift of one chip instance consistent.
+        """
+        raise NotImplementedError(f"device {self.kind!r} must implement realise()")
+
+    def summary(self) -> str:
+        """Key parameters in a few words, for ``analogllm profiles``."""
+        return "exact"
+
+    def output_std(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Std of signal-dependent output noise (e.g. detector shot noise), normalised units, or None."""
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+
+def device_names() -> list[str]:
+    """Names of all registered device kinds."""
+    _load_builtin()
+    return sorted(_DEVICES)
+
+
+def device_from_dict(data: Any, where: str = "device") -> Device:
+    """Build a device from ``{"kind": NAME, **params}``; unknown kinds and fields are clear errors."""
+    _load_builtin()
+    if isinstance(data, Device):
+        return data
+    if not isinstance(data, dict) or "kind" not in data:
+        raise ConfigError(f"{where}: expected a mapping with a 'kind' ({', '.join(sorted(_DEVICES))})")
+    params = dict(data)
+    kind = params.pop("kind")
+    if kind not in _DEVICES:
+        raise ConfigError(f"{where}.kind: unknown device {kind!r}; known devices: {', '.join(sorted(_DEVICES))}")
+    return from_dict(_DEVICES[kind], params, where)
+
+
+def _load_builtin() -> None:
+    # Importing the modules registers them; done lazily so base has no import cycle with them.
+    from analogllm.devices import ideal, pcm, photonic, rram  # noqa: F401

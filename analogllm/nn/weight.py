@@ -1,0 +1,48 @@
+"""Weight-side physics for weights that a model reads directly, without calling their module.
+
+Mamba's ``dt_proj.weight @ x`` and other raw reads bypass any module swap: a swapped layer there
+changes nothing. A ``torch.nn.utils.parametrize`` parametrization reaches every read of the weight,
+so programming noise, drift, levels and clipping still apply. Converters (DAC/ADC) live on the output
+side and cannot be applied to a raw read; the conversion report marks such weights ``weight-side``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from analogllm.config import AnalogConfig
+from analogllm.nn.matrix import AnalogMatrix
+
+
+class AnalogWeight(nn.Module):
+    """Parametrization: ``weight ↦`` the weight as the chip holds it.
+
+    train: clipped, with fresh Gaussian weight noise (σ × channel abs-max) at every read;
+    eval:  the realised matrix of the programmed (and drifted) chip instance.
+    """
+
+    def __init__(self, config: AnalogConfig, layer_id: int, in_features: int) -> None:
+        super().__init__()
+        self.analog = AnalogMatrix(config, layer_id, in_features)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.analog.realised_weight(weight)
+        tr = self.analog.config.training
+        if tr.clip_sigma is not None:
+            bound = tr.clip_sigma * weight.detach().std(-1, keepdim=True)
+            weight = torch.minimum(torch.maximum(weight, -bound), bound)
+        if tr.weight_noise > 0:
+            channel_max = weight.detach().abs().amax(-1, keepdim=True)
+            weight = weight + torch.randn_like(weight) * channel_max * tr.weight_noise
+        return weight
+
+
+def to_weight_side(module: nn.Module, config: AnalogConfig, layer_id: int, name: str = "weight") -> nn.Module:
+    """Register :class:`AnalogWeight` on ``module.<name>``."""
+    from torch.nn.utils import parametrize
+
+    weight = getattr(module, name)
+    parametrize.register_parametrization(module, name, AnalogWeight(config, layer_id, weight.shape[-1]))
+    return module

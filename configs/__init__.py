@@ -1,0 +1,1 @@
+"""Built-in device profiles (YAML), installed as the package ``analogllm.profiles``."""
