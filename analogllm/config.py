@@ -204,7 +204,7 @@ class AnalogConfig:
         if dotted == "device" or dotted.startswith("device."):
             if dotted == "device":
                 return replace(self, device=device_from_dict(value))
-            return replace(self, device=replace_path(self.device, dotted[len("device.") :], value))
+            return replace(self, device=replace_path(self.device, dotted[len("device.") :], value, "device"))
         return replace_path(self, dotted, value)
 
     # ----- queries -----------------------------------------------------------------------------------------

@@ -162,9 +162,9 @@ def _tiny_phi3() -> Phi3Config:
 def _tiny_rwkv() -> RwkvConfig:
     """RWKV-4: recurrent linear attention.
 
-    ``rescale_every=0``: by default RWKV divides its output weights by 2 in place whenever the
-    model switches to eval mode (and multiplies back in train mode), which would change programmed
-    analogue weights behind the converter's back.
+    ``rescale_every=0``: by default, whenever the model switches to eval mode RWKV divides the
+    output weights of layer ``i`` by ``2 ** (i // 6)`` in place (and multiplies them back in train
+    mode), which would change programmed analogue weights behind the converter's back.
     """
     return RwkvConfig(
         hidden_size=64,
@@ -337,9 +337,12 @@ def _from_pretrained(
     name: str, dtype: torch.dtype, local_files_only: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer with transformers, turning its errors into one clear error."""
+    # transformers 5 does not pass `local_files_only` on to its PEFT-adapter lookup, which then
+    # retries the Hub for ~25 s on an offline machine; pass it explicitly.
+    adapter = {"adapter_kwargs": {"local_files_only": True}} if local_files_only else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, local_files_only=local_files_only
+            name, dtype=dtype, local_files_only=local_files_only, **adapter
         )
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
     except (OSError, ValueError) as err:

@@ -26,6 +26,7 @@ from torch import nn
 from analogllm.chip import chip_info, program_
 from analogllm.config import AnalogConfig
 from analogllm.convert import analogize_
+from analogllm.nn.matrix import AnalogMatrix
 
 CONFIG_NAME = "analog_config.json"
 STATE_NAME = "analog_state.safetensors"
@@ -35,9 +36,10 @@ _PARAM_SUFFIX = ".parametrizations.weight.original"
 
 def split_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(digital state dict with the original key names, analogue-only state)."""
+    prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, AnalogMatrix))
     digital, analog = {}, {}
     for key, value in model.state_dict().items():
-        if ".analog." in key or key.startswith("analog."):
+        if key.startswith(prefixes):
             analog[key] = value.detach().clone().contiguous()
         elif key.endswith(_PARAM_SUFFIX):
             digital[key[: -len(_PARAM_SUFFIX)] + ".weight"] = value

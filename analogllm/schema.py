@@ -118,23 +118,29 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def replace_path(obj: T, dotted: str, value: Any) -> T:
+def replace_path(obj: T, dotted: str, value: Any, _prefix: str = "") -> T:
     """Return a copy of dataclass ``obj`` with the field at ``dotted`` (e.g. ``"adc.bits"``) replaced.
 
     ``value`` is validated against the field's type, so ``--set adc.bits=abc`` fails with the key named.
     """
     head, _, rest = dotted.partition(".")
+    where = _join(_prefix, head)
     fields = {f.name for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
     if head not in fields:
-        raise ConfigError(f"{dotted}: unknown field {head!r}; valid fields are: {', '.join(sorted(fields))}")
+        raise ConfigError(f"{where}: unknown field; valid fields are: {', '.join(sorted(fields))}")
     current = getattr(obj, head)
     if rest:
         if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"{dotted}: {head!r} has no sub-fields")
-        new = replace_path(current, rest, value)
+            raise ConfigError(f"{where}: has no sub-field {rest!r}")
+        new = replace_path(current, rest, value, where)
     else:
-        new = coerce(get_type_hints(type(obj))[head], value, dotted)
-    return dataclasses.replace(obj, **{head: new})  # type: ignore[type-var]
+        new = coerce(get_type_hints(type(obj))[head], value, where)
+    try:
+        return dataclasses.replace(obj, **{head: new})  # type: ignore[type-var]
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _join(where: str, key: str) -> str:

@@ -12,11 +12,11 @@ import torch
 
 
 class _ClampRound(torch.autograd.Function):
-    """q = round(clamp(x, −b, b) / step) · step, gradient 1 inside (−b, b) and 0 outside."""
+    """q = round(clamp(x, −b, b) / step) · step, gradient 1 inside [−b, b] and 0 outside."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bound: float, step: float | None) -> torch.Tensor:  # type: ignore[override]
-        inside = x.abs() < bound
+        inside = x.abs() <= bound
         ctx.save_for_backward(inside)
         y = x.clamp(-bound, bound)
         if step is not None:
