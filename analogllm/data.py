@@ -299,7 +299,7 @@ def _source_fingerprint(source: str, text_column: str, hub_split: str) -> str:
         path = Path(source).expanduser().resolve()
         if not path.exists():
             raise FileNotFoundError(f"no such file or directory: {str(path)!r}")
-        stats = [(str(f), f.stat().st_size) for f in _local_files(path)[1]]
+        stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in _local_files(path)[1]]
         return _sha256("local", json.dumps(stats), text_column)
     return _sha256("hub", source, text_column, hub_split)
 

@@ -123,3 +123,24 @@ def test_train_mode_injects_training_noise_and_eval_is_the_chip():
     assert not torch.allclose(model(input_ids=ids).logits, c)
     al.drift_(model, 86400)
     assert al.chip_info(model) == {"seed": 6, "seconds": 86400.0}
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen3-next"])
+def test_optional_analogue_attention_products(name):
+    model, _ = load_model(name)
+    model.eval()
+    ids = inputs(model)
+    with torch.no_grad():
+        digital = model(input_ids=ids).logits
+    exact = al.AnalogConfig.from_profile("ideal").set("analog_attention", True)
+    al.analogize_(model, exact)
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - digital).abs().max().item() < 1e-5
+    quantised, _ = load_model(name)
+    quantised.eval()
+    al.analogize_(quantised, exact.set("dac.bits", 4).set("adc.bits", 6).set("exclude", ["proj|fc|c_|lm_head|gate|experts"]))
+    with torch.no_grad():
+        out = quantised(input_ids=ids).logits
+    assert not quantised.analog_report.analog, quantised.analog_report.analog  # only attention is analogue
+    assert (out - digital).abs().max().item() > 1e-4
+    assert torch.isfinite(out).all()
