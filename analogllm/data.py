@@ -256,7 +256,7 @@ def load_texts(
         return _column_texts(table, text_column, repr(str(path)))
 
     name, _, config = source.partition(":")
-    require_hub(f"{source!r} is not a local file or directory nor a Hub dataset in the cache")
+    require_hub(f"{source!r} is not a local file or directory, so it names a Hub dataset")
     try:
         table = datasets.load_dataset(name, config or None, split=hub_split)
     except (OSError, ValueError) as err:

@@ -374,7 +374,7 @@ def load_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config)
-        return model.eval(), builtin_tokenizer()
+        return model.to(dtype).eval(), builtin_tokenizer()
 
     if name_or_path == SMOLLM2:
         target = cache_dir() / "models" / SMOLLM2

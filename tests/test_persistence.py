@@ -67,3 +67,13 @@ def test_cli_bad_input_is_one_clear_line_and_no_output(args, message, tmp_path, 
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out_dir.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_convert_from_a_local_pretrained_path(tmp_path, capsys):
+    model, tok = load_model("tiny-phi3")
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), "--profile", "rram", "--out", str(tmp_path / "analog")]) == 0
+    loaded = from_pretrained(tmp_path / "analog")
+    assert loaded.analog_config.device.kind == "rram"
+    assert type(loaded).__name__ == "Phi3ForCausalLM" and loaded.analog_report.analog

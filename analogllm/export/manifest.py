@@ -1,0 +1,302 @@
+"""The analogllm map format: what a map folder holds, and reading one back with every check.
+
+A map is what a chip team programs, not a PyTorch model::
+
+    DIR/manifest.json              format + version, model, profile, converters, every layer's tiles
+    DIR/layers/NNNN.safetensors    one file per analogue layer: the arrays its tiles are set to
+
+The manifest is the root of trust: it names every file with its SHA-256 and every array with its
+dtype and shape, and the loader checks all of them (and that the shapes follow from the layer's
+tile grid) before any number is used, so a truncated copy, a tampered file or a map from a newer
+format fails loudly with the file and the fix named. ``docs/export-format.md`` is the field-by-field
+specification; the target-specific parts live in :mod:`crossbar` and :mod:`photonic`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from analogllm.config import AnalogConfig
+from analogllm.convert import analog_matrices
+from analogllm.nn.linear import AnalogConv1D
+from analogllm.nn.matrix import AnalogMatrix
+from analogllm.nn.weight import AnalogWeight
+
+FORMAT_NAME = "analogllm-map"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+LAYER_DIR = "layers"
+#: the same floor AnalogMatrix puts under a tile column's abs-max (an all-zero column keeps scale 1e-12)
+SCALE_FLOOR = 1e-12
+
+#: safetensors dtype names, as the file header spells them
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.int32: "I32", torch.int16: "I16", torch.uint8: "U8",
+}
+
+
+class MapError(ValueError):
+    """A map folder is missing, corrupt or inconsistent; the message names the file and what to do."""
+
+
+# ----- the analogue layers of a model -------------------------------------------------------------------
+@dataclass
+class AnalogLayer:
+    """One analogue matrix of a model, with what an export needs to know about its owner.
+
+    weight: the matrix the chip computes with, (out, in) or (E, out, in) — for GPT-2 ``Conv1D`` and
+            transposed expert storage a view of the parameter, so writing into it writes the parameter.
+    kind:   ``linear``, ``conv1d``, ``experts.up``, ``experts.down`` or ``weight-side`` (a weight the
+            model reads directly: device physics only, no DAC/ADC; see analogllm.nn.weight).
+    bias:   the digital bias added after read-back, (out,) or (E, out), or None.
+    """
+
+    name: str
+    kind: str
+    matrix: AnalogMatrix
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def placement(self) -> str:
+        return "weight-side" if self.kind == "weight-side" else "analog"
+
+    @property
+    def experts(self) -> int:
+        return self.matrix.experts or 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    def stacked_weight(self) -> torch.Tensor:
+        """(E, out, in) float32, E = 1 for an ordinary layer: the layout every map array uses."""
+        w = self.weight.detach().float()
+        return w if w.dim() == 3 else w.unsqueeze(0)
+
+
+def analog_layers(model: nn.Module) -> list[AnalogLayer]:
+    """Every analogue matrix of ``model`` in :func:`analogllm.analog_matrices` order (the map's order)."""
+    weight_side = {id(m.analog) for m in model.modules() if isinstance(m, AnalogWeight)}
+    layers = []
+    for name, matrix, weight in analog_matrices(model):
+        if id(matrix) in weight_side:
+            layers.append(AnalogLayer(name, "weight-side", matrix, weight, None))
+        elif matrix.experts:
+            owner_name, part = name.rsplit(".", 1)
+            owner = model.get_submodule(owner_name)
+            bias_name = f"{owner._up_name()}_bias" if part == "up" else "down_proj_bias"
+            bias = getattr(owner, bias_name) if getattr(owner, "has_bias", False) else None
+            layers.append(AnalogLayer(name, f"experts.{part}", matrix, weight, bias))
+        else:
+            owner = model.get_submodule(name)
+            kind = "conv1d" if isinstance(owner, AnalogConv1D) else "linear"
+            layers.append(AnalogLayer(name, kind, matrix, weight, owner.bias))
+    return layers
+
+
+def normalised_tiles(weight: torch.Tensor, rows: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, out, in) → normalised tiles (E, T, out, rows) in [-1, 1] and scales (E, T, out).
+
+    Exactly AnalogMatrix's normalisation (same float32 operations, so the same bits): the input axis is
+    zero-padded to T·rows and cut into T tiles; each output column of each tile is divided by its
+    abs-max, which the chip multiplies back digitally after its ADC.
+    """
+    pad = tiles * rows - weight.shape[-1]
+    if pad:
+        weight = F.pad(weight, (0, pad))
+    wt = weight.reshape(*weight.shape[:-1], tiles, rows).movedim(-2, -3)
+    scale = wt.abs().amax(-1, keepdim=True).clamp(min=SCALE_FLOOR)
+    return wt / scale, scale.squeeze(-1)
+
+
+def spans(total: int, size: int, count: int | None = None) -> list[list[int]]:
+    """[[start, used size], ...] of consecutive blocks of ``size`` covering ``total`` (last one partial)."""
+    count = math.ceil(total / size) if count is None else count
+    return [[i * size, max(0, min(size, total - i * size))] for i in range(count)]
+
+
+def scale_per_input(scale: torch.Tensor, rows: int, in_features: int) -> torch.Tensor:
+    """Scales (E, T, out) → (E, out, in): the scale of the tile each input row belongs to."""
+    tile_of_input = torch.arange(in_features, device=scale.device) // rows
+    return scale.index_select(1, tile_of_input).transpose(-1, -2)
+
+
+# ----- files ------------------------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def config_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str | None:
+    """The first dotted key at which two config dicts differ, or None when equal."""
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            found = config_difference(va, vb, f"{prefix}{key}.")
+            if found:
+                return found
+        elif va != vb:
+            return f"{prefix}{key} ({va!r} vs {vb!r})"
+    return None
+
+
+# ----- reading a map back -----------------------------------------------------------------------------
+@dataclass
+class LayerMap:
+    """One layer of a loaded map: its manifest record and (on demand) its arrays."""
+
+    record: dict[str, Any]
+    file: Path
+    map: AnalogMap
+
+    @property
+    def name(self) -> str:
+        return self.record["name"]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.record["shape"])
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """The layer's arrays, as stored (already checked against the manifest by :func:`load_map`)."""
+        return load_file(str(self.file))
+
+    def target_weight(self, source: str | None = None) -> torch.Tensor:
+        """The dense matrix this layer's files program, float64, shaped like the model's weight.
+
+        ``source`` picks which arrays to rebuild it from. Crossbar: ``"conductance"`` (default,
+        (G+ − G−)/g_max × scale) or ``"levels"`` (the integer level indices on the level grid).
+        Photonic: ``"codes"`` (default when phases are quantized: the phase DAC codes) or ``"phases"``
+        (the exact phases), composed through the meshes × mesh gain × scale. No chip noise: the target.
+        """
+        w = self.map.target_module.target_weight(self.arrays(), self.record, self.map.device_record, source)
+        return w if self.record["experts"] else w[0]
+
+
+@dataclass
+class AnalogMap:
+    """A validated map folder: manifest, profile and layers by name (see :func:`load_map`)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    layers: dict[str, LayerMap]
+
+    @property
+    def target(self) -> str:
+        return self.manifest["target"]
+
+    @property
+    def device_record(self) -> dict[str, Any]:
+        return self.manifest["device"]
+
+    @cached_property
+    def config(self) -> AnalogConfig:
+        return AnalogConfig.from_dict(self.manifest["profile"])
+
+    @property
+    def target_module(self):
+        from analogllm.export.writer import TARGETS
+
+        return TARGETS[self.target]
+
+
+_REQUIRED_KEYS = ("format", "format_version", "target", "profile", "device", "chip", "layers", "digital")
+_LAYER_KEYS = ("name", "kind", "shape", "experts", "layer_id", "tiles", "file", "sha256", "arrays", "seed", "seconds")
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Parse ``manifest.json`` and check the format name, version and top-level fields."""
+    file = path / MANIFEST_NAME
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such map folder (write one with `analogllm export`)")
+    if not file.is_file():
+        raise MapError(f"{path}: not an analogllm map ({MANIFEST_NAME} is missing)")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MapError(f"{file}: not valid JSON ({exc}); the manifest is corrupt, export the map again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise MapError(f"{file}: format {found!r} is not {FORMAT_NAME!r}; this folder is not an analogllm map")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise MapError(
+            f"{file}: unknown format_version {version!r}; this analogllm reads version {FORMAT_VERSION} "
+            "(a newer map needs a newer analogllm; an older one must be exported again)"
+        )
+    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise MapError(f"{file}: missing field(s) {', '.join(missing)}; the manifest is incomplete")
+    return manifest
+
+
+def load_map(path: str | Path) -> AnalogMap:
+    """Open a map folder and check everything that can be checked without a model.
+
+    For every layer: the file exists, its SHA-256 matches the manifest, it holds exactly the arrays the
+    manifest lists with the dtypes and shapes that the layer's tile grid implies, and their values lie
+    in their documented ranges (conductances within [0, g_max], levels and codes within their grids,
+    phases within their intervals). Raises :class:`MapError` naming the file and the problem.
+    """
+    from analogllm.export.writer import TARGETS
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    target = manifest["target"]
+    if target not in TARGETS:
+        raise MapError(f"{path / MANIFEST_NAME}: unknown target {target!r}; known targets: {', '.join(TARGETS)}")
+    module = TARGETS[target]
+    amap = AnalogMap(path=path, manifest=manifest, layers={})
+    for record in manifest["layers"]:
+        missing = [k for k in _LAYER_KEYS if k not in record]
+        if missing:
+            raise MapError(f"{path / MANIFEST_NAME}: layer {record.get('name')!r} lacks {', '.join(missing)}")
+        file = path / record["file"]
+        where = f"{file} (layer {record['name']})"
+        if not file.is_file():
+            raise MapError(f"{where}: file is missing; the map is incomplete, export it again")
+        if sha256_file(file) != record["sha256"]:
+            raise MapError(f"{where}: checksum mismatch (SHA-256 differs from the manifest); "
+                           "the file was modified or corrupted, export the map again")
+        expected = module.array_specs(record, manifest["device"])
+        listed = {k: (v["dtype"], list(v["shape"])) for k, v in record["arrays"].items()}
+        if listed != expected:
+            raise MapError(f"{path / MANIFEST_NAME}: layer {record['name']}: the listed arrays {listed} do not "
+                           f"follow from its shape and tile grid (expected {expected})")
+        _check_file_arrays(file, where, expected)
+        layer = LayerMap(record=record, file=file, map=amap)
+        module.check_values(layer.arrays(), record, manifest["device"], where)
+        amap.layers[record["name"]] = layer
+    return amap
+
+
+def _check_file_arrays(file: Path, where: str, expected: dict[str, tuple[str, list[int]]]) -> None:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            stored = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise MapError(f"{where}: not a readable safetensors file ({exc})") from None
+    for name, spec in expected.items():
+        if name not in stored:
+            raise MapError(f"{where}: array {name!r} is missing")
+        if stored[name] != spec:
+            raise MapError(f"{where}: array {name!r} has dtype/shape {stored[name]}, expected {spec} (wrong shape)")
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        raise MapError(f"{where}: unexpected array(s) {', '.join(extra)}")
