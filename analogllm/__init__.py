@@ -12,6 +12,7 @@ The public API is small::
 from analogllm.chip import chip_info, drift_, program_
 from analogllm.config import AnalogConfig, device_names, profile_names
 from analogllm.convert import ConversionReport, analog_matrices, analogize_, register_adapter
+from analogllm.export import export, load_map, verify
 from analogllm.nn.linear import AnalogConv1D, AnalogLinear
 from analogllm.schema import ConfigError
 
@@ -19,6 +20,7 @@ convert = analogize_
 
 __all__ = [
     "AnalogConfig", "AnalogConv1D", "AnalogLinear", "ConfigError", "ConversionReport", "analog_matrices",
-    "analogize_", "chip_info", "convert", "device_names", "drift_", "profile_names", "program_", "register_adapter",
+    "analogize_", "chip_info", "convert", "device_names", "drift_", "export", "load_map", "profile_names", "program_",
+    "register_adapter", "verify",
 ]
 __version__ = "0.1.0"

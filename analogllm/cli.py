@@ -17,6 +17,9 @@ from analogllm.schema import ConfigError
 #: modules that define ``register(subparsers)``; the order is the order of ``analogllm --help``.
 COMMAND_MODULES = [
     "analogllm.commands",
+    "analogllm.export.commands",
+    "analogllm.train.finetune_commands",
+    "analogllm.train.commands",
 ]
 
 

@@ -134,6 +134,18 @@ def scale_per_input(scale: torch.Tensor, rows: int, in_features: int) -> torch.T
     return scale.index_select(1, tile_of_input).transpose(-1, -2)
 
 
+def column_peaks(normalised: torch.Tensor) -> torch.Tensor:
+    """(B, out, rows) → (B, out, 1) abs-max of each tile column of a map's normalised targets.
+
+    A layer rescales every tile column to its own peak before programming. A map's peaks are 1 (up to
+    float round-off, snapped to exactly 1 so the replay stays bit-exact), unless the map was made
+    another way (not using a column's full range): then the replay divides by the peak to express
+    what the chip computes in the layer's units.
+    """
+    peak = normalised.abs().amax(-1, keepdim=True)
+    return torch.where(((peak - 1).abs() <= 1e-5) | (peak == 0), torch.ones_like(peak), peak)
+
+
 # ----- files ------------------------------------------------------------------------------------------
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()

@@ -1,0 +1,225 @@
+"""Crossbar target: conductance pairs, level indices and scales for resistive arrays (PCM, RRAM).
+
+Each weight is a differential pair on one row (input line) and two columns (output lines): the
+normalised weight w ∈ [−1, 1] of its tile column becomes G+ = max(w, 0)·g_max and
+G− = max(−w, 0)·g_max, one device of the pair left at 0 µS (analogllm.devices.conductance). The
+chip reads Σ_i x_i (G+ − G−)/g_max per column and multiplies by the column's scale after its ADC.
+
+Two representations of the same targets are written, because chips program in two ways:
+conductances in µS (what a program-and-verify loop aims at; the device model's own targets) and
+integer indices on a level grid of ``levels`` equally spaced conductances from 0 to g_max (what a
+level-based programmer writes). For RRAM the grid is the device's own (it can only hold those
+levels, so the conductances already lie on it); PCM is programmed continuously, so its indices are
+the nearest level of an export grid, 256 levels unless asked otherwise (≈ 0.2 % of g_max apart).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from analogllm.devices.base import Device, Realisation
+from analogllm.devices.conductance import weight_to_pair
+from analogllm.devices.pcm import PCM
+from analogllm.devices.rram import RRAM
+from analogllm.export.manifest import DTYPE_NAMES, AnalogLayer, MapError, column_peaks, scale_per_input, spans
+
+NAME = "crossbar"
+#: (exact, quantized) representations a verifier rebuilds the weight from
+SOURCES = ("conductance", "levels")
+#: level grid for devices programmed continuously (PCM): 2^8 levels of g_max
+DEFAULT_LEVELS = 256
+#: relative slack for float32 round-off in conductance / weight comparisons
+FLOAT_SLACK = 1e-5
+
+
+def level_dtype(levels: int) -> torch.dtype:
+    return torch.uint8 if levels <= 256 else torch.int32
+
+
+def device_record(device: Device, levels: int | None) -> dict[str, Any]:
+    """The manifest's ``device`` section; rejects devices that are not crossbars."""
+    if not isinstance(device, (PCM, RRAM)):
+        raise ValueError(
+            f"target 'crossbar' needs a crossbar device (pcm or rram); this model's device is "
+            f"{device.kind!r}: convert it with a pcm or rram profile, or export with --target photonic"
+        )
+    if isinstance(device, RRAM):
+        if levels not in (None, device.levels):
+            raise ValueError(f"levels={levels}: an RRAM device holds exactly its {device.levels} levels "
+                             "(device.levels); leave levels unset or change the profile")
+        levels, source = device.levels, "device"
+    else:
+        levels = DEFAULT_LEVELS if levels is None else int(levels)
+        if not 2 <= levels <= 2**24:
+            raise ValueError(f"levels must be in 2..{2**24}, got {levels}")
+        source = "export"
+    return {
+        "kind": device.kind,
+        "array": "crossbar",
+        "encoding": "differential pair, one device at 0 uS: G+ = max(w, 0) g_max, G- = max(-w, 0) g_max",
+        "g_max_uS": float(device.g_max),
+        "levels": levels,
+        "level_step_uS": float(device.g_max) / (levels - 1),
+        "levels_from": source,
+    }
+
+
+def encode(layer: AnalogLayer, wn: torch.Tensor, scale: torch.Tensor, device: Device,
+           record: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Normalised tiles (E, T, out, rows) → the layer's arrays and its tile grid."""
+    e, t, out, rows = wn.shape
+    in_features = layer.shape[-1]
+    dense = wn.transpose(-1, -2).reshape(e, t * rows, out)[:, :in_features]  # (E, in, out): rows = inputs
+    g_max = record["g_max_uS"]
+    g_plus, g_minus = weight_to_pair(dense, g_max)
+    if isinstance(device, RRAM):  # the device writes only its levels: these are its real targets
+        g_plus, g_minus = device.quantize_levels(g_plus), device.quantize_levels(g_minus)
+    step = record["level_step_uS"]
+    dtype = level_dtype(record["levels"])
+    cols = layer.matrix.config.tiling.cols or out
+    arrays = {
+        "g_plus": g_plus, "g_minus": g_minus,
+        "level_plus": torch.round(g_plus / step).to(dtype), "level_minus": torch.round(g_minus / step).to(dtype),
+        "scale": scale,
+    }
+    tiles = {
+        "rows": rows, "cols": cols, "grid": [e, t, -(-out // cols)],
+        "inputs": spans(in_features, rows, t), "outputs": spans(out, cols),
+    }
+    return arrays, tiles
+
+
+def array_specs(record: dict[str, Any], device: dict[str, Any]) -> dict[str, tuple[str, list[int]]]:
+    """Name → (dtype, shape) of every array a crossbar layer file must hold."""
+    out, in_features = record["shape"][-2:]
+    e, t = record["tiles"]["grid"][:2]
+    level = DTYPE_NAMES[level_dtype(device["levels"])]
+    specs = {name: ("F32", [e, in_features, out]) for name in ("g_plus", "g_minus")}
+    specs.update({name: (level, [e, in_features, out]) for name in ("level_plus", "level_minus")})
+    specs["scale"] = ("F32", [e, t, out])
+    if record.get("bias"):
+        specs["bias"] = ("F32", [e, out])
+    return specs
+
+
+def check_values(arrays: dict[str, torch.Tensor], record: dict[str, Any], device: dict[str, Any], where: str) -> None:
+    """Values within their documented ranges, and the two representations in agreement."""
+    g_max, step, levels = device["g_max_uS"], device["level_step_uS"], device["levels"]
+    gp, gm = arrays["g_plus"], arrays["g_minus"]
+    for name in ("g_plus", "g_minus", "scale"):
+        if not torch.isfinite(arrays[name]).all():
+            raise MapError(f"{where}: {name} has non-finite values")
+    top = g_max * (1 + FLOAT_SLACK)
+    if (gp < 0).any() or (gm < 0).any() or (gp > top).any() or (gm > top).any():
+        raise MapError(f"{where}: conductances outside [0, g_max = {g_max} uS]")
+    if ((gp > 0) & (gm > 0)).any():
+        raise MapError(f"{where}: a pair has both devices above 0 uS; the encoding keeps one of each pair at 0")
+    if not (arrays["scale"] > 0).all():
+        raise MapError(f"{where}: scale must be > 0")
+    for g, name in ((gp, "level_plus"), (gm, "level_minus")):
+        idx = arrays[name].long()
+        if (idx < 0).any() or (idx > levels - 1).any():
+            raise MapError(f"{where}: {name} outside 0..{levels - 1}")
+        # the index is the nearest level: within half a step (plus float32 round-off of G)
+        if ((g.double() - idx * step).abs() > step / 2 + g_max * FLOAT_SLACK).any():
+            raise MapError(f"{where}: {name} is not the nearest level of the conductances (step {step:.6g} uS)")
+        if device["levels_from"] == "device" and ((g.double() - idx * step).abs() > g_max * FLOAT_SLACK).any():
+            raise MapError(f"{where}: conductances are not on the device's {levels}-level grid")
+
+
+def target_weight(arrays: dict[str, torch.Tensor], record: dict[str, Any], device: dict[str, Any],
+                  source: str | None = None) -> torch.Tensor:
+    """(E, out, in) float64 weight the files program: from the conductances or from the level indices."""
+    source = source or "conductance"
+    if source == "conductance":
+        wn = (arrays["g_plus"].double() - arrays["g_minus"].double()) / device["g_max_uS"]
+    elif source == "levels":
+        wn = (arrays["level_plus"].double() - arrays["level_minus"].double()) / (device["levels"] - 1)
+    else:
+        raise ValueError(f"source must be 'conductance' or 'levels' for a crossbar map, got {source!r}")
+    rows, in_features = record["tiles"]["rows"], record["shape"][-1]
+    return wn.transpose(-1, -2) * scale_per_input(arrays["scale"].double(), rows, in_features)
+
+
+def target_bound(device: dict[str, Any]) -> float:
+    """Largest |target − weight| / column scale the conductances may show: half a level step when the
+    device itself is level-based (RRAM), float32 round-off otherwise."""
+    half_step = 0.5 / (device["levels"] - 1) if device["levels_from"] == "device" else 0.0
+    return half_step + FLOAT_SLACK
+
+
+def _preimage(g: torch.Tensor, g_max: float) -> torch.Tensor:
+    """A float32 x with fl(x·g_max) == g wherever one exists (else the nearest): the normalised weight
+    from which the device model's own weight_to_pair recomputes exactly these conductances."""
+    x = g / g_max
+    for _ in range(2):
+        for direction in (float("inf"), float("-inf")):
+            bad = (x * g_max) != g
+            if not bad.any():
+                return x
+            step = torch.nextafter(x, torch.full_like(x, direction))
+            x = torch.where(bad & ((step * g_max) == g), step, x)
+    return x
+
+
+@dataclass(frozen=True, eq=False)
+class CrossbarMap(Device):
+    """A crossbar programmed with a map's conductances, through the model's own device model.
+
+    PCM and RRAM see a weight only through weight_to_pair (G± = max(±w, 0)·g_max); handing them the
+    exact float32 preimage of the stored conductances makes them program precisely those targets, so
+    the replayed chip instance (noise drawn from the same seed) is the exported one bit for bit. The
+    normalised weight the layer hands over must be the map's own (checked): the layer derives its
+    column scales from it.
+    """
+
+    physics: Device = field(default_factory=PCM)
+    normalised: torch.Tensor | None = None  # (E·T, out, rows), zero-padded like the layer's tiles
+    name: str = ""
+
+    @property
+    def drifts(self) -> bool:
+        return self.physics.drifts
+
+    def output_std(self, y: torch.Tensor) -> torch.Tensor | None:
+        return self.physics.output_std(y)
+
+    def realise(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
+        assert self.normalised is not None
+        peak = column_peaks(self.normalised)
+        if weight.shape != self.normalised.shape or (weight - self.normalised / peak).abs().max() > FLOAT_SLACK:
+            raise MapError(f"layer {self.name}: the map's conductances do not match the weight being programmed")
+        real = self.physics.realise(self.normalised, seconds, generator)
+        if bool((peak == 1).all()):
+            return real
+        read = None if real.read_std is None else real.read_std / peak
+        return Realisation(weight=real.weight / peak, read_std=read, gain=real.gain)
+
+
+def install(layer: AnalogLayer, arrays: dict[str, torch.Tensor], record: dict[str, Any],
+            device: dict[str, Any]) -> None:
+    """Program ``layer`` (of a model copy) from the map: its weight becomes the conductance target (so
+    the layer's column scales are the map's), its device programs the stored conductances, and the
+    layer's own programming path with the map's chip seed and time does the rest (noise, drift,
+    drift compensation)."""
+    physics = layer.matrix.config.device
+    if not isinstance(physics, (PCM, RRAM)):
+        raise ValueError(f"layer {layer.name}: a crossbar map needs a pcm or rram model to replay on")
+    g_max = device["g_max_uS"]
+    e, t = record["tiles"]["grid"][:2]
+    rows, (out, in_features) = record["tiles"]["rows"], record["shape"][-2:]
+    x = _preimage(arrays["g_plus"], g_max) - _preimage(arrays["g_minus"], g_max)  # (E, in, out)
+    # laid out in memory exactly like the layer's own tiles (a tile view of an (E, out, in) matrix):
+    # vectorised math (drift's pow, log) may round differently on differently strided tensors
+    x = F.pad(x.transpose(-1, -2).contiguous(), (0, t * rows - in_features))
+    x = x.reshape(e, out, t, rows).movedim(-2, -3).reshape(e * t, out, rows)
+    with torch.no_grad():
+        w = target_weight(arrays, record, device)
+        layer.weight.copy_(w.reshape(layer.weight.shape).to(layer.weight.dtype))
+    replay = CrossbarMap(physics=physics, normalised=x, name=layer.name)
+    layer.matrix.config = replace(layer.matrix.config, device=replay)
+    layer.matrix.program(layer.weight, record["seed"], record["seconds"])

@@ -1,0 +1,239 @@
+"""A recipe, run end to end: base model → analogue model → HWA training → evaluation under drift.
+
+The three CLI commands are thin wrappers around these functions:
+
+* :func:`run_train` (``analogllm train``) trains and writes the analogue checkpoint ``OUTPUT/final``;
+* :func:`run_eval` (``analogllm eval``) scores the digital model, the analogue model before HWA training
+  and, when it exists, the trained one, at every drift time × chip instance;
+* :func:`run_quickstart` (``analogllm quickstart``) does evaluate → train → evaluate in one process and
+  returns the before/after report.
+
+The "before" model is always the base model converted and calibrated exactly as training starts from,
+so before and after differ only by the training.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from analogllm.convert import analogize_
+from analogllm.data import cache_dir, token_blocks
+from analogllm.eval.perplexity import evaluate_lm
+from analogllm.eval.report import EvalReport, write_report
+from analogllm.eval.sweep import drift_sweep
+from analogllm.models import load_model
+from analogllm.persistence import from_pretrained, save_pretrained
+from analogllm.schema import to_dict
+from analogllm.train.config import HWARecipe
+from analogllm.train.hwa import Teacher, TrainResult, calibrate_input_ranges_, hwa_train
+
+FINAL = "final"
+BEFORE = "analogue"
+AFTER = "analogue + HWA"
+
+
+# ----- data and models --------------------------------------------------------------------------------------
+def blocks(recipe: HWARecipe, tokenizer: PreTrainedTokenizerBase, split: str) -> torch.Tensor:
+    """Training blocks, or the first ``eval.max_blocks`` held-out blocks."""
+    d = recipe.data
+    return token_blocks(
+        tokenizer, d.source, block_size=d.block_size, split=split, validation_fraction=d.validation_fraction,
+        text_column=d.text_column, hub_split=d.hub_split,
+        max_blocks=recipe.eval.max_blocks if split == "validation" else d.max_train_blocks,
+    )
+
+
+def load_base(recipe: HWARecipe, progress: bool = True) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The digital model the recipe starts from, pre-trained digitally when ``pretrain.steps > 0``.
+
+    The pre-trained model is cached under the analogllm cache, keyed by every field that determines
+    it, so ``train``, ``eval`` and ``quickstart`` of one recipe share it and it is trained once. Under
+    several processes the main process trains it while the others wait, then all read the cache.
+    """
+    recipe.check_files()
+    pre = recipe.pretrain
+    if pre.steps == 0:
+        return load_model(recipe.model, seed=pre.seed)
+    key = hashlib.sha256(json.dumps([recipe.model, to_dict(pre), to_dict(recipe.data)], sort_keys=True).encode()).hexdigest()[:16]
+    target = cache_dir() / "pretrained" / f"{Path(recipe.model).name}-{key}"
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    with state.main_process_first():
+        if not target.is_dir():
+            model, tokenizer = load_model(recipe.model, seed=pre.seed)
+            _pretrain(model, blocks(recipe, tokenizer, "train"), pre.steps, pre.lr, pre.batch_size, pre.seed, progress)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not target.is_dir():
+                    raise
+        return load_model(str(target))
+
+
+def _pretrain(model: nn.Module, train: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int, progress: bool) -> None:
+    """Plain digital next-token training (one process): gives a randomly initialised model the
+    language skill that analogue noise then erodes."""
+    from analogllm.train.hwa import batch_indices, lm_loss
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=steps // 20, num_training_steps=steps)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for step in tqdm(range(steps), desc="digital pre-training", disable=not progress):
+            ids = train[batch_indices(len(train), step, batch_size, seed=seed)]
+            loss = lm_loss(model(input_ids=ids).logits, ids)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def to_analog(model: nn.Module, recipe: HWARecipe, train: torch.Tensor, progress: bool = True) -> nn.Module:
+    """Convert ``model`` in place to the recipe's chip and data-initialise its DAC ranges."""
+    a = recipe.analog
+    analogize_(model, a.config())
+    calibrate_input_ranges_(model, train, a.calibration_batches, recipe.train.batch_size, a.calibration, a.std_alpha, progress)
+    return model.eval()
+
+
+# ----- train ------------------------------------------------------------------------------------------------
+@dataclass
+class TrainOutcome:
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    result: TrainResult
+    checkpoint: Path | None
+
+
+def run_train(
+    recipe: HWARecipe,
+    *,
+    resume: bool = False,
+    until: int | None = None,
+    base: tuple[nn.Module, PreTrainedTokenizerBase] | None = None,
+    progress: bool = True,
+) -> TrainOutcome:
+    """Train as the recipe says and write the analogue checkpoint to ``OUTPUT/final`` (main process).
+
+    With ``hardware_aware: false`` the digital model is trained and only then converted: the baseline.
+    ``base`` passes an already loaded base model (it is not modified).
+    """
+    model, tokenizer = load_base(recipe, progress) if base is None else (copy.deepcopy(base[0]), base[1])
+    train = blocks(recipe, tokenizer, "train")
+    spec = recipe.train
+    teacher = Teacher(copy.deepcopy(model)) if spec.distill.enabled else None
+    if spec.hardware_aware:
+        to_analog(model, recipe, train, progress)
+    out = Path(recipe.output_dir)
+    result = hwa_train(model, train, spec, teacher=teacher, output_dir=out, resume=resume, until=until, progress=progress)
+    from accelerate import PartialState
+
+    state = PartialState()
+    model = _unwrap(model)
+    if not spec.hardware_aware:
+        to_analog(model, recipe, train, progress)
+    checkpoint = None
+    if result.steps == spec.steps:
+        checkpoint = out / FINAL
+        if state.is_main_process:
+            save_pretrained(model, checkpoint, tokenizer=tokenizer)
+            meta = {"steps": result.steps, "seconds": result.seconds, "processes": result.processes,
+                    "tokens": result.tokens, "final_loss": result.losses[-1] if result.losses else None}
+            (checkpoint / "training.json").write_text(json.dumps(meta, indent=2))
+        state.wait_for_everyone()
+    return TrainOutcome(model=model.eval(), tokenizer=tokenizer, result=result, checkpoint=checkpoint)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+# ----- evaluate ---------------------------------------------------------------------------------------------
+def evaluate_recipe(
+    recipe: HWARecipe,
+    base: tuple[nn.Module, PreTrainedTokenizerBase],
+    trained: nn.Module | None = None,
+    *,
+    before: bool = True,
+    progress: bool = True,
+    extra: dict | None = None,
+) -> EvalReport:
+    """Score the digital base model, the converted base model (``before``) and ``trained``."""
+    model, tokenizer = base
+    ev = recipe.eval
+    val = blocks(recipe, tokenizer, "validation")
+    digital = evaluate_lm(model, val, ev.batch_size, progress=progress, desc="digital")
+    series = []
+    if before:
+        analog = to_analog(copy.deepcopy(model), recipe, blocks(recipe, tokenizer, "train"), progress)
+        series.append(drift_sweep(analog, val, ev.drift_times, ev.chip_seeds, ev.batch_size, label=BEFORE, progress=progress))
+        del analog
+    if trained is not None:
+        series.append(drift_sweep(trained, val, ev.drift_times, ev.chip_seeds, ev.batch_size, label=AFTER, progress=progress))
+    return EvalReport(
+        model=recipe.model, profile=recipe.analog.profile, blocks=len(val), tokens=digital.tokens,
+        drift_times=ev.drift_times, chip_seeds=ev.chip_seeds, digital=digital, series=tuple(series),
+        meta={"recipe": to_dict(recipe), **(extra or {})},
+    )
+
+
+def run_eval(recipe: HWARecipe, checkpoint: str | os.PathLike | None = None, progress: bool = True) -> tuple[EvalReport, dict[str, Path]]:
+    """``analogllm eval``: before (and after, from ``checkpoint`` or ``OUTPUT/final`` when present);
+    writes ``eval.json``, ``eval.md`` and ``eval.png`` to the output directory."""
+    base = load_base(recipe, progress)
+    path = Path(checkpoint) if checkpoint is not None else Path(recipe.output_dir) / FINAL
+    if checkpoint is not None and not path.is_dir():
+        raise FileNotFoundError(f"--checkpoint: no such checkpoint folder: {str(path)!r}")
+    trained, extra = None, {}
+    if path.is_dir():
+        trained = from_pretrained(path)
+        info = path / "training.json"
+        extra = {"training": json.loads(info.read_text())} if info.is_file() else {}
+    report = evaluate_recipe(recipe, base, trained, progress=progress, extra=extra)
+    return report, write_report(report, Path(recipe.output_dir), plot=recipe.eval.plot)
+
+
+def run_quickstart(recipe: HWARecipe, progress: bool = True) -> tuple[EvalReport, dict[str, Path]]:
+    """Evaluate → HWA-train → evaluate, in one process; the report holds the before/after table."""
+    start = time.perf_counter()
+    base = load_base(recipe, progress)
+    before = evaluate_recipe(recipe, base, progress=progress)
+    outcome = run_train(recipe, base=base, progress=progress)
+    after = evaluate_recipe(recipe, base, outcome.model, before=False, progress=progress)
+    r = outcome.result
+    extra = {"training": {"steps": r.steps, "seconds": r.seconds, "processes": r.processes, "tokens": r.tokens,
+                          "final_loss": r.losses[-1] if r.losses else None},
+             "total_seconds": time.perf_counter() - start}
+    report = EvalReport(
+        model=before.model, profile=before.profile, blocks=before.blocks, tokens=before.tokens,
+        drift_times=before.drift_times, chip_seeds=before.chip_seeds, digital=before.digital,
+        series=before.series + after.series, meta={**before.meta, **extra},
+    )
+    return report, write_report(report, Path(recipe.output_dir), plot=recipe.eval.plot)
+
+
+__all__ = ["AFTER", "BEFORE", "FINAL", "TrainOutcome", "blocks", "evaluate_recipe", "load_base", "run_eval",
+           "run_quickstart", "run_train", "to_analog"]
