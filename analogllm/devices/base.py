@@ -74,8 +74,14 @@ class Device:
         """Key parameters in a few words, for ``analogllm profiles``."""
         return "exact"
 
-    def output_std(self, y: torch.Tensor) -> torch.Tensor | None:
-        """Std of signal-dependent output noise (e.g. detector shot noise), normalised units, or None."""
+    @property
+    def output_noise(self) -> bool:
+        """True when reads carry signal-dependent output noise (:meth:`output_var` is not None)."""
+        return False
+
+    def output_var(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Variance of signal-dependent output noise (e.g. detector shot noise) for the noiseless
+        output ``y``, in normalised units; None when the device has none."""
         return None
 
     def to_dict(self) -> dict[str, Any]:

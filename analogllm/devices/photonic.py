@@ -90,7 +90,11 @@ class Photonic(Device):
             gain = float(lossless.norm() / realised.norm().clamp(min=1e-30))
         return Realisation(weight=realised.to(weight.dtype), gain=gain)
 
-    def output_std(self, y: torch.Tensor) -> torch.Tensor | None:
-        if self.detector_thermal == 0 and self.detector_shot == 0:
+    @property
+    def output_noise(self) -> bool:
+        return self.detector_thermal > 0 or self.detector_shot > 0
+
+    def output_var(self, y: torch.Tensor) -> torch.Tensor | None:
+        if not self.output_noise:
             return None
-        return torch.sqrt(self.detector_thermal**2 + self.detector_shot**2 * y.detach().abs())
+        return y.detach().abs().mul_(self.detector_shot**2).add_(self.detector_thermal**2)

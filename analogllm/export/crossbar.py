@@ -185,8 +185,12 @@ class CrossbarMap(Device):
     def drifts(self) -> bool:
         return self.physics.drifts
 
-    def output_std(self, y: torch.Tensor) -> torch.Tensor | None:
-        return self.physics.output_std(y)
+    @property
+    def output_noise(self) -> bool:
+        return self.physics.output_noise
+
+    def output_var(self, y: torch.Tensor) -> torch.Tensor | None:
+        return self.physics.output_var(y)
 
     def realise(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
         assert self.normalised is not None

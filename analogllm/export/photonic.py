@@ -228,8 +228,12 @@ class MeshMap(Device):
     def drifts(self) -> bool:
         return self.physics.drifts
 
-    def output_std(self, y: torch.Tensor) -> torch.Tensor | None:
-        return self.physics.output_std(y)
+    @property
+    def output_noise(self) -> bool:
+        return self.physics.output_noise
+
+    def output_var(self, y: torch.Tensor) -> torch.Tensor | None:
+        return self.physics.output_var(y)
 
     def realise(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
         assert self.programmed is not None and self.exact is not None

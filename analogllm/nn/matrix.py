@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from analogllm.config import AnalogConfig
-from analogllm.nn.quant import adc_step, clamp_round, dac_levels, saturate
+from analogllm.nn.noise import gaussian
+from analogllm.nn.quant import adc_step, clip_bound, dac_levels
 
 _EPS = 1e-12
 
@@ -74,9 +75,10 @@ class AnalogMatrix(nn.Module):
         self.layer_id = layer_id
         self.in_features = in_features
         self.experts = experts
-        rows = config.tiling.rows or in_features
-        self.rows = min(rows, in_features)
-        self.tiles = math.ceil(in_features / self.rows)
+        # ceil(in / rows) arrays, the inputs split evenly across them (768 inputs on 512-row arrays use
+        # 384 rows of each): the same number of ADCs as packing, without a mostly-empty last tile.
+        self.tiles = math.ceil(in_features / (config.tiling.rows or in_features))
+        self.rows = math.ceil(in_features / self.tiles)
         self.seconds = 0.0
         self.seed: int | None = None
         self._chip: ChipState | None = None
@@ -95,51 +97,45 @@ class AnalogMatrix(nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, expert: int | None = None):
         """y = analogue(x · Wᵀ) + bias. ``weight`` is the owner's whole parameter: (out, in), or
         (E, out, in) for experts, in which case ``expert`` picks the matrix."""
-        cfg = self.config
         w = weight if expert is None else weight[expert]
-        if cfg.is_identity:
+        if self.config.is_identity:
             return F.linear(x, w, bias)
+        if torch.is_autocast_enabled(x.device.type):  # the chip's arithmetic runs in the weight's dtype
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x.to(w.dtype), weight, bias, expert)
         lead = x.shape[:-1]
-        xq, r = self._dac(x.reshape(-1, x.shape[-1]), expert)
-        if self.training:
-            y, scale, gain = self._train_matmul(xq, w)
-        else:
-            y, scale, gain = self._chip_matmul(xq, weight, expert)
-        if cfg.output.nonlinearity != "none":
-            y = saturate(y, cfg.output.nonlinearity, cfg.output.saturation)
-        if cfg.adc.bits is not None and (cfg.training.quantize or not self.training):
-            y = clamp_round(y, cfg.adc.bound, adc_step(cfg.adc.bits, cfg.adc.bound))
-        y = y * scale
-        y = y.sum(0) if self.tiles > 1 else y[0]
-        y = y * (r * gain)
-        if bias is not None:
-            y = y + bias
+        x2 = x.reshape(-1, x.shape[-1])
+        r = self._input_range(x2, expert)
+        chip = None if self.training else self.chip(weight)
+        need_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x2, w, r, bias))
+        y = _AnalogMVM.apply(x2, w, r, bias, self, chip, 0 if expert is None else expert, need_grad)
         return y.reshape(*lead, y.shape[-1])
 
-    def _dac(self, x: torch.Tensor, expert: int | None) -> tuple[torch.Tensor, torch.Tensor | float]:
+    def _input_range(self, x: torch.Tensor, expert: int | None) -> torch.Tensor:
+        """The DAC range r: per row (dynamic, no gradient) or the layer's static/learned scalar."""
         dac = self.config.dac
         if dac.range == "dynamic":
-            r = x.detach().abs().amax(-1, keepdim=True).clamp(min=_EPS)
-        else:
-            if dac.range == "learned" and not bool(self.range_ready):
-                with torch.no_grad():  # data-initialised range: no clipping on the first batch seen
-                    self.input_range.fill_(float(x.abs().max().clamp(min=_EPS)))
-                    self.range_ready.fill_(True)
-            r = self.input_range if expert is None else self.input_range[expert]
-            r = r.abs() + _EPS
-        step = dac_levels(dac.bits) if (self.config.training.quantize or not self.training) else None
-        if step is None and dac.range == "dynamic":
-            return x / r, r
-        return clamp_round(x / r, 1.0, step), r
+            return x.detach().abs().amax(-1, keepdim=True).clamp_(min=_EPS)
+        if dac.range == "learned" and not bool(self.range_ready):
+            with torch.no_grad():  # data-initialised range: no clipping on the first batch seen
+                self.input_range.fill_(float(x.abs().max().clamp(min=_EPS)))
+                self.range_ready.fill_(True)
+        r = self.input_range if expert is None else self.input_range[expert]
+        return r.abs() + _EPS
 
-    def _tile_input(self, xq: torch.Tensor) -> torch.Tensor:
+    def _tile_input(self, u: torch.Tensor) -> torch.Tensor:
         """(N, in) → (T, N, rows): zero-padded and viewed per input tile."""
         if self.tiles == 1:
-            return xq.unsqueeze(0)
-        pad = self.tiles * self.rows - xq.shape[-1]
+            return u.unsqueeze(0)
+        pad = self.tiles * self.rows - u.shape[-1]
         if pad:
-            xq = F.pad(xq, (0, pad))
-        return xq.view(xq.shape[0], self.tiles, self.rows).transpose(0, 1)
+            u = F.pad(u, (0, pad))
+        return u.view(u.shape[0], self.tiles, self.rows).transpose(0, 1)
+
+    def _untile_input(self, g: torch.Tensor) -> torch.Tensor:
+        """(T, N, rows) → (N, in): the inverse of :meth:`_tile_input` (padding dropped)."""
+        return g.transpose(0, 1).reshape(g.shape[1], -1)[:, : self.in_features]
 
     def _tile_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """(..., out, in) → (..., T, out, rows), zero-padded."""
@@ -149,51 +145,18 @@ class AnalogMatrix(nn.Module):
         w = weight.reshape(*weight.shape[:-1], self.tiles, self.rows)
         return w.movedim(-2, -3)
 
-    def _train_matmul(self, xq: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        tr = self.config.training
-        w = weight
-        if tr.clip_sigma is not None:
-            bound = tr.clip_sigma * w.detach().std(-1, keepdim=True)
-            w = torch.minimum(torch.maximum(w, -bound), bound)
-        wt = self._tile_weight(w)  # (T, out, rows)
-        scale = wt.detach().abs().amax(-1).clamp(min=_EPS).unsqueeze(-2)  # (T, 1, out)
-        xt = self._tile_input(xq)  # (T, N, rows)
-        if self.tiles == 1:
-            y = F.linear(xt[0], w).unsqueeze(0)
-        else:
-            y = torch.bmm(xt, wt.transpose(-1, -2))
-        y = y / scale
-        var = None
-        if tr.weight_noise > 0:  # weight noise σ·s on every weight ⇔ output noise σ·‖x_t‖ in normalised units
-            var = xt.detach().square().sum(-1, keepdim=True) * tr.weight_noise**2
-        if tr.output_noise > 0:
-            var = tr.output_noise**2 if var is None else var + tr.output_noise**2
-        if var is not None:
-            y = y + torch.randn_like(y) * (var.sqrt() if isinstance(var, torch.Tensor) else math.sqrt(var))
-        return y, scale, 1.0
+    def _untile_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """(T, out, rows) → (out, in): the inverse of :meth:`_tile_weight`."""
+        return w.movedim(-3, -2).reshape(w.shape[-2], -1)[:, : self.in_features]
 
-    def _chip_matmul(self, xq: torch.Tensor, weight: torch.Tensor, expert: int | None):
-        chip = self.chip(weight)
-        e = 0 if expert is None else expert
-        w, scale = chip.weight[e], chip.scale[e]  # (T, rows, out), (T, 1, out)
-        xt = self._tile_input(xq)
-        y = torch.bmm(xt, w) if self.tiles > 1 else torch.mm(xt[0], w[0]).unsqueeze(0)
-        var = None
-        if chip.read_var is not None:
-            rv = chip.read_var[e]
-            if rv.shape[-2] == 1:  # mean variance per column × ‖x_t‖²
-                var = xt.square().sum(-1, keepdim=True) * rv
-            else:
-                var = torch.bmm(xt.square(), rv)
-        noise = self.config.output.noise
-        if noise > 0:
-            var = noise**2 if var is None else var + noise**2
-        dev_std = self.config.device.output_std(y)
-        if dev_std is not None:
-            var = dev_std.square() if var is None else var + dev_std.square()
-        if var is not None:
-            y = y + torch.randn_like(y) * (var.sqrt() if isinstance(var, torch.Tensor) else math.sqrt(var))
-        return y, scale, chip.gain
+    def _training_weights(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Clipped weight tiles normalised per tile column: (T, rows, out), their scale (T, 1, out),
+        and the clipping bound (out, 1) or None."""
+        bound = clip_bound(w, self.config.training.clip_sigma)
+        wc = w if bound is None else w.clamp(-bound, bound)
+        wt = self._tile_weight(wc)
+        scale = wt.abs().amax(-1, keepdim=True).clamp_(min=_EPS)
+        return (wt / scale).transpose(-1, -2), scale.transpose(-1, -2), bound
 
     # ----- chip instances ----------------------------------------------------------------------------------
     def chip(self, weight: torch.Tensor) -> ChipState:
@@ -256,3 +219,164 @@ def _drift_compensation(ref: torch.Tensor, now: torch.Tensor, vectors: int) -> f
     num = torch.matmul(ref, x.T).abs().sum()
     den = torch.matmul(now, x.T).abs().sum().clamp(min=_EPS)
     return float(num / den)
+
+
+class _AnalogMVM(torch.autograd.Function):
+    """The whole analogue matmul as one autograd node.
+
+    Forward runs DAC → tile matmuls → noise → nonlinearity → ADC → Σ tiles in place on one output
+    buffer. Backward is the straight-through estimate: every rounding step passes the gradient, every
+    saturation stops it. It keeps only the input, the weight (both already alive) and, when some
+    output saturated or a nonlinearity is on, one gate per output; the DAC output and the clipped
+    weights are recomputed (cheap, input- and weight-sized) rather than stored. When no output
+    saturates, all tiles see the same gradient and backward is exactly ``nn.Linear``'s two matmuls.
+
+    The learned DAC range r gets the STE derivative of r·Q(x/r): Σ g_u·(Q(x/r) − (x/r)·1[|x| ≤ r]) / r,
+    i.e. the clipped inputs push r out and the rounding error pulls it in (as in LSQ).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, r, bias, m: AnalogMatrix, chip: ChipState | None, e: int, need_grad: bool):  # type: ignore[override]
+        cfg = m.config
+        training = chip is None
+        quantize = cfg.training.quantize or not training
+        u = _dac(x, r, dac_levels(cfg.dac.bits) if quantize else None)
+        ut = m._tile_input(u)
+        bound = None
+        if training:
+            wn, scale, bound = m._training_weights(w)
+            gain = 1.0
+        else:
+            wn, scale, gain = chip.weight[e], chip.scale[e], chip.gain
+        noisy = _noisy(cfg, chip)
+        noise = gaussian((m.tiles, x.shape[0], wn.shape[-1]), x) if noisy else None  # drawn during the matmul
+        y = torch.mm(ut[0], wn[0]).unsqueeze(0) if m.tiles == 1 else torch.bmm(ut, wn)
+        if noise is not None:
+            _add_noise(y, ut, cfg, chip, e, noise.wait())
+        gate = _converters(y, cfg, quantize, need_grad)
+        if cfg.adc.bits is not None and quantize:
+            scale = scale * adc_step(cfg.adc.bits, cfg.adc.bound)  # y holds ADC codes
+        row_range = r.dim() > 0 and r.numel() > 1  # dynamic: one range per input row
+        if not row_range:
+            scale = scale * (r * gain)
+        if m.tiles > 1:
+            out = y.mul_(scale).sum(0)
+        elif bias is not None and not row_range:
+            out = torch.addcmul(bias, y[0], scale[0])
+            bias = None
+        else:
+            out = y[0].mul_(scale[0])
+        if row_range:
+            out.mul_(r * gain)
+        if bias is not None:
+            out.add_(bias)
+        if need_grad:
+            ctx.save_for_backward(x, w if training else None, r, gate, bound)
+            ctx.m, ctx.chip, ctx.e, ctx.gain, ctx.quantize = m, chip, e, gain, quantize
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, w, r, gate, bound = ctx.saved_tensors
+        m: AnalogMatrix = ctx.m
+        rg = r * ctx.gain
+        if w is not None:  # training: the clipped digital weight, (out, in)
+            w_eff = w if bound is None else w.clamp(-bound, bound)
+            tiles = m._tile_weight(w_eff) if gate is not None else None
+        else:  # deployed chip: the realised tiles with their column scales, (T, out, rows)
+            chip: ChipState = ctx.chip
+            tiles = (chip.weight[ctx.e] * chip.scale[ctx.e]).transpose(-1, -2)
+            w_eff = m._untile_weight(tiles) if gate is None else None
+        if gate is None:  # every tile saw the same gradient: one dense matmul
+            gt = None
+            grad_u = g.mm(w_eff)
+        else:
+            gt = g.unsqueeze(0) * gate
+            grad_u = m._untile_input(torch.bmm(gt, tiles))
+        grad_u = grad_u * rg
+        xr = x / r
+        inside = xr.abs() <= 1.0
+        grad_x = grad_u * inside / r if ctx.needs_input_grad[0] else None
+        grad_r = None
+        if ctx.needs_input_grad[2]:
+            u = _dac(x, r, dac_levels(m.config.dac.bits) if ctx.quantize else None)
+            grad_r = ((grad_u * (u - xr * inside)).sum() / r).reshape(r.shape)
+        grad_w = None
+        if w is not None and ctx.needs_input_grad[1]:
+            u = _dac(x, r, dac_levels(m.config.dac.bits) if ctx.quantize else None) * rg
+            if gt is None:
+                grad_w = g.t().mm(u)
+            else:
+                grad_w = m._untile_weight(torch.bmm(gt.transpose(1, 2), m._tile_input(u)))
+            if bound is not None:
+                grad_w = grad_w * (w.abs() <= bound)
+        grad_b = g.sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_w, grad_r, grad_b, None, None, None, None
+
+
+def _dac(x: torch.Tensor, r: torch.Tensor, step: float | None) -> torch.Tensor:
+    """Normalised DAC output Q(x/r) ∈ [−1, 1] (no autograd: the MVM node does the STE)."""
+    u = (x.detach() / r.detach()).clamp_(-1.0, 1.0)
+    if step is not None:
+        u.div_(step).round_().mul_(step)
+    return u
+
+
+def _noisy(cfg: AnalogConfig, chip: ChipState | None) -> bool:
+    if chip is None:
+        return cfg.training.weight_noise > 0 or cfg.training.output_noise > 0
+    return chip.read_var is not None or cfg.output.noise > 0 or cfg.device.output_noise
+
+
+def _add_noise(y: torch.Tensor, ut: torch.Tensor, cfg: AnalogConfig, chip: ChipState | None, e: int,
+               n: torch.Tensor) -> None:
+    """Add, in place, all Gaussian noise of one read (``n`` standard normal), in normalised output
+    units (T, N, out).
+
+    Training: weight noise σ_w (relative to the tile column's abs-max) is output noise of std
+    σ_w·‖u_t‖, plus output noise σ_o. Chip: read noise (per-column mean variance × ‖u_t‖², or the exact
+    per-device sum), the profile's output noise, and signal-dependent detector noise."""
+    if chip is None:
+        sw, so = cfg.training.weight_noise, cfg.training.output_noise
+        if sw > 0:
+            y.addcmul_(n, ut.square().sum(-1, keepdim=True).mul_(sw**2).add_(so**2).sqrt_())
+        else:
+            y.add_(n, alpha=so)
+        return
+    var: torch.Tensor | None = None
+    if chip.read_var is not None:
+        rv = chip.read_var[e]
+        var = ut.square().sum(-1, keepdim=True) * rv if rv.shape[-2] == 1 else torch.bmm(ut.square(), rv)
+    dev_var = cfg.device.output_var(y)
+    if dev_var is not None:
+        var = dev_var if var is None else var.add_(dev_var)
+    if var is None:  # only the profile's constant output noise
+        y.add_(n, alpha=cfg.output.noise)
+        return
+    if cfg.output.noise > 0:
+        var.add_(cfg.output.noise**2)
+    y.addcmul_(n, var.sqrt_())
+
+
+def _converters(y: torch.Tensor, cfg: AnalogConfig, quantize: bool, need_grad: bool) -> torch.Tensor | None:
+    """Output nonlinearity and ADC, in place on ``y``, leaving it in ADC codes when the ADC is on.
+    Returns the backward gate (derivative of the nonlinearity × inside-the-bound mask) or None when
+    it is all ones."""
+    gate = None
+    out = cfg.output
+    if out.nonlinearity == "tanh":
+        y.div_(out.saturation).tanh_()
+        if need_grad:
+            gate = 1.0 - y.square()
+        y.mul_(out.saturation)
+    adc = cfg.adc
+    if adc.bits is None or not quantize:
+        return gate
+    lo, hi = torch.aminmax(y)
+    if lo < -adc.bound or hi > adc.bound:
+        if need_grad:
+            inside = y.abs() <= adc.bound
+            gate = inside if gate is None else gate.mul_(inside)
+        y.clamp_(-adc.bound, adc.bound)
+    y.div_(adc_step(adc.bits, adc.bound)).round_()
+    return gate

@@ -1,4 +1,4 @@
-"""Converters (DAC, ADC) and the output nonlinearity, with straight-through gradients.
+"""Converters (DAC, ADC) with straight-through gradients, and weight clipping.
 
 Each rounding step passes its gradient straight through (the STE); each clipping step passes it only
 inside the range, so gradients still reach weights and learned input ranges through every quantiser.
@@ -46,8 +46,16 @@ def adc_step(bits: int | None, bound: float) -> float | None:
     return None if bits is None else 2.0 * bound / (2**bits - 2)
 
 
-def saturate(y: torch.Tensor, kind: str, level: float) -> torch.Tensor:
-    """Output nonlinearity of the array/sense amplifier: ``tanh`` gives y ↦ level·tanh(y/level)."""
-    if kind == "tanh":
-        return torch.tanh(y / level) * level
-    return y
+def clip_bound(weight: torch.Tensor, sigma: float | None) -> torch.Tensor | None:
+    """Per-output-channel clipping bound sigma·std(W_row), (…, out, 1), without gradient; None when off.
+
+    The std comes from the first two moments (one fused reduction each) rather than ``Tensor.std``,
+    which is ten times slower on CPU; weights are near zero-mean, so the cancellation is harmless."""
+    if sigma is None:
+        return None
+    w = weight.detach()
+    n = w.shape[-1]
+    mean = w.mean(-1, keepdim=True)
+    mean_sq = torch.linalg.vector_norm(w, dim=-1, keepdim=True).square_().div_(n)
+    var = mean_sq.sub_(mean.square()).clamp_(min=0.0).mul_(n / max(n - 1, 1))
+    return var.sqrt_().mul_(sigma)

@@ -13,6 +13,7 @@ from torch import nn
 
 from analogllm.config import AnalogConfig
 from analogllm.nn.matrix import AnalogMatrix
+from analogllm.nn.quant import clip_bound
 
 
 class AnalogWeight(nn.Module):
@@ -30,9 +31,9 @@ class AnalogWeight(nn.Module):
         if not self.training:
             return self.analog.realised_weight(weight)
         tr = self.analog.config.training
-        if tr.clip_sigma is not None:
-            bound = tr.clip_sigma * weight.detach().std(-1, keepdim=True)
-            weight = torch.minimum(torch.maximum(weight, -bound), bound)
+        bound = clip_bound(weight, tr.clip_sigma)
+        if bound is not None:
+            weight = weight.clamp(-bound, bound)
         if tr.weight_noise > 0:
             channel_max = weight.detach().abs().amax(-1, keepdim=True)
             weight = weight + torch.randn_like(weight) * channel_max * tr.weight_noise

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from analogllm.convert import analog_matrices
 from analogllm.nn.matrix import AnalogMatrix
+from analogllm.nn.quant import clip_bound
 from analogllm.train.config import FREEZE_GROUPS, TrainSection
 
 CHECKPOINTS = "checkpoints"
@@ -85,10 +86,9 @@ def clamp_weights_(model: nn.Module) -> int:
     clipping made permanent). Returns how many matrices were clamped (those with ``clip_sigma`` set)."""
     count = 0
     for _, matrix, weight in analog_matrices(model):
-        sigma = matrix.config.training.clip_sigma
-        if sigma is None:
+        bound = clip_bound(weight, matrix.config.training.clip_sigma)
+        if bound is None:
             continue
-        bound = sigma * weight.std(-1, keepdim=True)
         weight.clamp_(min=-bound, max=bound)  # ``weight`` may be a view (Conv1D, experts): writes through
         count += 1
     return count

@@ -1,0 +1,195 @@
+"""Model benchmark: an analogue LLM against the same digital LLM, side by side in one run.
+
+    python scripts/bench_model.py                       # SmolLM2-135M when installed, else tiny-llama
+    python scripts/bench_model.py --model tiny-qwen3 --profile rram
+
+Reports, for a batch of ``--batch`` × ``--block`` tokens of the built-in corpus:
+
+* eval tokens/s: digital forward vs the programmed analogue chip (pcm, one day of drift), timed
+  round-robin in one process (median of ``--rounds``); programming the chip is timed once, apart;
+* HWA train step: forward + backward + AdamW step (+ the in-place weight clamp HWA applies), the
+  analogue model in ``train()`` mode with its training noise, the same parameters trainable in both
+  (embeddings, norms and the LM head frozen, as in the HWA recipes);
+* peak memory of each mode, measured in a fresh process per mode: peak resident set size (or
+  ``torch.cuda.max_memory_allocated`` on GPU) during the steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import machine, markdown, round_robin  # noqa: E402
+
+import analogllm as al  # noqa: E402
+from analogllm.data import token_blocks  # noqa: E402
+from analogllm.models import load_model  # noqa: E402
+from analogllm.train.hwa import clamp_weights_, freeze_  # noqa: E402
+
+MODES = ["digital-eval", "analog-eval", "digital-train", "analog-train"]
+
+
+def _default_model() -> str:
+    try:
+        load_model("smollm2-135m")
+        return "smollm2-135m"
+    except (ValueError, FileNotFoundError, ImportError):
+        return "tiny-llama"
+
+
+def _build(args: argparse.Namespace, analog: bool, device: torch.device) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.model)
+    model = model.float().to(device)
+    ids = token_blocks(tokenizer, "builtin", block_size=args.block, split="validation", max_blocks=args.batch)
+    if ids.shape[0] < args.batch:
+        raise SystemExit(f"the built-in corpus gives only {ids.shape[0]} blocks of {args.block} tokens; lower --batch")
+    ids = ids[: args.batch].to(device)
+    if analog:
+        al.analogize_(model, al.AnalogConfig.from_profile(args.profile))
+        model.train()
+        with torch.no_grad():
+            model(ids[:1])  # data-initialised DAC ranges
+    return model, ids
+
+
+def _eval_step(model: nn.Module, ids: torch.Tensor):
+    model.eval()
+
+    def step() -> None:
+        with torch.no_grad():
+            model(ids)
+
+    return step
+
+
+def _train_step(model: nn.Module, ids: torch.Tensor, analog: bool):
+    model.train()
+    freeze_(model, ["embeddings", "norms", "lm_head"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        if analog:
+            clamp_weights_(model)
+
+    return step
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _memory_worker(args: argparse.Namespace) -> None:
+    """One mode in this fresh process: peak memory over two steps (the first allocates optimiser state)."""
+    device = torch.device(args.device)
+    analog = args.worker.startswith("analog")
+    model, ids = _build(args, analog, device)
+    if args.worker.endswith("eval"):
+        step = _eval_step(model, ids)
+    else:
+        step = _train_step(model, ids, analog)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(2):
+        step()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+    print(json.dumps({"mode": args.worker, "peak_bytes": peak}))
+
+
+def _peak_memory(args: argparse.Namespace, mode: str) -> int:
+    cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--profile", args.profile,
+           "--batch", str(args.batch), "--block", str(args.block), "--device", args.device]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if done.returncode != 0:
+        raise SystemExit(f"memory run for {mode} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="built-in name, Hub id or path (default: smollm2-135m if installed)")
+    p.add_argument("--profile", default="pcm")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-mode memory processes")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.model = args.model or _default_model()
+    if args.worker:
+        _memory_worker(args)
+        return 0
+    device = torch.device(args.device)
+    print(f"{args.model}, {args.profile} profile, batch {args.batch} x {args.block} tokens, {machine()}")
+    digital, ids = _build(args, False, device)
+    analog, _ = _build(args, True, device)
+    t0 = time.perf_counter()
+    al.program_(analog, seed=0, seconds=86400.0)
+    analog.eval()
+    with torch.no_grad():
+        analog(ids[:1])  # realises every layer's chip instance
+    programming = time.perf_counter() - t0
+    print(f"  programming one chip instance (1 day of drift): {programming:.1f} s")
+    tokens = ids.numel()
+    evals = {"digital": _eval_step(digital, ids), "analog": _eval_step(analog, ids)}
+    print(f"  timing eval, {args.rounds} rounds ...")
+    eval_s = round_robin(evals, args.rounds, 1, device)
+    trains = {"digital": _train_step(digital, ids, False), "analog": _train_step(analog, ids, True)}
+    print(f"  timing HWA train steps, {args.rounds} rounds ...")
+    train_s = round_robin(trains, args.rounds, 1, device)
+    memory = {}
+    if not args.no_memory:
+        for mode in MODES:
+            print(f"  peak memory: {mode} (fresh process) ...")
+            memory[mode] = _peak_memory(args, mode)
+
+    def mib(mode: str) -> str:
+        return f"{memory[mode] / 2**20:,.0f}" if mode in memory else "-"
+
+    def ratio(a: str, b: str) -> str:
+        return f"{memory[a] / memory[b]:.2f}x" if a in memory else "-"
+
+    rows = [
+        ["eval tokens/s", f"{tokens / eval_s['digital']:,.0f}", f"{tokens / eval_s['analog']:,.0f}",
+         f"{eval_s['digital'] / eval_s['analog']:.2f}x"],
+        ["train step (s)", f"{train_s['digital']:.2f}", f"{train_s['analog']:.2f}",
+         f"{train_s['analog'] / train_s['digital']:.2f}x"],
+        ["peak memory, eval (MiB)", mib("digital-eval"), mib("analog-eval"), ratio("analog-eval", "digital-eval")],
+        ["peak memory, train (MiB)", mib("digital-train"), mib("analog-train"), ratio("analog-train", "digital-train")],
+    ]
+    print()
+    print(f"{args.model}, {args.profile}, batch {args.batch} x {args.block} tokens, {machine()}, "
+          f"median of {args.rounds} rounds")
+    print(markdown(["", "digital", "analogue", "analogue / digital"], rows))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "model": args.model, "profile": args.profile, "machine": machine(), "tokens": tokens,
+            "eval_s": eval_s, "train_step_s": train_s, "programming_s": programming, "peak_bytes": memory,
+        }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
