@@ -138,8 +138,9 @@ class AnalogConfig:
     """The complete description of how a model's matmuls run on an analogue chip.
 
     include / exclude: regular expressions matched (``re.search``) against module names; a module is
-    analogue when it matches ``include`` (empty = everything) and no ``exclude``. The LM head stays
-    digital by default, like embeddings and norms, following Analog Foundation Models.
+    analogue when it matches ``include`` (empty = everything) and no ``exclude``. The LM head
+    (``lm_head``; RWKV's ``head``) stays digital by default, like embeddings and norms, following
+    Analog Foundation Models.
     """
 
     device: Device = field(default_factory=Ideal)
@@ -150,7 +151,7 @@ class AnalogConfig:
     drift: DriftConfig = field(default_factory=DriftConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ("lm_head",)
+    exclude: tuple[str, ...] = ("lm_head", "^head$")
     analog_attention: bool = False
     exact_read_noise: bool = False
     seed: int = 0

@@ -22,7 +22,6 @@ import io
 import json
 import os
 import socket
-import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,9 +30,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from analogllm.fileio import atomic_write_bytes
+
 __all__ = [
     "BUILTIN",
-    "atomic_write_bytes",
     "batches",
     "builtin_corpus",
     "builtin_documents",
@@ -66,24 +66,6 @@ def cache_dir() -> Path:
     environment variable at any time. The directory is created only when something is written.
     """
     return Path(os.environ.get("ANALOGLLM_CACHE") or "~/.cache/analogllm").expanduser()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
-
-    Cached artefacts are shared by concurrent processes (two recipes, or ranks of one
-    ``accelerate`` job); a half-written cache file would be read as corrupt. Writing a temporary
-    file in the same directory and ``os.replace``-ing it is atomic on POSIX and Windows.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,7 +37,8 @@ from transformers import (
     RwkvConfig,
 )
 
-from .data import atomic_write_bytes, builtin_documents, cache_dir, hub_reachable
+from .data import builtin_documents, cache_dir, hub_reachable
+from .fileio import atomic_dir, atomic_write_bytes
 
 __all__ = [
     "FAMILIES",
@@ -302,18 +300,9 @@ def _convert_smollm2(target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_dir(target, keep_existing=True) as tmp:  # another process may finish first: keep its copy
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():  # otherwise another process finished first: keep its copy
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from torch import nn
 from analogllm.chip import chip_info, program_
 from analogllm.config import AnalogConfig
 from analogllm.convert import analogize_
+from analogllm.fileio import atomic_dir
 from analogllm.nn.matrix import AnalogMatrix
 
 CONFIG_NAME = "analog_config.json"
@@ -54,9 +53,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
     if config is None:
         raise ValueError("model is not analogue: call analogllm.analogize_(model, config) first")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         digital, analog = split_state_dict(model)
         model.save_pretrained(tmp, state_dict=digital)  # type: ignore[operator]
         if analog:
@@ -65,10 +62,6 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -103,14 +96,3 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
         program_(model, int(chip["seed"]), float(chip.get("seconds") or 0.0))
     model.eval()
     return model
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing an existing ``dst`` only after ``src`` is complete."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)

@@ -41,9 +41,11 @@ def test_every_weight_matmul_runs_through_the_analogue_path(name):
         digital = model(input_ids=ids).logits
     al.analogize_(model, al.AnalogConfig.from_profile("pcm", **{"tiling.rows": 32}))
     # nothing that carries a matmul weight is left behind, except what the config excludes
-    leftovers = [n for n, m in model.named_modules() if type(m) in (nn.Linear, Conv1D) and "lm_head" not in n
+    head = model.get_output_embeddings()
+    leftovers = [n for n, m in model.named_modules() if type(m) in (nn.Linear, Conv1D) and m is not head
                  and not hasattr(m, "parametrizations")]
     assert leftovers == []
+    assert type(head) is nn.Linear  # the LM head (``lm_head``, RWKV's ``head``) stays digital by default
     calls = {}
     for n, m in model.named_modules():
         if isinstance(m, AnalogMatrix):

@@ -88,6 +88,27 @@ class Device:
         return {"kind": self.kind, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
 
 
+class Replay(Device):
+    """A device programmed from stored targets (an exported map) instead of from the weight.
+
+    Subclasses hold the device model they replay as a ``physics`` field and realise from their own
+    data; drift and output noise are the physics' own.
+    """
+
+    physics: Device
+
+    @property
+    def drifts(self) -> bool:
+        return self.physics.drifts
+
+    @property
+    def output_noise(self) -> bool:
+        return self.physics.output_noise
+
+    def output_var(self, y: torch.Tensor) -> torch.Tensor | None:
+        return self.physics.output_var(y)
+
+
 def device_names() -> list[str]:
     """Names of all registered device kinds."""
     _load_builtin()

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analogllm.data import atomic_write_bytes
+from analogllm.fileio import atomic_write_bytes
 from analogllm.eval.perplexity import LMScore
 from analogllm.eval.sweep import ChipScore, Series
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from analogllm.devices.base import Device, Realisation
+from analogllm.devices.base import Device, Realisation, Replay
 from analogllm.devices.conductance import weight_to_pair
 from analogllm.devices.pcm import PCM
 from analogllm.devices.rram import RRAM
@@ -167,7 +167,7 @@ def _preimage(g: torch.Tensor, g_max: float) -> torch.Tensor:
 
 
 @dataclass(frozen=True, eq=False)
-class CrossbarMap(Device):
+class CrossbarMap(Replay):
     """A crossbar programmed with a map's conductances, through the model's own device model.
 
     PCM and RRAM see a weight only through weight_to_pair (G± = max(±w, 0)·g_max); handing them the
@@ -180,17 +180,6 @@ class CrossbarMap(Device):
     physics: Device = field(default_factory=PCM)
     normalised: torch.Tensor | None = None  # (E·T, out, rows), zero-padded like the layer's tiles
     name: str = ""
-
-    @property
-    def drifts(self) -> bool:
-        return self.physics.drifts
-
-    @property
-    def output_noise(self) -> bool:
-        return self.physics.output_noise
-
-    def output_var(self, y: torch.Tensor) -> torch.Tensor | None:
-        return self.physics.output_var(y)
 
     def realise(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
         assert self.normalised is not None

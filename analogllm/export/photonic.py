@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from analogllm.devices import mesh
-from analogllm.devices.base import Device, Realisation
+from analogllm.devices.base import Device, Realisation, Replay
 from analogllm.devices.photonic import Photonic
 from analogllm.export.manifest import DTYPE_NAMES, AnalogLayer, MapError, column_peaks, spans
 
@@ -209,7 +209,7 @@ def target_bound(device: dict[str, Any]) -> float:
 
 
 @dataclass(frozen=True, eq=False)
-class MeshMap(Device):
+class MeshMap(Replay):
     """A photonic chip whose meshes are set from a map rather than decomposed from the weight.
 
     It realises what :class:`Photonic` realises (same phase noise drawn in the same order, same
@@ -223,17 +223,6 @@ class MeshMap(Device):
     exact: mesh.MeshTile | None = None
     layout: tuple[tuple[int, int, int], int, int] = ((1, 1, 1), 1, 1)
     name: str = ""
-
-    @property
-    def drifts(self) -> bool:
-        return self.physics.drifts
-
-    @property
-    def output_noise(self) -> bool:
-        return self.physics.output_noise
-
-    def output_var(self, y: torch.Tensor) -> torch.Tensor | None:
-        return self.physics.output_var(y)
 
     def realise(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
         assert self.programmed is not None and self.exact is not None

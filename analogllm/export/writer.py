@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from analogllm.export.manifest import (
     normalised_tiles, sha256_file,
 )
 from analogllm.nn.quant import adc_step, dac_levels
-from analogllm.persistence import _replace_dir
+from analogllm.fileio import atomic_dir
 
 #: target name → module implementing it (device_record, encode, array_specs, check_values,
 #: target_weight, target_bound, install)
@@ -78,9 +76,7 @@ def export(
     require_ranges(layers)
     out = Path(out_dir)
     _check_destination(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / LAYER_DIR).mkdir()
         records = [
             _write_layer(tmp, index, layer, module, target, device_record)
@@ -88,10 +84,6 @@ def export(
         ]
         manifest = _manifest(model, config, target, device_record, records, source, calibration)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

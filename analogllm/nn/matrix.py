@@ -297,13 +297,14 @@ class _AnalogMVM(torch.autograd.Function):
         xr = x / r
         inside = xr.abs() <= 1.0
         grad_x = grad_u * inside / r if ctx.needs_input_grad[0] else None
+        need_w = w is not None and ctx.needs_input_grad[1]
+        u = _dac(x, r, dac_levels(m.config.dac.bits) if ctx.quantize else None) if need_w or ctx.needs_input_grad[2] else None
         grad_r = None
         if ctx.needs_input_grad[2]:
-            u = _dac(x, r, dac_levels(m.config.dac.bits) if ctx.quantize else None)
             grad_r = ((grad_u * (u - xr * inside)).sum() / r).reshape(r.shape)
         grad_w = None
-        if w is not None and ctx.needs_input_grad[1]:
-            u = _dac(x, r, dac_levels(m.config.dac.bits) if ctx.quantize else None) * rg
+        if need_w:
+            u = u.mul_(rg)
             if gt is None:
                 grad_w = g.t().mm(u)
             else:

@@ -3,7 +3,7 @@
     analogllm quickstart                          # tiny model: evaluate → HWA-train → evaluate, prints the table
     analogllm train smollm2-pcm-hwa --set train.steps=40
     analogllm eval smollm2-pcm-hwa                # digital / analogue / analogue + HWA at every drift time
-    torchrun --nproc_per_node 2 -m analogllm.cli train quickstart    # data parallel (CPU or GPU)
+    torchrun --nproc_per_node 2 -m analogllm train quickstart    # data parallel (CPU or GPU)
 """
 
 from __future__ import annotations

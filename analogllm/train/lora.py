@@ -33,8 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +49,7 @@ from torch import nn
 from analogllm.chip import program_
 from analogllm.config import AnalogConfig
 from analogllm.convert import analog_matrices
+from analogllm.fileio import atomic_dir
 from analogllm.nn.linear import AnalogConv1D, AnalogLinear
 from analogllm.nn.matrix import AnalogMatrix
 from analogllm.nn.weight import AnalogWeight
@@ -342,42 +341,18 @@ def _digitize_adapters_(model: nn.Module) -> None:
 
 
 # ----- save / load ----------------------------------------------------------------------------------------
-def _atomic_dir(path: Path) -> tuple[Path, Any]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the final folder's mode
-
-    def commit() -> None:
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-
-    return tmp, commit
-
-
 def save_adapters(model: PeftModel, path: str | os.PathLike) -> Path:
     """Write the active adapter in peft's format to ``path`` (atomically); analogue adapters add
     ``analog_adapters.json`` (their config) so that loading puts them back on the chip."""
     if not isinstance(model, PeftModel):
         raise ValueError("save_adapters expects the PeftModel returned by attach_lora / load_adapters")
     path = Path(path)
-    tmp, commit = _atomic_dir(path)
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp))
         if has_analog_adapters(model):
             config = _adapter_matrices(model)[0][1].config
             meta = {"format_version": _FORMAT_VERSION, "analog": True, "config": config.to_dict()}
             (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

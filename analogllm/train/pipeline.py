@@ -18,8 +18,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from analogllm.convert import analogize_
 from analogllm.data import cache_dir, token_blocks
 from analogllm.eval.perplexity import evaluate_lm
 from analogllm.eval.report import EvalReport, write_report
+from analogllm.fileio import atomic_dir
 from analogllm.eval.sweep import drift_sweep
 from analogllm.models import load_model
 from analogllm.persistence import from_pretrained, save_pretrained
@@ -75,16 +74,9 @@ def load_base(recipe: HWARecipe, progress: bool = True) -> tuple[nn.Module, PreT
         if not target.is_dir():
             model, tokenizer = load_model(recipe.model, seed=pre.seed)
             _pretrain(model, blocks(recipe, tokenizer, "train"), pre.steps, pre.lr, pre.batch_size, pre.seed, progress)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not target.is_dir():
-                    raise
+            with atomic_dir(target, keep_existing=True) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
         return load_model(str(target))
 
 
