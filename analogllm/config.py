@@ -86,9 +86,10 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class TilingConfig:
-    """Fixed-size arrays. ``rows`` inputs per tile (each tile has its own ADCs and scale per column);
-    ``cols`` outputs per tile (only changes the export layout: columns are independent). ``None`` = one
-    array as large as the matrix."""
+    """Fixed-size arrays. ``rows`` inputs per array: a layer's inputs are split evenly over
+    ceil(in / rows) input tiles, each with its own ADCs and scale per column; ``cols`` outputs per array
+    (only changes the export layout: columns are independent). ``None`` = one array as large as the
+    matrix."""
 
     rows: int | None = None
     cols: int | None = None

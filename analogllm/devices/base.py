@@ -11,6 +11,7 @@ and adding a device is one new file that subclasses :class:`Device` and register
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -39,7 +40,7 @@ class Realisation:
 
 
 @dataclass(frozen=True)
-class Device:
+class Device(abc.ABC):
     """Base class of a device model. Subclasses set ``kind`` and override :meth:`realise`."""
 
     kind: ClassVar[str] = ""
@@ -61,6 +62,7 @@ class Device:
         """True when :meth:`realise` depends on the time since programming."""
         return False
 
+    @abc.abstractmethod
     def realise(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
         """Return what this chip instance computes for ``weight`` ((T, out, rows), in [-1, 1]).
 
@@ -68,7 +70,6 @@ class Device:
         random numbers in a fixed order: realising the same layer at two drift times then sees the
         same programmed conductances, which is what makes drift of one chip instance consistent.
         """
-        raise NotImplementedError(f"device {self.kind!r} must implement realise()")
 
     def summary(self) -> str:
         """Key parameters in a few words, for ``analogllm profiles``."""

@@ -16,7 +16,10 @@ crossbar needs to map weights onto conductances). Two modes:
   drift, levels, mesh errors; see :mod:`analogllm.devices`) is computed once per (seed, time) and
   cached, so a forward costs one matmul plus the read noise, which is again sampled in output space.
 
-Tiling is one batched matmul over a (T, N, rows) view of the input, never a Python loop over tiles.
+Tiling is one batched matmul over a (T, N, rows) view of the input, never a Python loop over tiles;
+the inputs are split evenly over ceil(in / tiling.rows) tiles. The whole chain is one autograd node
+(:class:`_AnalogMVM`) that works in place and stores almost nothing for backward, and the Gaussian
+samples of a read are drawn on background threads while the matmul runs (:mod:`analogllm.nn.noise`).
 """
 
 from __future__ import annotations
