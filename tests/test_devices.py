@@ -114,3 +114,35 @@ def test_same_seed_same_chip_different_seed_different_chip(profile):
     c = layer.analog.program(layer.weight, seed=2).weight.clone()
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
+
+
+def test_pcm_reference_is_the_same_instance_read_at_programming_time():
+    # drift compensation calibrates against the instance at t = 0: the realisation at t carries it, and
+    # it must be exactly what realising the same chip seed at t = 0 gives (one realisation, not two)
+    dev = al.AnalogConfig.from_profile("pcm").device
+    w = torch.rand(3, 40, 64) * 2 - 1
+    later = dev.realise(w, 86400.0, torch.Generator().manual_seed(5))
+    now = dev.realise(w, 0.0, torch.Generator().manual_seed(5))
+    assert now.reference is None and later.reference is not None
+    assert torch.equal(later.reference, now.weight)
+    assert not torch.allclose(later.weight, now.weight)  # it drifted
+
+
+def test_chip_noise_streams_do_not_depend_on_the_thread_count():
+    # a saved chip seed must give the same chip on any machine: the parallel streams are cut by size only
+    from analogllm.nn.noise import gaussian
+
+    like = torch.empty(0)
+    threads = torch.get_num_threads()
+    draws = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            draws.append(gaussian((3, 700, 500), like, torch.Generator().manual_seed(11)).wait())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+    z = draws[0].flatten()
+    assert abs(z.mean().item()) < 5e-3 and abs(z.std().item() - 1) < 5e-3  # 1.05M samples
+    chunks = z.split(1 << 18)
+    assert not torch.equal(chunks[0][:100], chunks[1][:100])  # streams are distinct

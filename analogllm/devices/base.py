@@ -32,11 +32,15 @@ class Realisation:
     read_std: same shape, std of the fresh noise added at every read (1/f read noise), or ``None``.
     gain:     scalar applied digitally after the ADC (e.g. photonic loss compensation); drift
               compensation is applied by the layer on top of it.
+    reference: for a drifting device realised at t > 0, the weight the same instance had at t = 0
+              (what global drift compensation calibrates against), or ``None``: the layer then
+              realises the instance again at t = 0.
     """
 
     weight: torch.Tensor
     read_std: torch.Tensor | None = None
     gain: float = 1.0
+    reference: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

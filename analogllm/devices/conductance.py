@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from analogllm.nn.noise import gaussian
+
 
 def weight_to_pair(weight: torch.Tensor, g_max: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Target conductances (µS) of the differential pair: w>0 on G+, w<0 on G−, the other at 0."""
@@ -37,5 +39,6 @@ def interp(x: torch.Tensor, xs: tuple[float, ...], ys: tuple[float, ...]) -> tor
 
 
 def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Standard normal noise shaped like ``x`` drawn from ``generator`` (reproducible chip instances)."""
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    """Standard normal noise shaped like ``x`` drawn from ``generator`` (reproducible chip instances),
+    on parallel streams for large tensors (:func:`analogllm.nn.noise.gaussian`)."""
+    return gaussian(x.shape, x, generator).wait()

@@ -93,7 +93,10 @@ class PCM(Device):
             g_prog = (g_target + self.prog_std(g_target) * randn_like(g_target, generator)).clamp(min=0)
             nu = self.drift_nu(g_prog, generator)
             g_t = g_prog * ((seconds + self.drift_t0) / self.drift_t0) ** (-nu) if seconds > 0 else g_prog
-            pair.append((g_t, self.read_std(g_t, seconds)))
-        (gp, sp), (gm, sm) = pair
+            pair.append((g_prog, g_t, self.read_std(g_t, seconds)))
+        (p0, gp, sp), (m0, gm, sm) = pair
         read = torch.sqrt(sp.square() + sm.square()) / self.g_max
-        return Realisation(weight=(gp - gm) / self.g_max, read_std=read if self.read_noise_scale > 0 else None)
+        return Realisation(
+            weight=(gp - gm) / self.g_max, read_std=read if self.read_noise_scale > 0 else None,
+            reference=(p0 - m0) / self.g_max if seconds > 0 else None,
+        )

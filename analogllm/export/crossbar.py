@@ -190,7 +190,8 @@ class CrossbarMap(Replay):
         if bool((peak == 1).all()):
             return real
         read = None if real.read_std is None else real.read_std / peak
-        return Realisation(weight=real.weight / peak, read_std=read, gain=real.gain)
+        ref = None if real.reference is None else real.reference / peak
+        return Realisation(weight=real.weight / peak, read_std=read, gain=real.gain, reference=ref)
 
 
 def install(layer: AnalogLayer, arrays: dict[str, torch.Tensor], record: dict[str, Any],

@@ -187,8 +187,10 @@ class AnalogMatrix(nn.Module):
         real = device.realise(flat, self.seconds, chip_generator(seed, self.layer_id, w.device))
         gain = float(real.gain)
         if self.config.drift.compensation and device.drifts and self.seconds > 0:
-            ref = device.realise(flat, 0.0, chip_generator(seed, self.layer_id, w.device))
-            gain *= _drift_compensation(ref.weight, real.weight, self.config.drift.calibration_vectors)
+            ref = real.reference
+            if ref is None:
+                ref = device.realise(flat, 0.0, chip_generator(seed, self.layer_id, w.device)).weight
+            gain *= _drift_compensation(ref, real.weight, self.config.drift.calibration_vectors)
         eff = real.weight.view_as(wn).transpose(-1, -2).contiguous().to(weight.dtype)  # (E, T, rows, out)
         read_var = None
         if real.read_std is not None:
