@@ -43,7 +43,7 @@ def test_cache_mode_keeps_what_another_process_finished_first(tmp_path):
 def test_outputs_get_the_umask_modes_not_the_private_temporary_ones(tmp_path):
     old = os.umask(0o022)
     try:
-        with atomic_dir(tmp_path / "d") as tmp:
+        with atomic_dir(tmp_path / "d"):
             pass
         atomic_write_bytes(tmp_path / "f", b"data")
     finally:

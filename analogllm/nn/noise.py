@@ -28,6 +28,8 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     """One pool per process and width (a forked child must not reuse its parent's dead threads)."""
     global _pool
     if _pool is None or _pool[0] != os.getpid() or _pool[1] != workers:
+        if _pool is not None and _pool[0] == os.getpid():
+            _pool[2].shutdown(wait=False)
         _pool = (os.getpid(), workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="analogllm-noise"))
     return _pool[2]
 
