@@ -15,7 +15,7 @@ from analogllm.cli import main
 from analogllm.data import token_blocks
 from analogllm.devices.conductance import weight_to_pair
 from analogllm.export import FORMAT_VERSION, MapError, export, load_map, verify
-from analogllm.export.manifest import analog_layers, normalised_tiles, scale_per_input, sha256_file
+from analogllm.export.manifest import analog_layers, scale_per_input, sha256_file
 from analogllm.models import load_model
 from analogllm.persistence import save_pretrained
 
@@ -33,7 +33,7 @@ def analog_model(name: str, profile: str, seed: int = 3, seconds: float = 0.0, *
 def model_scales(layer) -> torch.Tensor:
     """(E, out, in) scale of the tile column each weight sits in, computed from the model."""
     w = layer.stacked_weight()
-    _, scale = normalised_tiles(w, layer.matrix.rows, layer.matrix.tiles)
+    scale = layer.matrix.normalised_tiles(w)[1].squeeze(-1)
     return scale_per_input(scale, layer.matrix.rows, w.shape[-1]).double()
 
 

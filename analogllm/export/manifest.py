@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -38,8 +37,6 @@ FORMAT_NAME = "analogllm-map"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 LAYER_DIR = "layers"
-#: the same floor AnalogMatrix puts under a tile column's abs-max (an all-zero column keeps scale 1e-12)
-SCALE_FLOOR = 1e-12
 
 #: safetensors dtype names, as the file header spells them
 DTYPE_NAMES = {
@@ -105,21 +102,6 @@ def analog_layers(model: nn.Module) -> list[AnalogLayer]:
             kind = "conv1d" if isinstance(owner, AnalogConv1D) else "linear"
             layers.append(AnalogLayer(name, kind, matrix, weight, owner.bias))
     return layers
-
-
-def normalised_tiles(weight: torch.Tensor, rows: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E, out, in) → normalised tiles (E, T, out, rows) in [-1, 1] and scales (E, T, out).
-
-    Exactly AnalogMatrix's normalisation (same float32 operations, so the same bits): the input axis is
-    zero-padded to T·rows and cut into T tiles; each output column of each tile is divided by its
-    abs-max, which the chip multiplies back digitally after its ADC.
-    """
-    pad = tiles * rows - weight.shape[-1]
-    if pad:
-        weight = F.pad(weight, (0, pad))
-    wt = weight.reshape(*weight.shape[:-1], tiles, rows).movedim(-2, -3)
-    scale = wt.abs().amax(-1, keepdim=True).clamp(min=SCALE_FLOOR)
-    return wt / scale, scale.squeeze(-1)
 
 
 def spans(total: int, size: int, count: int | None = None) -> list[list[int]]:

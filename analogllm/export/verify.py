@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from analogllm.data import token_blocks
 from analogllm.eval.perplexity import evaluate_lm
 from analogllm.export.manifest import (
-    AnalogLayer, MapError, analog_layers, config_difference, load_map, normalised_tiles, scale_per_input,
+    AnalogLayer, MapError, analog_layers, config_difference, load_map, scale_per_input,
 )
 from analogllm.export.writer import require_ranges
 
@@ -184,8 +184,7 @@ def verify(
                            f"{list(layer.shape)} in the model (wrong shape)")
         arrays = lmap.arrays()
         w = layer.stacked_weight()
-        scale = scale_per_input(normalised_tiles(w, layer.matrix.rows, layer.matrix.tiles)[1], layer.matrix.rows,
-                                w.shape[-1]).double()
+        scale = scale_per_input(layer.matrix.normalised_tiles(w)[1].squeeze(-1), layer.matrix.rows, w.shape[-1]).double()
         w = w.double()
         w_map = module.target_weight(arrays, record, amap.device_record, exact)
         w_q = w_map if quantized == exact else module.target_weight(arrays, record, amap.device_record, quantized)

@@ -25,7 +25,7 @@ from analogllm.config import AnalogConfig
 from analogllm.export import crossbar, photonic
 from analogllm.export.manifest import (
     DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, LAYER_DIR, MANIFEST_NAME, AnalogLayer, analog_layers,
-    normalised_tiles, sha256_file,
+    sha256_file,
 )
 from analogllm.nn.quant import adc_step, dac_levels
 from analogllm.fileio import atomic_dir
@@ -120,7 +120,8 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
         raise ValueError(f"layer {layer.name}: the weight has NaN or infinite values; nothing can be programmed")
     matrix = layer.matrix
     chip = matrix.chip(layer.weight)  # the instance the model runs on (programs it if it never was)
-    wn, scale = normalised_tiles(weight, matrix.rows, matrix.tiles)
+    wn, scale = matrix.normalised_tiles(weight)
+    scale = scale.squeeze(-1)
     arrays, tiles = module.encode(layer, wn, scale, matrix.config.device, device_record)
     experts = layer.experts
     if layer.bias is not None:

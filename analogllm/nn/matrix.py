@@ -149,17 +149,23 @@ class AnalogMatrix(nn.Module):
         return w.movedim(-2, -3)
 
     def _untile_weight(self, w: torch.Tensor) -> torch.Tensor:
-        """(T, out, rows) → (out, in): the inverse of :meth:`_tile_weight`."""
-        return w.movedim(-3, -2).reshape(w.shape[-2], -1)[:, : self.in_features]
+        """(..., T, out, rows) → (..., out, in): the inverse of :meth:`_tile_weight`."""
+        return w.movedim(-3, -2).reshape(*w.shape[:-3], w.shape[-2], -1)[..., : self.in_features]
+
+    def normalised_tiles(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., out, in) → tiles normalised per tile column to [-1, 1], (..., T, out, rows), and their
+        scales (..., T, out, 1): what the arrays hold and what is multiplied back after the ADC. The
+        exporter uses this very function, so a map's targets are the layer's bit for bit."""
+        wt = self._tile_weight(weight)
+        scale = wt.abs().amax(-1, keepdim=True).clamp(min=_EPS)
+        return wt / scale, scale
 
     def _training_weights(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Clipped weight tiles normalised per tile column: (T, rows, out), their scale (T, 1, out),
         and the clipping bound (out, 1) or None."""
         bound = clip_bound(w, self.config.training.clip_sigma)
-        wc = w if bound is None else w.clamp(-bound, bound)
-        wt = self._tile_weight(wc)
-        scale = wt.abs().amax(-1, keepdim=True).clamp_(min=_EPS)
-        return (wt / scale).transpose(-1, -2), scale.transpose(-1, -2), bound
+        wn, scale = self.normalised_tiles(w if bound is None else w.clamp(-bound, bound))
+        return wn.transpose(-1, -2), scale.transpose(-1, -2), bound
 
     # ----- chip instances ----------------------------------------------------------------------------------
     def chip(self, weight: torch.Tensor) -> ChipState:
@@ -180,9 +186,7 @@ class AnalogMatrix(nn.Module):
         w = weight.detach().float()
         if w.dim() == 2:
             w = w.unsqueeze(0)
-        wt = self._tile_weight(w)  # (E, T, out, rows)
-        scale = wt.abs().amax(-1, keepdim=True).clamp(min=_EPS)  # (E, T, out, 1)
-        wn = wt / scale
+        wn, scale = self.normalised_tiles(w)  # (E, T, out, rows), (E, T, out, 1)
         flat = wn.reshape(-1, *wn.shape[-2:])
         real = device.realise(flat, self.seconds, chip_generator(seed, self.layer_id, w.device))
         gain = float(real.gain)
@@ -208,8 +212,7 @@ class AnalogMatrix(nn.Module):
         """The dense (…, out, in) matrix this chip instance computes, scales and gain folded in
         (without converters or read noise): for raw-weight reads and for export checks."""
         chip = self.chip(weight)
-        w = (chip.weight * chip.scale).transpose(-1, -2)  # (E, T, out, rows)
-        w = w.movedim(-3, -2).reshape(*w.shape[:-3], w.shape[-2], -1)[..., : self.in_features] * chip.gain
+        w = self._untile_weight((chip.weight * chip.scale).transpose(-1, -2)) * chip.gain
         return w if weight.dim() == 3 else w[0]
 
     def drop_chip(self) -> None:
