@@ -8,6 +8,7 @@ programming is a second, independent knob (drift, growing read noise).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from analogllm.convert import analog_matrices
@@ -38,6 +39,24 @@ def drift_(model: nn.Module, seconds: float) -> nn.Module:
     for _, matrix, weight in analog_matrices(model):
         seed = matrix.config.seed if matrix.seed is None else matrix.seed
         matrix.program(weight, seed, seconds)
+    return model
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, input_ids: torch.Tensor, seed: int | None = None) -> nn.Module:
+    """Set the chip's unset data-initialised DAC ranges from one eval forward on ``input_ids``, as
+    deploying does once; ranges already set are kept. The read noise of that pass comes from the global
+    RNG, or from ``seed`` (leaving the global RNG as it was) so that a verifier can repeat it exactly."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model(input_ids=input_ids.to(device))
+    finally:
+        model.train(was)
     return model
 
 

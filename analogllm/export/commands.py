@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from analogllm.commands import add_set_argument, parse_overrides
@@ -82,6 +81,7 @@ def calibrate(model: nn.Module, tokenizer: Any, blocks: int, block_size: int = 1
 
     Returns the calibration record for the manifest, or None when every range was already set.
     """
+    from analogllm.chip import calibrate_
     from analogllm.data import token_blocks
     from analogllm.export.manifest import analog_layers
 
@@ -92,11 +92,7 @@ def calibrate(model: nn.Module, tokenizer: Any, blocks: int, block_size: int = 1
     if blocks < 1:
         raise ValueError("the model's learned DAC ranges are unset and --calibration-blocks is 0")
     ids = token_blocks(tokenizer, split="train", block_size=block_size, max_blocks=blocks)
-    device = next(model.parameters()).device
-    model.eval()
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(CALIBRATION_SEED)
-        model(input_ids=ids.to(device))
+    calibrate_(model.eval(), ids, seed=CALIBRATION_SEED)
     return {"what": "learned DAC ranges initialised by one forward pass", "source": "builtin", "split": "train",
             "blocks": int(ids.shape[0]), "block_size": block_size, "seed": CALIBRATION_SEED}
 

@@ -46,7 +46,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
-from analogllm.chip import program_
+from analogllm.chip import calibrate_, program_
 from analogllm.config import AnalogConfig
 from analogllm.convert import analog_matrices
 from analogllm.fileio import atomic_dir
@@ -169,17 +169,6 @@ def _require_chip(model: nn.Module) -> AnalogConfig:
             "so training cannot move the deployed chip's ranges"
         )
     return config
-
-
-@torch.no_grad()
-def calibrate_(model: nn.Module, input_ids: torch.Tensor) -> nn.Module:
-    """Set a freshly programmed chip's data-initialised DAC ranges from one eval forward on ``input_ids``
-    (what deploying does once); a no-op for ranges that are already set."""
-    was = model.training
-    model.eval()
-    model(input_ids=input_ids)
-    model.train(was)
-    return model
 
 
 def attach_lora(model: nn.Module, settings: LoraSettings = LoraSettings()) -> PeftModel:
