@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from analogllm.convert import analog_matrices
+from analogllm.nn.noise import seeded
 
 
 def _require_analog(model: nn.Module) -> None:
@@ -51,9 +52,7 @@ def calibrate_(model: nn.Module, input_ids: torch.Tensor, seed: int | None = Non
     model.eval()
     device = next(model.parameters()).device
     try:
-        with torch.random.fork_rng(devices=[], enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with seeded(seed, device):
             model(input_ids=input_ids.to(device))
     finally:
         model.train(was)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from analogllm.chip import program_
 from analogllm.eval.perplexity import evaluate_lm
+from analogllm.nn.noise import seeded
 
 METRICS = ("perplexity", "token_accuracy", "loss")
 
@@ -78,8 +79,7 @@ def drift_sweep(
     grid = [(s, float(t)) for s in seeds for t in times]
     for seed, seconds in tqdm(grid, desc=f"{label}: chips × drift times", disable=not progress):
         program_(model, seed=seed, seconds=seconds)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed((seed * 1_000_003 + int(seconds)) % (2**31))
+        with seeded((seed * 1_000_003 + int(seconds)) % (2**31), device):
             score = evaluate_lm(model, blocks, batch_size)
         points.append(ChipScore(seed, seconds, score.loss, score.perplexity, score.token_accuracy))
     return Series(label=label, points=tuple(points))

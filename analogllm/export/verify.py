@@ -40,6 +40,7 @@ from analogllm.export.manifest import (
     AnalogLayer, MapError, analog_layers, config_difference, load_map, scale_per_input,
 )
 from analogllm.export.writer import require_ranges
+from analogllm.nn.noise import seeded
 
 #: relative difference allowed between the realised matrices (and gains) of the replayed and the
 #: exported chip: both come from the same targets and noise draws, so only float32 round-off remains
@@ -256,11 +257,6 @@ def _eval_blocks(manifest: dict[str, Any], tokenizer: Any, blocks: torch.Tensor 
     return token_blocks(tokenizer, split="validation", block_size=block_size, max_blocks=max_blocks)
 
 
-def _forked_rng(model: nn.Module):
-    device = next(model.parameters()).device
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
 @torch.no_grad()
 def _logits(model: nn.Module, blocks: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
     """Logits of every block, the global random stream seeded (and restored afterwards)."""
@@ -268,8 +264,7 @@ def _logits(model: nn.Module, blocks: torch.Tensor, batch_size: int, seed: int) 
     model.eval()
     device = next(model.parameters()).device
     out = []
-    with _forked_rng(model):
-        torch.manual_seed(seed)
+    with seeded(seed, device):
         for start in range(0, blocks.shape[0], batch_size):
             out.append(model(input_ids=blocks[start : start + batch_size].to(device)).logits.float().cpu())
     model.train(was_training)
@@ -277,8 +272,7 @@ def _logits(model: nn.Module, blocks: torch.Tensor, batch_size: int, seed: int) 
 
 
 def _score(model: nn.Module, blocks: torch.Tensor, batch_size: int, seed: int):
-    with _forked_rng(model):
-        torch.manual_seed(seed)
+    with seeded(seed, next(model.parameters()).device):
         score = evaluate_lm(model, blocks, batch_size=batch_size)
     if not math.isfinite(score.perplexity):
         raise ValueError("the model's perplexity is not finite; cannot compare")

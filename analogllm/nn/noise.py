@@ -16,7 +16,9 @@ machine and thread count, exactly as Gaussian as ``torch.randn``. On accelerator
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -68,3 +70,17 @@ def gaussian(shape: tuple[int, ...] | torch.Size, like: torch.Tensor, generator:
 
 def _fill(part: torch.Tensor, seed: int) -> None:
     part.normal_(generator=torch.Generator().manual_seed(seed))
+
+
+@contextmanager
+def seeded(seed: int | None, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run a block on the global random streams seeded with ``seed`` (the CPU's, and ``device``'s when
+    it is a GPU) and restore them afterwards, so a seeded step neither depends on nor shifts the
+    caller's streams. ``seed=None`` leaves the streams untouched."""
+    if seed is None:
+        yield
+        return
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from analogllm.convert import analog_matrices
 from analogllm.nn.matrix import AnalogMatrix
+from analogllm.nn.noise import seeded
 from analogllm.nn.quant import clip_bound
 from analogllm.train.config import FREEZE_GROUPS, TrainSection
 
@@ -142,8 +143,7 @@ def calibrate_input_ranges_(
     model.train()
     device = next(model.parameters()).device
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(0)
+        with seeded(0, device):
             n = min(batches, math.ceil(len(blocks) / batch_size))
             for i in tqdm(range(n), desc="calibrating DAC ranges", disable=not progress, leave=False):
                 model(input_ids=blocks[i * batch_size : (i + 1) * batch_size].to(device))
@@ -345,9 +345,7 @@ def hwa_train(
     # Training noise, dropout and the rest draw from the global RNG: seeded per run and process, and
     # restored afterwards, so a run is reproducible and leaves the caller's random streams as they were.
     # A resumed run replaces this state with the checkpoint's.
-    cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(spec.seed * 1009 + rank)
+    with seeded(spec.seed * 1009 + rank, accelerator.device):
         start, losses = 0, []
         if resume:
             ckpt = latest_checkpoint(output_dir)  # type: ignore[arg-type]

@@ -52,6 +52,7 @@ from analogllm.convert import analog_matrices
 from analogllm.fileio import atomic_dir
 from analogllm.nn.linear import AnalogConv1D, AnalogLinear
 from analogllm.nn.matrix import AnalogMatrix
+from analogllm.nn.noise import seeded
 from analogllm.nn.weight import AnalogWeight
 from analogllm.persistence import from_pretrained, save_pretrained
 from analogllm.train.pat import layer_name
@@ -185,8 +186,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings = LoraSettings()) -> Pe
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=list(targets),
         bias="none", fan_in_fan_out=getattr(getattr(model, "config", None), "model_type", "") == "gpt2",
     )
-    with torch.random.fork_rng(devices=[]):  # adapter init must not shift the chip's read-noise stream
-        torch.manual_seed(settings.init_seed)
+    with seeded(settings.init_seed):  # adapter init must not shift the chip's read-noise stream
         peft_model = get_peft_model(model, lora_config)
     if settings.analog:
         analogize_adapters_(peft_model, config)
