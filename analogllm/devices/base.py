@@ -79,15 +79,23 @@ class Device(abc.ABC):
         """Key parameters in a few words, for ``analogllm profiles``."""
         return "exact"
 
+    def output_var_terms(self) -> tuple[float, float]:
+        """(a, b) of the device's own output-noise variance a·|y| + b for a noiseless output y in
+        normalised units (a: e.g. detector shot noise, b: thermal noise); (0, 0) when it has none.
+        Two numbers rather than a function so the fused read kernel can apply them too."""
+        return 0.0, 0.0
+
     @property
     def output_noise(self) -> bool:
-        """True when reads carry signal-dependent output noise (:meth:`output_var` is not None)."""
-        return False
+        """True when reads carry the device's own output noise (:meth:`output_var` is not None)."""
+        return self.output_var_terms() != (0.0, 0.0)
 
     def output_var(self, y: torch.Tensor) -> torch.Tensor | None:
-        """Variance of signal-dependent output noise (e.g. detector shot noise) for the noiseless
-        output ``y``, in normalised units; None when the device has none."""
-        return None
+        """The variance a·|y| + b of :meth:`output_var_terms` for ``y``; None when the device has none."""
+        a, b = self.output_var_terms()
+        if a == 0 and b == 0:
+            return None
+        return y.detach().abs().mul_(a).add_(b)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
@@ -106,12 +114,8 @@ class Replay(Device):
     def drifts(self) -> bool:
         return self.physics.drifts
 
-    @property
-    def output_noise(self) -> bool:
-        return self.physics.output_noise
-
-    def output_var(self, y: torch.Tensor) -> torch.Tensor | None:
-        return self.physics.output_var(y)
+    def output_var_terms(self) -> tuple[float, float]:
+        return self.physics.output_var_terms()
 
 
 def device_names() -> list[str]:

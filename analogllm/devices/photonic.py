@@ -90,11 +90,5 @@ class Photonic(Device):
             gain = float(lossless.norm() / realised.norm().clamp(min=1e-30))
         return Realisation(weight=realised.to(weight.dtype), gain=gain)
 
-    @property
-    def output_noise(self) -> bool:
-        return self.detector_thermal > 0 or self.detector_shot > 0
-
-    def output_var(self, y: torch.Tensor) -> torch.Tensor | None:
-        if not self.output_noise:
-            return None
-        return y.detach().abs().mul_(self.detector_shot**2).add_(self.detector_thermal**2)
+    def output_var_terms(self) -> tuple[float, float]:
+        return float(self.detector_shot**2), float(self.detector_thermal**2)

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from analogllm.config import AnalogConfig
-from analogllm.nn.noise import gaussian
+from analogllm.nn import kernel
+from analogllm.nn.noise import PendingNoise, gaussian
 from analogllm.nn.quant import adc_step, clip_bound, dac_levels
 
 _EPS = 1e-12
@@ -256,28 +257,13 @@ class _AnalogMVM(torch.autograd.Function):
             gain = 1.0
         else:
             wn, scale, gain = chip.weight[e], chip.scale[e], chip.gain
-        noisy = _noisy(cfg, chip)
-        noise = gaussian((m.tiles, x.shape[0], wn.shape[-1]), x) if noisy else None  # drawn during the matmul
-        y = torch.mm(ut[0], wn[0]).unsqueeze(0) if m.tiles == 1 else torch.bmm(ut, wn)
-        if noise is not None:
-            _add_noise(y, ut, cfg, chip, e, noise.wait())
-        gate = _converters(y, cfg, quantize, need_grad)
-        if cfg.adc.bits is not None and quantize:
-            scale = scale * adc_step(cfg.adc.bits, cfg.adc.bound)  # y holds ADC codes
-        row_range = r.dim() > 0 and r.numel() > 1  # dynamic: one range per input row
-        if not row_range:
-            scale = scale * (r * gain)
-        if m.tiles > 1:
-            out = y.mul_(scale).sum(0)
-        elif bias is not None and not row_range:
-            out = torch.addcmul(bias, y[0], scale[0])
-            bias = None
+        fused = not training and _fusable(chip, wn)
+        noise = gaussian((m.tiles, x.shape[0], wn.shape[-1]), x) if _noisy(cfg, chip) and not fused else None
+        y = torch.mm(ut[0], wn[0]).unsqueeze(0) if m.tiles == 1 else torch.bmm(ut, wn)  # noise drawn meanwhile
+        if fused:
+            out, gate = _fused_read(y, ut, cfg, chip, e, scale, r, gain, bias, need_grad)
         else:
-            out = y[0].mul_(scale[0])
-        if row_range:
-            out.mul_(r * gain)
-        if bias is not None:
-            out.add_(bias)
+            out, gate = _eager_read(y, ut, cfg, chip, e, scale, r, gain, bias, need_grad, quantize, noise)
         if need_grad:
             ctx.save_for_backward(x, w if training else None, r, gate, bound)
             ctx.m, ctx.chip, ctx.e, ctx.gain, ctx.quantize = m, chip, e, gain, quantize
@@ -329,6 +315,67 @@ def _dac(x: torch.Tensor, r: torch.Tensor, step: float | None) -> torch.Tensor:
     if step is not None:
         u.div_(step).round_().mul_(step)
     return u
+
+
+def _eager_read(y: torch.Tensor, ut: torch.Tensor, cfg: AnalogConfig, chip: ChipState | None, e: int,
+                scale: torch.Tensor, r: torch.Tensor, gain: float, bias: torch.Tensor | None, need_grad: bool,
+                quantize: bool, noise: PendingNoise | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Everything after the tile matmuls, in place on ``y`` (T, N, out): noise, converters, Σ tiles,
+    scales and bias. Returns the output and the backward gate."""
+    if noise is not None:
+        _add_noise(y, ut, cfg, chip, e, noise.wait())
+    gate = _converters(y, cfg, quantize, need_grad)
+    if cfg.adc.bits is not None and quantize:
+        scale = scale * adc_step(cfg.adc.bits, cfg.adc.bound)  # y holds ADC codes
+    row_range = r.dim() > 0 and r.numel() > 1  # dynamic: one range per input row
+    if not row_range:
+        scale = scale * (r * gain)
+    if y.shape[0] > 1:
+        out = y.mul_(scale).sum(0)
+    elif bias is not None and not row_range:
+        out = torch.addcmul(bias, y[0], scale[0])
+        bias = None
+    else:
+        out = y[0].mul_(scale[0])
+    if row_range:
+        out.mul_(r * gain)
+    if bias is not None:
+        out.add_(bias)
+    return out, gate
+
+
+def _fusable(chip: ChipState, wn: torch.Tensor) -> bool:
+    """Whether a chip read can run on the fused CPU kernel: float32 on CPU with per-column read noise
+    (the exact per-device read noise stays eager). Every such read does, with or without autograd,
+    so a seed gives the same noise in eval and in training through the chip."""
+    return (wn.device.type == "cpu" and wn.dtype == torch.float32
+            and (chip.read_var is None or chip.read_var.shape[-2] == 1) and kernel.library() is not None)
+
+
+def _fused_read(y: torch.Tensor, ut: torch.Tensor, cfg: AnalogConfig, chip: ChipState, e: int,
+                scale: torch.Tensor, r: torch.Tensor, gain: float, bias: torch.Tensor | None,
+                need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_eager_read` for a chip read as one pass of :func:`analogllm.nn.kernel.read`: the same
+    arithmetic and distributions, the kernel's own noise samples."""
+    usq = rv = None
+    if chip.read_var is not None:
+        usq, rv = ut.square().sum(-1), chip.read_var[e]
+    shot2, const_var = cfg.device.output_var_terms()
+    adc = None
+    if cfg.adc.bits is not None:
+        adc = (cfg.adc.bound, adc_step(cfg.adc.bits, cfg.adc.bound))
+        scale = scale * adc[1]
+    row_range = r.dim() > 0 and r.numel() > 1
+    if not row_range:
+        scale = scale * (r.detach() * gain)
+    out, gate = kernel.read(y, scale, usq=usq, rv=rv, shot2=shot2, const_var=const_var + cfg.output.noise**2,
+                            sat=cfg.output.saturation if cfg.output.nonlinearity == "tanh" else None, adc=adc,
+                            bias=None if row_range else bias, need_gate=need_grad)
+    if row_range:
+        out.mul_(r * gain)
+        if bias is not None:
+            out.add_(bias)
+    return out, gate
 
 
 def _noisy(cfg: AnalogConfig, chip: ChipState | None) -> bool:

@@ -1,0 +1,165 @@
+/* One analogue read after the matmul, fused into a single pass over the tile outputs (CPU).
+ *
+ * For every output row n (rows n0..n1 of this call) and tile t:
+ *     v   = y[t, n, o]                                   matmul result, normalised units
+ *     v  += z · sqrt(usq[t, n] · rv[t, o] + shot2 · |v| + c)   read, detector and output noise
+ *     v   = sat · tanh(v / sat)                          optional output nonlinearity
+ *     v   = round(clamp(v, ±bound) / step)               optional ADC (codes)
+ *     out[n, o] = Σ_t v · scale[t, o]  (+ bias[o])
+ * which is what analogllm.nn.matrix does in eager torch with about ten passes over y.
+ *
+ * z is a standard normal from a counter-based generator: a 32-bit integer hash (two rounds of
+ * "lowbias32", C. Wellons) of the pair counter (t·N + n)·ceil(O/2) + o/2 under a 64-bit key, turned
+ * into two normals by Box-Muller with float polynomials for ln, sin and cos (abs. error < 1e-6). A
+ * sample depends only on the key and its index, so any split of the rows over threads gives the same
+ * numbers, and every loop is vectorisable.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+static inline int thread_index(void) { return omp_get_thread_num(); }
+#else
+static inline int thread_index(void) { return 0; }
+#endif
+
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
+    return x;
+}
+
+/* ln(u), u in (0, 1]: exponent plus 2·atanh((m-1)/(m+1)) for the mantissa m in [√½, √2). */
+static inline float ln_unit(float u) {
+    uint32_t bits;
+    memcpy(&bits, &u, 4);
+    int32_t e = (int32_t)((bits >> 23) & 0xff) - 127;
+    bits = (bits & 0x007fffffU) | 0x3f800000U;
+    float m;
+    memcpy(&m, &bits, 4);
+    if (m > 1.41421356f) { m *= 0.5f; e += 1; }
+    float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+    float p = 2.0f * s * (1.0f + s2 * (0.33333333f + s2 * (0.2f + s2 * (0.14285715f + s2 * 0.11111111f))));
+    return p + (float)e * 0.69314718f;
+}
+
+/* Two independent standard normals per pair counter, written to z[0..O). */
+static void normals(float* z, int64_t O, uint64_t first_pair, uint32_t k0, uint32_t k1, uint32_t k2) {
+    int64_t pairs = (O + 1) / 2;
+    float* zz = z;
+    #pragma omp simd
+    for (int64_t p = 0; p < pairs; p++) {
+        uint64_t i = first_pair + (uint64_t)p;
+        uint32_t h = mix32((uint32_t)i ^ mix32((uint32_t)(i >> 32) + k0));
+        uint32_t a = mix32(h + k1), b = mix32(h ^ k2);
+        float u1 = ((float)(a >> 8) + 0.5f) * (1.0f / 16777216.0f);
+        float r = sqrtf(-2.0f * ln_unit(u1));
+        /* angle 2π·b/2^32: quadrant from the top two bits, (π/2)·f from the rest */
+        uint32_t q = b >> 30;
+        float x = (float)(b & 0x3fffffffU) * (1.57079633f / 1073741824.0f), x2 = x * x;
+        float s = x * (1.0f + x2 * (-1.6666667e-1f + x2 * (8.3333333e-3f + x2 * (-1.9841270e-4f + x2 * 2.7557319e-6f))));
+        float c = 1.0f + x2 * (-0.5f + x2 * (4.1666667e-2f + x2 * (-1.3888889e-3f + x2 * (2.4801587e-5f - x2 * 2.7557319e-7f))));
+        float cs = q == 0 ? c : q == 1 ? -s : q == 2 ? -c : s;
+        float sn = q == 0 ? s : q == 1 ? c : q == 2 ? -s : -c;
+        zz[2 * p] = r * cs;
+        zz[2 * p + 1] = r * sn;
+    }
+}
+
+/* Fill out[0..n) with standard normals of pair counters first_pair.. (for tests and statistics). */
+void analogllm_normals(float* out, int64_t n, uint64_t first_pair, uint64_t key) {
+    uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32), k2 = mix32(k0 ^ 0x9e3779b9U) ^ k1;
+    float* z = (float*)malloc(sizeof(float) * (size_t)(n + 1));
+    if (!z) return;
+    normals(z, n, first_pair, k0, k1, k2);
+    memcpy(out, z, sizeof(float) * (size_t)n);
+    free(z);
+}
+
+/* tanh(x) = sign(x)·(1 − e)/(1 + e), e = exp(−2|x|) = 2^(−2|x|·log2 e): integer part into the exponent
+ * bits, fraction by a degree-6 polynomial of 2^f (rel. error < 2e-7). Vectorisable, unlike tanhf. */
+static inline float tanh_poly(float x) {
+    float a = fabsf(x) * -2.88539008f;  /* −2|x|·log2(e) */
+    a = a < -126.0f ? -126.0f : a;
+    float k = floorf(a), f = a - k;
+    float p = 1.0f + f * (0.69314718f + f * (0.24022651f + f * (0.05550411f + f * (0.00961813f + f * (0.00133336f + f * 0.00015404f)))));
+    int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    float e = p * scale;
+    float th = (1.0f - e) / (1.0f + e);
+    return x < 0.0f ? -th : th;
+}
+
+/* One row of one tile. The flags are compile-time constants at every call site below, so each
+ * combination becomes its own branch-free vectorised loop. */
+static inline __attribute__((always_inline)) int64_t tile_row(
+        const float* restrict yr, float* restrict acc, const float* restrict sc, const float* restrict rvt,
+        const float* restrict z, float* restrict gr, int64_t O, float un, float shot2, float c,
+        float sat, float bound, float step, const int noise, const int saturate, const int adc, const int gate) {
+    int64_t clipped = 0;
+    #pragma omp simd reduction(+:clipped)
+    for (int64_t o = 0; o < O; o++) {
+        float v = yr[o], g = 1.0f;
+        if (noise) v += sqrtf(c + shot2 * fabsf(v) + un * rvt[o]) * z[o];
+        if (saturate) {
+            float th = tanh_poly(v / sat);
+            g = 1.0f - th * th;
+            v = sat * th;
+        }
+        if (adc) {
+            int outside = v < -bound || v > bound;
+            clipped += outside;
+            g = outside ? 0.0f : g;
+            v = rintf((v < -bound ? -bound : v > bound ? bound : v) / step);
+        }
+        if (gate) gr[o] = g;
+        acc[o] += v * sc[o];
+    }
+    return clipped;
+}
+
+#define TILE_ROW(k) case k: clipped += tile_row(yr, acc, sc, rvt, z, gr, O, un, shot2, c, sat, bound, step, \
+                                                (k >> 3) & 1, (k >> 2) & 1, (k >> 1) & 1, k & 1); break;
+
+/* Returns the number of outputs the ADC clipped, or -1 when scratch rows could not be allocated.
+ * rv == NULL means no read noise; gate, when not NULL, receives the straight-through gradient gate
+ * per tile output, (T, N, O): the nonlinearity's derivative times 1[inside the ADC bound]. Rows are
+ * split over `threads` OpenMP threads (one without OpenMP): torch's own team when torch is loaded (same libgomp), whose
+ * threads are still hot from the matmul that produced y. */
+int64_t analogllm_read(const float* y, float* out, int64_t T, int64_t N, int64_t O, int threads,
+                       const float* usq, const float* rv, float shot2, float c, int noise, uint64_t key,
+                       float sat, float bound, float step, const float* scale, const float* bias, float* gate) {
+    uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32), k2 = mix32(k0 ^ 0x9e3779b9U) ^ k1;
+    int64_t pairs = (O + 1) / 2, clipped = 0;
+    int mode = (noise ? 8 : 0) | (sat > 0.0f ? 4 : 0) | (step > 0.0f ? 2 : 0) | (gate ? 1 : 0);
+    float* scratch = (float*)malloc(sizeof(float) * (size_t)(2 * pairs) * (size_t)threads);
+    float* zeros = (float*)calloc((size_t)O, sizeof(float));
+    if (!scratch || !zeros) { free(scratch); free(zeros); return -1; }
+    #pragma omp parallel for num_threads(threads) schedule(static) reduction(+:clipped)
+    for (int64_t n = 0; n < N; n++) {
+        float* z = scratch + (size_t)(2 * pairs) * (size_t)thread_index();
+        float* acc = out + n * O;
+        memset(acc, 0, sizeof(float) * (size_t)O);
+        for (int64_t t = 0; t < T; t++) {
+            const float* yr = y + (t * N + n) * O;
+            const float* sc = scale + t * O;
+            const float* rvt = rv ? rv + t * O : zeros;
+            float* gr = gate ? gate + (t * N + n) * O : NULL;
+            float un = usq ? usq[t * N + n] : 0.0f;
+            if (noise) normals(z, O, (uint64_t)(t * N + n) * (uint64_t)pairs, k0, k1, k2);
+            switch (mode) {
+                TILE_ROW(0) TILE_ROW(1) TILE_ROW(2) TILE_ROW(3) TILE_ROW(4) TILE_ROW(5) TILE_ROW(6) TILE_ROW(7)
+                TILE_ROW(8) TILE_ROW(9) TILE_ROW(10) TILE_ROW(11) TILE_ROW(12) TILE_ROW(13) TILE_ROW(14) TILE_ROW(15)
+            }
+        }
+        if (bias) {
+            #pragma omp simd
+            for (int64_t o = 0; o < O; o++) acc[o] += bias[o];
+        }
+    }
+    free(scratch);
+    free(zeros);
+    return clipped;
+}
