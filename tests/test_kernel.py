@@ -22,7 +22,7 @@ def test_kernel_is_built_wherever_a_compiler_is():
 @needs_kernel
 def test_kernel_normals_are_standard_normal():
     n = 2_000_000
-    z = kernel.normals(n, first_pair=0, key=12345).double()
+    z = kernel.normals(n, row=0, key=12345).double()
     se = 1 / math.sqrt(n)
     assert abs(z.mean()) < 4 * se
     assert abs(z.var() - 1) < 4 * math.sqrt(2) * se
@@ -37,9 +37,10 @@ def test_kernel_normals_are_standard_normal():
     cdf = torch.special.ndtr(s)
     i = torch.arange(1, s.numel() + 1, dtype=torch.float64) / s.numel()
     assert (cdf - i).abs().max() < 1.95 / math.sqrt(s.numel())
-    other = kernel.normals(n, first_pair=0, key=12346).double()
+    other = kernel.normals(n, row=0, key=12346).double()
     assert abs((z * other).mean()) < 4 * se  # another key is another stream
-    assert torch.equal(kernel.normals(1000, 500, 7)[:10], kernel.normals(1010, 0, 7)[1000:1010])  # counter-based
+    assert abs((z * kernel.normals(n, row=1, key=12345).double()).mean()) < 4 * se  # another row
+    assert torch.equal(kernel.normals(1000, 9, 7), kernel.normals(1010, 9, 7)[:1000])  # counter-based
 
 
 def _pair(profile, overrides, inp=96, out=40):

@@ -85,6 +85,8 @@ def _build() -> ctypes.CDLL | None:
     lib.analogllm_read.argtypes = [vp, vp, i64, i64, i64, ctypes.c_int, vp, vp, f32, f32, ctypes.c_int, u64,
                                    f32, f32, f32, vp, vp, vp]
     lib.analogllm_read.restype = i64
+    lib.analogllm_dac.argtypes = [vp, vp, vp, i64, i64, i64, i64, vp, ctypes.c_int, f32, ctypes.c_int]
+    lib.analogllm_dac.restype = None
     lib.analogllm_normals.argtypes = [vp, i64, u64, u64]
     lib.analogllm_normals.restype = None
     return lib
@@ -113,14 +115,34 @@ def _key(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
 
 
-def normals(n: int, first_pair: int = 0, key: int = 0) -> torch.Tensor:
-    """n standard normals of the kernel's generator (pair counters from ``first_pair``)."""
+def normals(n: int, row: int = 0, key: int = 0) -> torch.Tensor:
+    """The first n standard normals of tile output row ``row`` under ``key``, as a read draws them."""
     lib = library()
     if lib is None:
         raise RuntimeError("the fused read kernel is not available (no C compiler, or ANALOGLLM_KERNEL=0)")
     out = torch.empty(n)
-    lib.analogllm_normals(out.data_ptr(), n, first_pair, key)
+    lib.analogllm_normals(out.data_ptr(), n, row, key)
     return out
+
+
+def _threads(rows: int) -> int:
+    return max(1, min(torch.get_num_threads(), rows // _ROWS_PER_THREAD))
+
+
+def dac(x: torch.Tensor, r: torch.Tensor, step: float | None, tiles: int, rows: int,
+        need_usq: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The DAC of a read for ``x`` (N, in): normalised, clipped, quantised inputs as (T, N, rows) tiles
+    (zero-padded), and Σ u² per tile and row (T, N) when ``need_usq``; eager ``_dac`` in one pass."""
+    lib = library()
+    assert lib is not None
+    x = x.detach().contiguous()
+    N, n_in = x.shape
+    r = r.detach().reshape(-1).contiguous()
+    u = torch.empty(N, tiles * rows, dtype=x.dtype)
+    usq = torch.empty(tiles, N, dtype=x.dtype) if need_usq else None
+    lib.analogllm_dac(x.data_ptr(), u.data_ptr(), None if usq is None else usq.data_ptr(), N, n_in, tiles, rows,
+                      r.data_ptr(), int(r.numel() > 1), step or 0.0, _threads(N))
+    return u.view(N, tiles, rows).transpose(0, 1), usq
 
 
 def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: torch.Tensor | None,
@@ -148,7 +170,7 @@ def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: 
     gate = torch.empty_like(y) if need_gate and (sat or adc is not None) else None
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     bound, step = adc if adc is not None else (0.0, 0.0)
-    threads = max(1, min(torch.get_num_threads(), N // _ROWS_PER_THREAD))
+    threads = _threads(N)
     clipped = lib.analogllm_read(ptr(y), ptr(out), T, N, O, threads, ptr(usq), ptr(rv), shot2, const_var, int(noise),
                                  key, sat or 0.0, bound, step, ptr(scale), ptr(bias), ptr(gate))
     if clipped < 0:

@@ -16,10 +16,13 @@ crossbar needs to map weights onto conductances). Two modes:
   drift, levels, mesh errors; see :mod:`analogllm.devices`) is computed once per (seed, time) and
   cached, so a forward costs one matmul plus the read noise, which is again sampled in output space.
 
-Tiling is one batched matmul over a (T, N, rows) view of the input, never a Python loop over tiles;
-the inputs are split evenly over ceil(in / tiling.rows) tiles. The whole chain is one autograd node
+Tiling is one batched matmul over a (T, N, rows) view of the input (on CPU, T multithreaded matmuls
+when the thread count does not divide T; see :func:`_tile_mm`); the inputs are split evenly over
+ceil(in / tiling.rows) tiles. The whole chain is one autograd node
 (:class:`_AnalogMVM`) that works in place and stores almost nothing for backward, and the Gaussian
-samples of a read are drawn on background threads while the matmul runs (:mod:`analogllm.nn.noise`).
+samples of a read are drawn on background threads while the matmul runs (:mod:`analogllm.nn.noise`),
+or, for chip reads on CPU, everything after the matmul runs in one pass of a fused kernel
+(:mod:`analogllm.nn.kernel`).
 """
 
 from __future__ import annotations
@@ -249,8 +252,7 @@ class _AnalogMVM(torch.autograd.Function):
         cfg = m.config
         training = chip is None
         quantize = cfg.training.quantize or not training
-        u = _dac(x, r, dac_levels(cfg.dac.bits) if quantize else None)
-        ut = m._tile_input(u)
+        step = dac_levels(cfg.dac.bits) if quantize else None
         bound = None
         if training:
             wn, scale, bound = m._training_weights(w)
@@ -258,10 +260,14 @@ class _AnalogMVM(torch.autograd.Function):
         else:
             wn, scale, gain = chip.weight[e], chip.scale[e], chip.gain
         fused = not training and _fusable(chip, wn)
-        noise = gaussian((m.tiles, x.shape[0], wn.shape[-1]), x) if _noisy(cfg, chip) and not fused else None
-        y = torch.mm(ut[0], wn[0]).unsqueeze(0) if m.tiles == 1 else torch.bmm(ut, wn)  # noise drawn meanwhile
         if fused:
-            out, gate = _fused_read(y, ut, cfg, chip, e, scale, r, gain, bias, need_grad)
+            ut, usq = kernel.dac(x, r, step, m.tiles, m.rows, need_usq=chip.read_var is not None)
+        else:
+            ut = m._tile_input(_dac(x, r, step))
+        noise = gaussian((m.tiles, x.shape[0], wn.shape[-1]), x) if _noisy(cfg, chip) and not fused else None
+        y = _tile_mm(ut, wn)  # the noise is drawn meanwhile
+        if fused:
+            out, gate = _fused_read(y, usq, cfg, chip, e, scale, r, gain, bias, need_grad)
         else:
             out, gate = _eager_read(y, ut, cfg, chip, e, scale, r, gain, bias, need_grad, quantize, noise)
         if need_grad:
@@ -286,7 +292,7 @@ class _AnalogMVM(torch.autograd.Function):
             grad_u = g.mm(w_eff)
         else:
             gt = g.unsqueeze(0) * gate
-            grad_u = m._untile_input(torch.bmm(gt, tiles))
+            grad_u = m._untile_input(_tile_mm(gt, tiles))
         grad_u = grad_u * rg
         xr = x / r
         inside = xr.abs() <= 1.0
@@ -302,11 +308,26 @@ class _AnalogMVM(torch.autograd.Function):
             if gt is None:
                 grad_w = g.t().mm(u)
             else:
-                grad_w = m._untile_weight(torch.bmm(gt.transpose(1, 2), m._tile_input(u)))
+                grad_w = m._untile_weight(_tile_mm(gt.transpose(1, 2), m._tile_input(u)))
             if bound is not None:
                 grad_w = grad_w * (w.abs() <= bound)
         grad_b = g.sum(0) if ctx.needs_input_grad[3] else None
         return grad_x, grad_w, grad_r, grad_b, None, None, None, None
+
+
+def _tile_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(T, N, K) @ (T, K, M) → (T, N, M), one product per tile. torch's CPU bmm hands whole tiles to
+    threads, so a tile count the threads do not divide leaves cores idle (3 tiles on 2 threads: 25 %
+    slower than three multithreaded mm); those run as T multithreaded mm into one buffer instead."""
+    tiles = a.shape[0]
+    if tiles == 1:
+        return torch.mm(a[0], b[0]).unsqueeze(0)
+    if a.device.type != "cpu" or tiles % torch.get_num_threads() == 0:
+        return torch.bmm(a, b)
+    out = torch.empty(tiles, a.shape[1], b.shape[2], dtype=a.dtype, device=a.device)
+    for t in range(tiles):
+        torch.mm(a[t], b[t], out=out[t])
+    return out
 
 
 def _dac(x: torch.Tensor, r: torch.Tensor, step: float | None) -> torch.Tensor:
@@ -352,14 +373,13 @@ def _fusable(chip: ChipState, wn: torch.Tensor) -> bool:
             and (chip.read_var is None or chip.read_var.shape[-2] == 1) and kernel.library() is not None)
 
 
-def _fused_read(y: torch.Tensor, ut: torch.Tensor, cfg: AnalogConfig, chip: ChipState, e: int,
+def _fused_read(y: torch.Tensor, usq: torch.Tensor | None, cfg: AnalogConfig, chip: ChipState, e: int,
                 scale: torch.Tensor, r: torch.Tensor, gain: float, bias: torch.Tensor | None,
                 need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`_eager_read` for a chip read as one pass of :func:`analogllm.nn.kernel.read`: the same
-    arithmetic and distributions, the kernel's own noise samples."""
-    usq = rv = None
-    if chip.read_var is not None:
-        usq, rv = ut.square().sum(-1), chip.read_var[e]
+    """:func:`_eager_read` for a chip read as one pass of :func:`analogllm.nn.kernel.read` (``usq``:
+    Σ u² per tile and row, from :func:`analogllm.nn.kernel.dac`): the same arithmetic and
+    distributions, the kernel's own noise samples."""
+    rv = None if chip.read_var is None else chip.read_var[e]
     shot2, const_var = cfg.device.output_var_terms()
     adc = None
     if cfg.adc.bits is not None:

@@ -8,11 +8,10 @@
  *     out[n, o] = Σ_t v · scale[t, o]  (+ bias[o])
  * which is what analogllm.nn.matrix does in eager torch with about ten passes over y.
  *
- * z is a standard normal from a counter-based generator: a 32-bit integer hash (two rounds of
- * "lowbias32", C. Wellons) of the pair counter (t·N + n)·ceil(O/2) + o/2 under a 64-bit key, turned
- * into two normals by Box-Muller with float polynomials for ln, sin and cos (abs. error < 1e-6). A
- * sample depends only on the key and its index, so any split of the rows over threads gives the same
- * numbers, and every loop is vectorisable.
+ * z is a standard normal from a counter-based generator: 32-bit integer hashes ("lowbias32",
+ * C. Wellons) of the row t·N + n and the pair o/2 under a 64-bit key, turned into two normals by
+ * Box-Muller with float polynomials for log2, sin and cos. A sample depends only on the key and its
+ * index, so any split of the rows over threads gives the same numbers, and every loop vectorises.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -30,49 +29,51 @@ static inline uint32_t mix32(uint32_t x) {
     return x;
 }
 
-/* ln(u), u in (0, 1]: exponent plus 2·atanh((m-1)/(m+1)) for the mantissa m in [√½, √2). */
-static inline float ln_unit(float u) {
-    uint32_t bits;
-    memcpy(&bits, &u, 4);
-    int32_t e = (int32_t)((bits >> 23) & 0xff) - 127;
-    bits = (bits & 0x007fffffU) | 0x3f800000U;
-    float m;
-    memcpy(&m, &bits, 4);
-    if (m > 1.41421356f) { m *= 0.5f; e += 1; }
-    float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
-    float p = 2.0f * s * (1.0f + s2 * (0.33333333f + s2 * (0.2f + s2 * (0.14285715f + s2 * 0.11111111f))));
-    return p + (float)e * 0.69314718f;
+/* log2(m) for m in [0.75, 1.5): m − 1 times a degree-7 polynomial, least-squares fitted on Chebyshev
+ * nodes (max abs. error 5e-8); no division, so it vectorises at full rate. */
+static inline float log2_near_one(float m) {
+    float f = m - 1.0f;
+    return f * (1.442696112f + f * (-0.7213507771f + f * (0.4807878595f + f * (-0.3603089630f
+           + f * (0.2911365041f + f * (-0.2517110152f + f * (0.1986008206f + f * -0.08797915244f)))))));
 }
 
-/* Two independent standard normals per pair counter, written to z[0..O). */
-static void normals(float* z, int64_t O, uint64_t first_pair, uint32_t k0, uint32_t k1, uint32_t k2) {
+/* The O standard normals of row `row` (a tile output row), two per pair counter p: a row key from the
+ * 64-bit row index, then h = mix(p ^ row key) and two further hashes give the uniforms u1, u2 of
+ * Box-Muller: r = √(−2 ln u1), angle 2π·u2 (quadrant from the top two bits, sin/cos polynomials on
+ * [0, π/2), abs. error < 2e-6). */
+static void normals(float* z, int64_t O, uint64_t row, uint32_t k0, uint32_t k1, uint32_t k2) {
     int64_t pairs = (O + 1) / 2;
-    float* zz = z;
+    uint32_t row_key = mix32(mix32((uint32_t)row ^ k0) + (uint32_t)(row >> 32));
     #pragma omp simd
     for (int64_t p = 0; p < pairs; p++) {
-        uint64_t i = first_pair + (uint64_t)p;
-        uint32_t h = mix32((uint32_t)i ^ mix32((uint32_t)(i >> 32) + k0));
+        uint32_t h = mix32((uint32_t)p ^ row_key);
         uint32_t a = mix32(h + k1), b = mix32(h ^ k2);
         float u1 = ((float)(a >> 8) + 0.5f) * (1.0f / 16777216.0f);
-        float r = sqrtf(-2.0f * ln_unit(u1));
-        /* angle 2π·b/2^32: quadrant from the top two bits, (π/2)·f from the rest */
+        uint32_t bits;
+        memcpy(&bits, &u1, 4);
+        int32_t e = (int32_t)((bits >> 23) & 0xff) - 127;
+        bits = (bits & 0x007fffffU) | 0x3f800000U;
+        float m;
+        memcpy(&m, &bits, 4);  /* u1 = m · 2^e, m in [1, 2) */
+        if (m >= 1.5f) { m *= 0.5f; e += 1; }
+        float r = sqrtf(-1.38629436f * (log2_near_one(m) + (float)e));  /* −2 ln u1 = −2 ln2 · log2 u1 */
         uint32_t q = b >> 30;
         float x = (float)(b & 0x3fffffffU) * (1.57079633f / 1073741824.0f), x2 = x * x;
         float s = x * (1.0f + x2 * (-1.6666667e-1f + x2 * (8.3333333e-3f + x2 * (-1.9841270e-4f + x2 * 2.7557319e-6f))));
         float c = 1.0f + x2 * (-0.5f + x2 * (4.1666667e-2f + x2 * (-1.3888889e-3f + x2 * (2.4801587e-5f - x2 * 2.7557319e-7f))));
         float cs = q == 0 ? c : q == 1 ? -s : q == 2 ? -c : s;
         float sn = q == 0 ? s : q == 1 ? c : q == 2 ? -s : -c;
-        zz[2 * p] = r * cs;
-        zz[2 * p + 1] = r * sn;
+        z[2 * p] = r * cs;
+        z[2 * p + 1] = r * sn;
     }
 }
 
-/* Fill out[0..n) with standard normals of pair counters first_pair.. (for tests and statistics). */
-void analogllm_normals(float* out, int64_t n, uint64_t first_pair, uint64_t key) {
+/* The n standard normals of row `row` under `key` (for tests and statistics). */
+void analogllm_normals(float* out, int64_t n, uint64_t row, uint64_t key) {
     uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32), k2 = mix32(k0 ^ 0x9e3779b9U) ^ k1;
     float* z = (float*)malloc(sizeof(float) * (size_t)(n + 1));
     if (!z) return;
-    normals(z, n, first_pair, k0, k1, k2);
+    normals(z, n, row, k0, k1, k2);
     memcpy(out, z, sizeof(float) * (size_t)n);
     free(z);
 }
@@ -148,7 +149,7 @@ int64_t analogllm_read(const float* y, float* out, int64_t T, int64_t N, int64_t
             const float* rvt = rv ? rv + t * O : zeros;
             float* gr = gate ? gate + (t * N + n) * O : NULL;
             float un = usq ? usq[t * N + n] : 0.0f;
-            if (noise) normals(z, O, (uint64_t)(t * N + n) * (uint64_t)pairs, k0, k1, k2);
+            if (noise) normals(z, O, (uint64_t)(t * N + n), k0, k1, k2);
             switch (mode) {
                 TILE_ROW(0) TILE_ROW(1) TILE_ROW(2) TILE_ROW(3) TILE_ROW(4) TILE_ROW(5) TILE_ROW(6) TILE_ROW(7)
                 TILE_ROW(8) TILE_ROW(9) TILE_ROW(10) TILE_ROW(11) TILE_ROW(12) TILE_ROW(13) TILE_ROW(14) TILE_ROW(15)
@@ -162,4 +163,31 @@ int64_t analogllm_read(const float* y, float* out, int64_t T, int64_t N, int64_t
     free(scratch);
     free(zeros);
     return clipped;
+}
+
+/* The DAC of a read: u = Q(clamp(x / r, ±1)) with Q rounding to multiples of `step` (none when step
+ * is 0), written zero-padded into (N, T·rows) so that it views as T input tiles, and usq[t, n] =
+ * Σ u² over tile t's rows (what the read-noise variance needs). r holds one range, or one per row. */
+void analogllm_dac(const float* x, float* u, float* usq, int64_t N, int64_t in, int64_t T, int64_t rows,
+                   const float* r, int r_per_row, float step, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const float* xr = x + n * in;
+        float* ur = u + n * T * rows;
+        float range = r[r_per_row ? n : 0];
+        for (int64_t t = 0; t < T; t++) {
+            int64_t lo = t * rows, hi = lo + rows < in ? lo + rows : in;
+            float sq = 0.0f;
+            #pragma omp simd reduction(+:sq)
+            for (int64_t i = lo; i < hi; i++) {
+                float v = xr[i] / range;
+                v = v < -1.0f ? -1.0f : v > 1.0f ? 1.0f : v;
+                if (step > 0.0f) v = rintf(v / step) * step;
+                ur[i] = v;
+                sq += v * v;
+            }
+            for (int64_t i = hi; i < lo + rows; i++) ur[i] = 0.0f;
+            if (usq) usq[t * N + n] = sq;
+        }
+    }
 }
