@@ -96,10 +96,12 @@ NOISY = {
 
 
 @needs_kernel
-@pytest.mark.parametrize("profile", sorted(NOISY))
+@pytest.mark.parametrize("profile", [*sorted(NOISY), "train"])
 def test_fused_read_noise_has_the_eager_statistics(profile, monkeypatch):
-    # one input row repeated 4000 times: every row is an independent read of the same outputs
-    lin = _pair(profile, NOISY[profile])
+    # one input row repeated 4000 times: every row is an independent read of the same outputs; "train":
+    # hardware-aware training noise (weight noise as output noise σ_w‖u‖, plus output noise)
+    lin = _pair("pcm" if profile == "train" else profile, NOISY.get(profile, NOISY["pcm"]))
+    lin.train(profile == "train")
     x = torch.randn(1, 96).expand(4000, 96).contiguous()
     with torch.no_grad():
         y_fused, _ = _read(lin, x, monkeypatch, fused=True)

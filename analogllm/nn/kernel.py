@@ -169,10 +169,10 @@ def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: 
     out = torch.empty(N, O, dtype=y.dtype)
     gate = torch.empty_like(y) if need_gate and (sat or adc is not None) else None
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    bound, step = adc if adc is not None else (0.0, 0.0)
+    bound, inv_step = (adc[0], 1.0 / adc[1]) if adc is not None else (0.0, 0.0)
     threads = _threads(N)
     clipped = lib.analogllm_read(ptr(y), ptr(out), T, N, O, threads, ptr(usq), ptr(rv), shot2, const_var, int(noise),
-                                 key, sat or 0.0, bound, step, ptr(scale), ptr(bias), ptr(gate))
+                                 key, sat or 0.0, bound, inv_step, ptr(scale), ptr(bias), ptr(gate))
     if clipped < 0:
         raise MemoryError("the fused read kernel could not allocate its scratch rows")
     if gate is not None and not sat and clipped == 0:

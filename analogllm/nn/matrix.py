@@ -259,15 +259,16 @@ class _AnalogMVM(torch.autograd.Function):
             gain = 1.0
         else:
             wn, scale, gain = chip.weight[e], chip.scale[e], chip.gain
-        fused = not training and _fusable(chip, wn)
+        fused = _fusable(chip, wn)
         if fused:
-            ut, usq = kernel.dac(x, r, step, m.tiles, m.rows, need_usq=chip.read_var is not None)
+            need_usq = cfg.training.weight_noise > 0 if training else chip.read_var is not None
+            ut, usq = kernel.dac(x, r, step, m.tiles, m.rows, need_usq=need_usq)
         else:
             ut = m._tile_input(_dac(x, r, step))
         noise = gaussian((m.tiles, x.shape[0], wn.shape[-1]), x) if _noisy(cfg, chip) and not fused else None
         y = _tile_mm(ut, wn)  # the noise is drawn meanwhile
         if fused:
-            out, gate = _fused_read(y, usq, cfg, chip, e, scale, r, gain, bias, need_grad)
+            out, gate = _fused_read(y, usq, cfg, chip, e, scale, r, gain, bias, need_grad, quantize)
         else:
             out, gate = _eager_read(y, ut, cfg, chip, e, scale, r, gain, bias, need_grad, quantize, noise)
         if need_grad:
@@ -365,30 +366,37 @@ def _eager_read(y: torch.Tensor, ut: torch.Tensor, cfg: AnalogConfig, chip: Chip
     return out, gate
 
 
-def _fusable(chip: ChipState, wn: torch.Tensor) -> bool:
-    """Whether a chip read can run on the fused CPU kernel: float32 on CPU with per-column read noise
-    (the exact per-device read noise stays eager). Every such read does, with or without autograd,
-    so a seed gives the same noise in eval and in training through the chip."""
+def _fusable(chip: ChipState | None, wn: torch.Tensor) -> bool:
+    """Whether a read can run on the fused CPU kernel: float32 on CPU and, on the chip, per-column read
+    noise (the exact per-device read noise stays eager). Every such read does, with or without
+    autograd, so a seed gives the same noise in eval and in training through the chip."""
     return (wn.device.type == "cpu" and wn.dtype == torch.float32
-            and (chip.read_var is None or chip.read_var.shape[-2] == 1) and kernel.library() is not None)
+            and (chip is None or chip.read_var is None or chip.read_var.shape[-2] == 1)
+            and kernel.library() is not None)
 
 
-def _fused_read(y: torch.Tensor, usq: torch.Tensor | None, cfg: AnalogConfig, chip: ChipState, e: int,
+def _fused_read(y: torch.Tensor, usq: torch.Tensor | None, cfg: AnalogConfig, chip: ChipState | None, e: int,
                 scale: torch.Tensor, r: torch.Tensor, gain: float, bias: torch.Tensor | None,
-                need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`_eager_read` for a chip read as one pass of :func:`analogllm.nn.kernel.read` (``usq``:
-    Σ u² per tile and row, from :func:`analogllm.nn.kernel.dac`): the same arithmetic and
-    distributions, the kernel's own noise samples."""
-    rv = None if chip.read_var is None else chip.read_var[e]
-    shot2, const_var = cfg.device.output_var_terms()
+                need_grad: bool, quantize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_eager_read` as one pass of :func:`analogllm.nn.kernel.read` (``usq``: Σ u² per tile and
+    row, from :func:`analogllm.nn.kernel.dac`): the same arithmetic and distributions, the kernel's own
+    noise samples. Training noise is the same read with σ_w² as every column's read variance."""
+    if chip is None:
+        sw = cfg.training.weight_noise
+        rv = torch.full((y.shape[0], y.shape[-1]), sw**2, dtype=y.dtype) if sw > 0 else None
+        shot2, const_var = 0.0, cfg.training.output_noise**2
+    else:
+        rv = None if chip.read_var is None else chip.read_var[e]
+        shot2, const_var = cfg.device.output_var_terms()
+        const_var += cfg.output.noise**2
     adc = None
-    if cfg.adc.bits is not None:
+    if cfg.adc.bits is not None and quantize:
         adc = (cfg.adc.bound, adc_step(cfg.adc.bits, cfg.adc.bound))
         scale = scale * adc[1]
     row_range = r.dim() > 0 and r.numel() > 1
     if not row_range:
         scale = scale * (r.detach() * gain)
-    out, gate = kernel.read(y, scale, usq=usq, rv=rv, shot2=shot2, const_var=const_var + cfg.output.noise**2,
+    out, gate = kernel.read(y, scale.detach(), usq=usq, rv=rv, shot2=shot2, const_var=const_var,
                             sat=cfg.output.saturation if cfg.output.nonlinearity == "tanh" else None, adc=adc,
                             bias=None if row_range else bias, need_gate=need_grad)
     if row_range:
@@ -454,5 +462,5 @@ def _converters(y: torch.Tensor, cfg: AnalogConfig, quantize: bool, need_grad: b
             inside = y.abs() <= adc.bound
             gate = inside if gate is None else gate.mul_(inside)
         y.clamp_(-adc.bound, adc.bound)
-    y.div_(adc_step(adc.bits, adc.bound)).round_()
+    y.mul_(1.0 / adc_step(adc.bits, adc.bound)).round_()  # × 1/step: as the fused kernel, bit for bit
     return gate

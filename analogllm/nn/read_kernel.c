@@ -4,7 +4,7 @@
  *     v   = y[t, n, o]                                   matmul result, normalised units
  *     v  += z · sqrt(usq[t, n] · rv[t, o] + shot2 · |v| + c)   read, detector and output noise
  *     v   = sat · tanh(v / sat)                          optional output nonlinearity
- *     v   = round(clamp(v, ±bound) / step)               optional ADC (codes)
+ *     v   = round(clamp(v, ±bound) · (1/step))           optional ADC (codes)
  *     out[n, o] = Σ_t v · scale[t, o]  (+ bias[o])
  * which is what analogllm.nn.matrix does in eager torch with about ten passes over y.
  *
@@ -98,7 +98,7 @@ static inline float tanh_poly(float x) {
 static inline __attribute__((always_inline)) int64_t tile_row(
         const float* restrict yr, float* restrict acc, const float* restrict sc, const float* restrict rvt,
         const float* restrict z, float* restrict gr, int64_t O, float un, float shot2, float c,
-        float sat, float bound, float step, const int noise, const int saturate, const int adc, const int gate) {
+        float sat, float bound, float inv_step, const int noise, const int saturate, const int adc, const int gate) {
     int64_t clipped = 0;
     #pragma omp simd reduction(+:clipped)
     for (int64_t o = 0; o < O; o++) {
@@ -113,7 +113,7 @@ static inline __attribute__((always_inline)) int64_t tile_row(
             int outside = v < -bound || v > bound;
             clipped += outside;
             g = outside ? 0.0f : g;
-            v = rintf((v < -bound ? -bound : v > bound ? bound : v) / step);
+            v = rintf((v < -bound ? -bound : v > bound ? bound : v) * inv_step);
         }
         if (gate) gr[o] = g;
         acc[o] += v * sc[o];
@@ -121,7 +121,7 @@ static inline __attribute__((always_inline)) int64_t tile_row(
     return clipped;
 }
 
-#define TILE_ROW(k) case k: clipped += tile_row(yr, acc, sc, rvt, z, gr, O, un, shot2, c, sat, bound, step, \
+#define TILE_ROW(k) case k: clipped += tile_row(yr, acc, sc, rvt, z, gr, O, un, shot2, c, sat, bound, inv_step, \
                                                 (k >> 3) & 1, (k >> 2) & 1, (k >> 1) & 1, k & 1); break;
 
 /* Returns the number of outputs the ADC clipped, or -1 when scratch rows could not be allocated.
@@ -131,10 +131,10 @@ static inline __attribute__((always_inline)) int64_t tile_row(
  * threads are still hot from the matmul that produced y. */
 int64_t analogllm_read(const float* y, float* out, int64_t T, int64_t N, int64_t O, int threads,
                        const float* usq, const float* rv, float shot2, float c, int noise, uint64_t key,
-                       float sat, float bound, float step, const float* scale, const float* bias, float* gate) {
+                       float sat, float bound, float inv_step, const float* scale, const float* bias, float* gate) {
     uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32), k2 = mix32(k0 ^ 0x9e3779b9U) ^ k1;
     int64_t pairs = (O + 1) / 2, clipped = 0;
-    int mode = (noise ? 8 : 0) | (sat > 0.0f ? 4 : 0) | (step > 0.0f ? 2 : 0) | (gate ? 1 : 0);
+    int mode = (noise ? 8 : 0) | (sat > 0.0f ? 4 : 0) | (inv_step > 0.0f ? 2 : 0) | (gate ? 1 : 0);
     float* scratch = (float*)malloc(sizeof(float) * (size_t)(2 * pairs) * (size_t)threads);
     float* zeros = (float*)calloc((size_t)O, sizeof(float));
     if (!scratch || !zeros) { free(scratch); free(zeros); return -1; }
