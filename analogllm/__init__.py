@@ -7,9 +7,10 @@ The public API is small::
     al.analogize_(model, cfg)          # every matmul goes through the analogue path
     al.program_(model, seed=0)         # sample one chip instance
     al.drift_(model, seconds=86400)    # age it by a day
+    al.deploy_(model, seed=0)          # or: keep only the chip (frees the digital weights)
 """
 
-from analogllm.chip import chip_info, drift_, program_
+from analogllm.chip import chip_info, deploy_, drift_, program_
 from analogllm.config import AnalogConfig, device_names, profile_names
 from analogllm.convert import ConversionReport, analog_matrices, analogize_, register_adapter
 from analogllm.export import export, load_map, verify
@@ -20,7 +21,7 @@ convert = analogize_
 
 __all__ = [
     "AnalogConfig", "AnalogConv1D", "AnalogLinear", "ConfigError", "ConversionReport", "analog_matrices",
-    "analogize_", "chip_info", "convert", "device_names", "drift_", "export", "load_map", "profile_names", "program_",
+    "analogize_", "chip_info", "convert", "deploy_", "device_names", "drift_", "export", "load_map", "profile_names", "program_",
     "register_adapter", "verify",
 ]
 __version__ = "0.1.0"

@@ -43,6 +43,28 @@ def drift_(model: nn.Module, seconds: float) -> nn.Module:
     return model
 
 
+def deploy_(model: nn.Module, seed: int = 0, seconds: float = 0.0) -> nn.Module:
+    """Program ``model`` onto chip instance ``seed`` at ``seconds`` and keep only the chip: each layer's
+    digital weight is freed right after its chip is realised, so the model holds one copy of every
+    analogue weight (the chip's) and peak memory stays near the digital model's. This is a deployed
+    chip that is only read: eval, generation and LoRA adapters trained by backprop through the chip
+    work; training the base, reprogramming, drift, export, saving and physics-aware training (whose
+    backward needs the digital twin) raise. Set the DAC ranges (``calibrate_``) before, if data-initialised."""
+    _require_analog(model)
+    if model.analog_config.is_identity:
+        raise ValueError("the ideal profile computes with the digital weights themselves: nothing to deploy")
+    for _, matrix, weight in analog_matrices(model):
+        if not matrix.deployed:
+            matrix.program(weight, seed, seconds)
+            matrix.release(weight)
+    return model
+
+
+def deployed(model: nn.Module) -> bool:
+    """Whether ``deploy_`` freed this model's digital weights."""
+    return any(matrix.deployed for _, matrix, _ in analog_matrices(model))
+
+
 @torch.no_grad()
 def calibrate_(model: nn.Module, input_ids: torch.Tensor, seed: int | None = None) -> nn.Module:
     """Set the chip's unset data-initialised DAC ranges from one eval forward on ``input_ids``, as

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from analogllm.chip import chip_info, program_
+from analogllm.chip import chip_info, deployed, program_
 from analogllm.config import AnalogConfig
 from analogllm.convert import analogize_
 from analogllm.fileio import atomic_dir
@@ -52,6 +52,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
     config: AnalogConfig | None = getattr(model, "analog_config", None)
     if config is None:
         raise ValueError("model is not analogue: call analogllm.analogize_(model, config) first")
+    if deployed(model):
+        raise ValueError("this model was deployed with analogllm.deploy_ and holds no digital weights to save; "
+                         "save it before deploying (the chip is reproduced from its seed and drift time)")
     path = Path(path)
     with atomic_dir(path) as tmp:
         digital, analog = split_state_dict(model)

@@ -11,12 +11,16 @@ Reports, for a batch of ``--batch`` × ``--block`` tokens of the built-in corpus
   analogue model in ``train()`` mode with its training noise, the same parameters trainable in both
   (embeddings, norms and the LM head frozen, as in the HWA recipes);
 * peak memory of each mode, measured in a fresh process per mode: peak resident set size (or
-  ``torch.cuda.max_memory_allocated`` on GPU) during the steps.
+  ``torch.cuda.max_memory_allocated`` on GPU) over programming and two steps, after loading (the
+  weights copied out of the checkpoint's memory map first, in every mode); analogue eval once with
+  the digital weights kept (``program_``: the model can still reprogram, drift, train and export) and
+  once deployed (``deploy_``: only the chip is kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -35,7 +39,8 @@ from analogllm.data import token_blocks  # noqa: E402
 from analogllm.models import load_model  # noqa: E402
 from analogllm.train.hwa import clamp_weights_, freeze_  # noqa: E402
 
-MODES = ["digital-eval", "analog-eval", "digital-train", "analog-train"]
+DAY = 86400.0
+MODES = ["digital-eval", "analog-eval", "analog-deployed", "digital-train", "analog-train"]
 
 
 def _default_model() -> str:
@@ -99,7 +104,19 @@ def _memory_worker(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     analog = args.worker.startswith("analog")
     model, ids = _build(args, analog, device)
-    if args.worker.endswith("eval"):
+    if device.type == "cpu":
+        # Weights loaded from a checkpoint are pages of its memory map until copied: count what each mode
+        # holds, not which file pages it touched. Same for every mode; the peak restarts after loading.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.clone()
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+    if args.worker == "analog-eval":
+        al.program_(model, seed=0, seconds=DAY)
+    elif args.worker == "analog-deployed":
+        al.deploy_(model, seed=0, seconds=DAY)  # frees each digital weight once its chip is realised
+    if not args.worker.endswith("train"):
         step = _eval_step(model, ids)
     else:
         step = _train_step(model, ids, analog)
@@ -146,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     digital, ids = _build(args, False, device)
     analog, _ = _build(args, True, device)
     t0 = time.perf_counter()
-    al.program_(analog, seed=0, seconds=86400.0)
+    al.program_(analog, seed=0, seconds=DAY)
     analog.eval()
     with torch.no_grad():
         analog(ids[:1])  # realises every layer's chip instance
@@ -177,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         ["train step (s)", f"{train_s['digital']:.2f}", f"{train_s['analog']:.2f}",
          f"{train_s['analog'] / train_s['digital']:.2f}x"],
         ["peak memory, eval (MiB)", mib("digital-eval"), mib("analog-eval"), ratio("analog-eval", "digital-eval")],
+        ["peak memory, eval deployed (MiB)", mib("digital-eval"), mib("analog-deployed"),
+         ratio("analog-deployed", "digital-eval")],
         ["peak memory, train (MiB)", mib("digital-train"), mib("analog-train"), ratio("analog-train", "digital-train")],
     ]
     print()

@@ -89,6 +89,7 @@ class AnalogMatrix(nn.Module):
         self.seconds = 0.0
         self.seed: int | None = None
         self._chip: ChipState | None = None
+        self.deployed = False  # the digital weight was freed: only the cached chip remains (see release)
         shape = (experts,) if experts else ()
         init = config.dac.init_range or 0.0
         if config.dac.range == "learned":
@@ -160,6 +161,7 @@ class AnalogMatrix(nn.Module):
         """(..., out, in) → tiles normalised per tile column to [-1, 1], (..., T, out, rows), and their
         scales (..., T, out, 1): what the arrays hold and what is multiplied back after the ADC. The
         exporter uses this very function, so a map's targets are the layer's bit for bit."""
+        self._require_digital()
         wt = self._tile_weight(weight)
         scale = wt.abs().amax(-1, keepdim=True).clamp(min=_EPS)
         return wt / scale, scale
@@ -175,6 +177,9 @@ class AnalogMatrix(nn.Module):
     def chip(self, weight: torch.Tensor) -> ChipState:
         """The cached chip state; (re)programmed when missing or when the weight changed in place
         (e.g. after an optimiser step), keeping the chip's seed and drift time."""
+        if self.deployed:
+            assert self._chip is not None
+            return self._chip
         if self._chip is None or self._chip.version != (weight._version, weight.data_ptr()):
             self.program(weight, self.config.seed if self.seed is None else self.seed, self.seconds)
         assert self._chip is not None
@@ -218,6 +223,24 @@ class AnalogMatrix(nn.Module):
         chip = self.chip(weight)
         w = self._untile_weight((chip.weight * chip.scale).transpose(-1, -2)) * chip.gain
         return w if weight.dim() == 3 else w[0]
+
+    @torch.no_grad()
+    def release(self, weight: torch.Tensor) -> None:
+        """Keep only the chip: program it if it never was, then free ``weight``'s storage (the owner's
+        parameter keeps its shape, dtype and device as a one-element broadcast view). Reads need only
+        the cached chip; everything that needs the digital weight raises afterwards."""
+        if self.config.is_identity:
+            raise ValueError("the ideal profile computes with the digital weights themselves: nothing to release")
+        self.chip(weight)
+        param = weight if weight._base is None else weight._base
+        param.data = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
+        self.deployed = True
+
+    def _require_digital(self) -> None:
+        if self.deployed:
+            raise RuntimeError(
+                f"analogue layer {self.layer_id} was deployed with analogllm.deploy_: its digital weights were freed, "
+                "so it can only read its chip. Reload the model to train, reprogram, drift, export or save it.")
 
     def drop_chip(self) -> None:
         """Forget the cached chip state (it is recomputed on the next eval forward)."""

@@ -30,6 +30,7 @@ class AnalogWeight(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.analog.realised_weight(weight)
+        self.analog._require_digital()
         tr = self.analog.config.training
         bound = clip_bound(weight, tr.clip_sigma)
         if bound is not None:

@@ -160,6 +160,9 @@ class HardwareSession:
 def on_hardware(model: nn.Module, backend: HardwareBackend | None = None) -> Iterator[HardwareSession]:
     """Run every analogue 2-D layer of ``model`` on ``backend`` (default: :class:`SimulatedChip`), with
     the twin's VJP as backward. Programs every layer on entry; restores the layers' forwards on exit."""
+    if any(m.analog.deployed for m in hardware_layers(model).values()):
+        raise ValueError("physics-aware training needs the digital twin's weights, which analogllm.deploy_ freed; "
+                         "attach the adapters to a model programmed with program_ instead")
     backend = SimulatedChip(model) if backend is None else backend
     if not isinstance(backend, HardwareBackend):
         raise TypeError(f"{type(backend).__name__} is not a HardwareBackend: it needs program(name, weight) "

@@ -1,0 +1,86 @@
+"""deploy_: a model that keeps only its chip reads exactly like the programmed one, holds no digital
+analogue weights, and refuses everything that would need them."""
+
+import pytest
+import torch
+
+import analogllm as al
+from analogllm.chip import calibrate_
+from analogllm.data import token_blocks
+from analogllm.models import load_model
+from analogllm.persistence import save_pretrained
+from analogllm.train import lora
+from analogllm.train.pat import on_hardware
+
+DAY = 86400.0
+
+
+def _calibrated(name="tiny-llama", profile="pcm"):
+    model, tok = load_model(name)
+    al.analogize_(model, al.AnalogConfig.from_profile(profile))
+    ids = token_blocks(tok, block_size=32, split="validation", max_blocks=4)
+    calibrate_(model, ids[:2], seed=0)
+    return model, ids
+
+
+def _logits(model, ids):
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)  # the same read noise
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_deployed_model_reads_like_the_programmed_one_and_holds_only_the_chip(name):
+    model, ids = _calibrated(name)
+    al.program_(model, seed=3, seconds=DAY)
+    reference = _logits(model, ids)
+    digital_bytes = sum(w.untyped_storage().nbytes() for _, _, w in al.analog_matrices(model))
+    al.deploy_(model, seed=3, seconds=DAY)
+    assert torch.equal(_logits(model, ids), reference)
+    for _, matrix, weight in al.analog_matrices(model):
+        assert matrix.deployed
+        assert weight.untyped_storage().nbytes() <= weight.element_size()  # storage freed, shape kept
+        assert weight.shape == (matrix._chip.scale.shape[-1], matrix.in_features) or weight.dim() == 3
+    assert digital_bytes > 100_000
+    assert al.chip_info(model) == {"seed": 3, "seconds": DAY}
+
+
+def test_deployed_chip_still_trains_adapters_by_backprop():
+    model, ids = _calibrated()
+    al.deploy_(model, seed=0, seconds=DAY)
+    peft_model = lora.attach_lora(model)
+    peft_model.train()
+    loss = peft_model(input_ids=ids[:2], labels=ids[:2]).loss
+    loss.backward()
+    grads = [p.grad for _, p in lora.adapter_parameters(peft_model)]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_everything_that_needs_the_digital_weights_refuses(tmp_path):
+    model, ids = _calibrated()
+    al.deploy_(model, seed=0)
+    for call in (lambda: al.drift_(model, DAY), lambda: al.program_(model, seed=1)):
+        with pytest.raises(RuntimeError, match="deploy_"):
+            call()
+    model.train()
+    with pytest.raises(RuntimeError, match="digital weights were freed"):
+        model(ids[:1])
+    model.eval()
+    with pytest.raises(ValueError, match="deploy_"):
+        save_pretrained(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.raises(RuntimeError, match="deploy_"):
+        al.export(model, tmp_path / "map", target="crossbar")
+    assert not (tmp_path / "map").exists()
+    peft_model = lora.attach_lora(model)
+    with pytest.raises(ValueError, match="digital twin"):
+        with on_hardware(peft_model):
+            pass
+
+
+def test_ideal_profile_has_nothing_to_deploy():
+    model, _ = load_model("tiny-llama")
+    al.analogize_(model, al.AnalogConfig.from_profile("ideal"))
+    with pytest.raises(ValueError, match="nothing to deploy"):
+        al.deploy_(model)
