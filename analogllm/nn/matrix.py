@@ -370,11 +370,7 @@ def _eager_read(y: torch.Tensor, ut: torch.Tensor, cfg: AnalogConfig, chip: Chip
     if noise is not None:
         _add_noise(y, ut, cfg, chip, e, noise.wait())
     gate = _converters(y, cfg, quantize, need_grad)
-    if cfg.adc.bits is not None and quantize:
-        scale = scale * adc_step(cfg.adc.bits, cfg.adc.bound)  # y holds ADC codes
-    row_range = r.dim() > 0 and r.numel() > 1  # dynamic: one range per input row
-    if not row_range:
-        scale = scale * (r * gain)
+    scale, row_range = _output_scale(cfg, scale, r, gain, quantize)
     if y.shape[0] > 1:
         out = y.mul_(scale).sum(0)
     elif bias is not None and not row_range:
@@ -387,6 +383,19 @@ def _eager_read(y: torch.Tensor, ut: torch.Tensor, cfg: AnalogConfig, chip: Chip
     if bias is not None:
         out.add_(bias)
     return out, gate
+
+
+def _output_scale(cfg: AnalogConfig, scale: torch.Tensor, r: torch.Tensor, gain: float,
+                  quantize: bool) -> tuple[torch.Tensor, bool]:
+    """The per tile-column multiplier after the ADC: tile scale × ADC step (the outputs are codes) ×
+    DAC range × gain, and whether the range is per input row (dynamic), in which case it multiplies the
+    summed output instead."""
+    if cfg.adc.bits is not None and quantize:
+        scale = scale * adc_step(cfg.adc.bits, cfg.adc.bound)
+    row_range = r.dim() > 0 and r.numel() > 1
+    if not row_range:
+        scale = scale * (r.detach() * gain)
+    return scale, row_range
 
 
 def _fusable(chip: ChipState | None, wn: torch.Tensor) -> bool:
@@ -412,13 +421,8 @@ def _fused_read(y: torch.Tensor, usq: torch.Tensor | None, cfg: AnalogConfig, ch
         rv = None if chip.read_var is None else chip.read_var[e]
         shot2, const_var = cfg.device.output_var_terms()
         const_var += cfg.output.noise**2
-    adc = None
-    if cfg.adc.bits is not None and quantize:
-        adc = (cfg.adc.bound, adc_step(cfg.adc.bits, cfg.adc.bound))
-        scale = scale * adc[1]
-    row_range = r.dim() > 0 and r.numel() > 1
-    if not row_range:
-        scale = scale * (r.detach() * gain)
+    adc = (cfg.adc.bound, adc_step(cfg.adc.bits, cfg.adc.bound)) if cfg.adc.bits is not None and quantize else None
+    scale, row_range = _output_scale(cfg, scale, r, gain, quantize)
     out, gate = kernel.read(y, scale.detach(), usq=usq, rv=rv, shot2=shot2, const_var=const_var,
                             sat=cfg.output.saturation if cfg.output.nonlinearity == "tanh" else None, adc=adc,
                             bias=None if row_range else bias, need_gate=need_grad)
