@@ -1,6 +1,6 @@
 /* One analogue read after the matmul, fused into a single pass over the tile outputs (CPU).
  *
- * For every output row n (rows n0..n1 of this call) and tile t:
+ * For every output row n and tile t:
  *     v   = y[t, n, o]                                   matmul result, normalised units
  *     v  += z · sqrt(usq[t, n] · rv[t, o] + shot2 · |v| + c)   read, detector and output noise
  *     v   = sat · tanh(v / sat)                          optional output nonlinearity

@@ -148,6 +148,9 @@ class HardwareSession:
             return self.backend.matmul(name, flat).reshape(*inp.shape[:-1], weight.shape[0]).to(inp.dtype)
 
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            if module.analog.deployed:
+                raise ValueError("physics-aware training needs the digital twin's weights, which analogllm.deploy_ "
+                                 "freed; train by backprop or zeroth-order, or use a model programmed with program_")
             y = _HardwareMatmul.apply(x, weight, run)
         else:
             with torch.no_grad():
@@ -160,9 +163,9 @@ class HardwareSession:
 def on_hardware(model: nn.Module, backend: HardwareBackend | None = None) -> Iterator[HardwareSession]:
     """Run every analogue 2-D layer of ``model`` on ``backend`` (default: :class:`SimulatedChip`), with
     the twin's VJP as backward. Programs every layer on entry; restores the layers' forwards on exit."""
-    if any(m.analog.deployed for m in hardware_layers(model).values()):
-        raise ValueError("physics-aware training needs the digital twin's weights, which analogllm.deploy_ freed; "
-                         "attach the adapters to a model programmed with program_ instead")
+    if backend is not None and any(m.analog.deployed for m in hardware_layers(model).values()):
+        raise ValueError("analogllm.deploy_ freed this model's digital weights, so there is nothing to program into "
+                         f"{type(backend).__name__}; use a model programmed with program_")
     backend = SimulatedChip(model) if backend is None else backend
     if not isinstance(backend, HardwareBackend):
         raise TypeError(f"{type(backend).__name__} is not a HardwareBackend: it needs program(name, weight) "
