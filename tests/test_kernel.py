@@ -13,10 +13,17 @@ from analogllm.nn.linear import AnalogLinear
 needs_kernel = pytest.mark.skipif(kernel.library() is None, reason="no C compiler: reads run on the torch path")
 
 
-def test_kernel_is_built_wherever_a_compiler_is():
+def test_kernel_is_built_wherever_a_compiler_is(tmp_path, monkeypatch):
     if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
         pytest.skip("no C compiler on this machine")
     assert kernel.library() is not None
+    monkeypatch.setenv("ANALOGLLM_CACHE", str(tmp_path))  # a fresh build into an empty cache
+    lib = kernel._build()
+    built = list((tmp_path / "kernels").iterdir())
+    assert lib is not None and len(built) == 1 and built[0].name.startswith("read-")  # no temp file left
+    z = torch.empty(8)
+    lib.analogllm_normals(z.data_ptr(), 8, 3, 5)
+    assert torch.equal(z, kernel.normals(8, row=3, key=5))
 
 
 @needs_kernel
