@@ -51,12 +51,9 @@ def deploy_(model: nn.Module, seed: int = 0, seconds: float = 0.0) -> nn.Module:
     work; training the base, reprogramming, drift, export, saving and physics-aware training (whose
     backward needs the digital twin) raise. Set the DAC ranges (``calibrate_``) before, if data-initialised."""
     _require_analog(model)
-    if model.analog_config.is_identity:
-        raise ValueError("the ideal profile computes with the digital weights themselves: nothing to deploy")
     for _, matrix, weight in analog_matrices(model):
         if not matrix.deployed:
-            matrix.program(weight, seed, seconds)
-            matrix.release(weight)
+            matrix.release(weight, seed, seconds)
     return model
 
 

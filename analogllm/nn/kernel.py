@@ -108,10 +108,6 @@ def library() -> ctypes.CDLL | None:
     return _lib or None
 
 
-def _key(generator: torch.Generator | None) -> int:
-    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
-
-
 def normals(n: int, row: int = 0, key: int = 0) -> torch.Tensor:
     """The first n standard normals of tile output row ``row`` under ``key``, as a read draws them."""
     lib = library()
@@ -144,15 +140,15 @@ def dac(x: torch.Tensor, r: torch.Tensor, step: float | None, tiles: int, rows: 
 
 def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: torch.Tensor | None,
          shot2: float, const_var: float, sat: float | None, adc: tuple[float, float] | None,
-         bias: torch.Tensor | None, need_gate: bool = False,
-         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+         bias: torch.Tensor | None, need_gate: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Σ_t ADC(nonlinearity(y_t + noise)) · scale_t (+ bias) for tile outputs ``y`` (T, N, O), and the
     straight-through gate (T, N, O) when ``need_gate`` and some output saturated or ``sat`` is set
     (None when it would be all ones, as in eager ``_converters``).
 
     scale (T, O): per tile-column multiplier after the ADC (step × tile scale × range × gain);
     usq (T, N) and rv (T, O): read-noise variance usq·rv; shot2: variance per unit |y| (detector shot
-    noise); const_var: output and thermal noise variance; adc: (bound, step) or None. All float32."""
+    noise); const_var: output and thermal noise variance; adc: (bound, step) or None. All float32. The
+    read's key comes from torch's global generator, so ``torch.manual_seed`` reproduces a read."""
     lib = library()
     assert lib is not None
     T, N, O = y.shape
@@ -162,7 +158,7 @@ def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: 
         usq, rv = usq.reshape(T, N).contiguous(), rv.reshape(T, O).contiguous()
     bias = None if bias is None else bias.detach().contiguous()
     noise = usq is not None or shot2 > 0 or const_var > 0
-    key = _key(generator) if noise else 0
+    key = int(torch.randint(0, 2**63 - 1, (1,)).item()) if noise else 0  # from the global RNG: seeds reproduce
     out = torch.empty(N, O, dtype=y.dtype)
     gate = torch.empty_like(y) if need_gate and (sat or adc is not None) else None
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731

@@ -225,13 +225,13 @@ class AnalogMatrix(nn.Module):
         return w if weight.dim() == 3 else w[0]
 
     @torch.no_grad()
-    def release(self, weight: torch.Tensor) -> None:
-        """Keep only the chip: program it if it never was, then free ``weight``'s storage (the owner's
+    def release(self, weight: torch.Tensor, seed: int, seconds: float) -> None:
+        """Program chip instance ``seed`` at ``seconds``, then free ``weight``'s storage (the owner's
         parameter keeps its shape, dtype and device as a one-element broadcast view). Reads need only
         the cached chip; everything that needs the digital weight raises afterwards."""
         if self.config.is_identity:
-            raise ValueError("the ideal profile computes with the digital weights themselves: nothing to release")
-        self.chip(weight)
+            raise ValueError("the ideal profile computes with the digital weights themselves: nothing to deploy")
+        self.program(weight, seed, seconds)
         param = weight if weight._base is None else weight._base
         param.data = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
         self.deployed = True
@@ -241,10 +241,6 @@ class AnalogMatrix(nn.Module):
             raise RuntimeError(
                 f"analogue layer {self.layer_id} was deployed with analogllm.deploy_: its digital weights were freed, "
                 "so it can only read its chip. Reload the model to train, reprogram, drift, export or save it.")
-
-    def drop_chip(self) -> None:
-        """Forget the cached chip state (it is recomputed on the next eval forward)."""
-        self._chip = None
 
 
 def _drift_compensation(ref: torch.Tensor, now: torch.Tensor, vectors: int) -> float:
