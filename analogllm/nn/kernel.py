@@ -101,7 +101,7 @@ def library() -> ctypes.CDLL | None:
     if _lib is None:
         try:
             _lib = _build() or False
-        except OSError as e:  # unwritable cache, unloadable library
+        except (OSError, RuntimeError) as e:  # unwritable cache or no home directory, unloadable library
             warnings.warn(f"analogllm: fused read kernel unavailable ({e}); reads use the torch path.",
                           RuntimeWarning, stacklevel=2)
             _lib = False
