@@ -34,6 +34,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from analogllm.chip import deployed
 from analogllm.nn.linear import AnalogConv1D, AnalogLinear
 
 _PEFT_PREFIX = "base_model.model."
@@ -163,7 +164,7 @@ class HardwareSession:
 def on_hardware(model: nn.Module, backend: HardwareBackend | None = None) -> Iterator[HardwareSession]:
     """Run every analogue 2-D layer of ``model`` on ``backend`` (default: :class:`SimulatedChip`), with
     the twin's VJP as backward. Programs every layer on entry; restores the layers' forwards on exit."""
-    if backend is not None and any(m.analog.deployed for m in hardware_layers(model).values()):
+    if backend is not None and deployed(model):
         raise ValueError("analogllm.deploy_ freed this model's digital weights, so there is nothing to program into "
                          f"{type(backend).__name__}; use a model programmed with program_")
     backend = SimulatedChip(model) if backend is None else backend
