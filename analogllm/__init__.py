@@ -12,16 +12,14 @@ The public API is small::
 
 from analogllm.chip import chip_info, deploy_, drift_, program_
 from analogllm.config import AnalogConfig, device_names, profile_names
-from analogllm.convert import ConversionReport, analog_matrices, analogize_, register_adapter
-from analogllm.export import export, load_map, verify
+from analogllm.nn.convert import ConversionReport, analog_matrices, analogize_, register_adapter
+from analogllm.export import export_map, load_map, verify_map
 from analogllm.nn.linear import AnalogConv1D, AnalogLinear
-from analogllm.schema import ConfigError
-
-convert = analogize_
+from analogllm.config.schema import ConfigError
 
 __all__ = [
     "AnalogConfig", "AnalogConv1D", "AnalogLinear", "ConfigError", "ConversionReport", "analog_matrices",
-    "analogize_", "chip_info", "convert", "deploy_", "device_names", "drift_", "export", "load_map", "profile_names", "program_",
-    "register_adapter", "verify",
+    "analogize_", "chip_info", "deploy_", "device_names", "drift_", "export_map", "load_map", "profile_names",
+    "program_", "register_adapter", "verify_map",
 ]
 __version__ = "0.1.0"

@@ -36,8 +36,8 @@ from benchlib import machine, markdown, round_robin  # noqa: E402
 
 import analogllm as al  # noqa: E402
 from analogllm.data import token_blocks  # noqa: E402
-from analogllm.models import load_model  # noqa: E402
-from analogllm.train.hwa import clamp_weights_, freeze_  # noqa: E402
+from analogllm.hf.models import load_model  # noqa: E402
+from analogllm.training.hwa import clamp_weights_, freeze_  # noqa: E402
 
 DAY = 86400.0
 MODES = ["digital-eval", "analog-eval", "analog-deployed", "digital-train", "analog-train"]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import analogllm as al
-from analogllm.schema import ConfigError
+from analogllm.config.schema import ConfigError
 
 
 @pytest.mark.parametrize("name", ["ideal", "pcm", "rram", "photonic"])

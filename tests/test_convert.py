@@ -6,7 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import analogllm as al
-from analogllm.models import TINY_MODELS, load_model
+from analogllm.hf.models import TINY_MODELS, load_model
 from analogllm.nn.matrix import AnalogMatrix
 
 FAMILIES = [n for n in TINY_MODELS]

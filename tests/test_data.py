@@ -18,7 +18,7 @@ from analogllm.data import (
     token_blocks,
     tokenizer_fingerprint,
 )
-from analogllm.models import builtin_tokenizer
+from analogllm.hf.models import builtin_tokenizer
 
 
 @pytest.fixture(autouse=True)

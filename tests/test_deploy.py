@@ -7,12 +7,12 @@ import torch
 import analogllm as al
 from analogllm.chip import calibrate_
 from analogllm.data import token_blocks
-from analogllm.models import load_model
-from analogllm.persistence import save_pretrained
-from analogllm.train import lora
-from analogllm.train.finetune import TrainSection, train_adapters
-from analogllm.train.pat import on_hardware
-from analogllm.train.zeroth_order import ZerothOrderConfig
+from analogllm.hf.models import load_model
+from analogllm.hf.checkpoint import save_pretrained
+from analogllm.tuners import lora
+from analogllm.training.finetune import TrainSection, train_adapters
+from analogllm.tuners.pat import on_hardware
+from analogllm.tuners.zeroth_order import ZerothOrderConfig
 
 DAY = 86400.0
 
@@ -74,7 +74,7 @@ def test_everything_that_needs_the_digital_weights_refuses(tmp_path):
         save_pretrained(model, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
     with pytest.raises(RuntimeError, match="deploy_"):
-        al.export(model, tmp_path / "map", target="crossbar")
+        al.export_map(model, tmp_path / "map", target="crossbar")
     assert not (tmp_path / "map").exists()
     peft_model = lora.attach_lora(model)
     peft_model.train()

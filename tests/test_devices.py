@@ -130,7 +130,7 @@ def test_pcm_reference_is_the_same_instance_read_at_programming_time():
 
 def test_chip_noise_streams_do_not_depend_on_the_thread_count():
     # a saved chip seed must give the same chip on any machine: the parallel streams are cut by size only
-    from analogllm.nn.noise import gaussian
+    from analogllm.ops.noise import gaussian
 
     like = torch.empty(0)
     threads = torch.get_num_threads()

@@ -14,8 +14,8 @@ from analogllm.cli import main
 from analogllm.eval.perplexity import LMScore, evaluate_lm
 from analogllm.eval.report import EvalReport, format_perplexity, format_seconds, write_report
 from analogllm.eval.sweep import ChipScore, Series, drift_sweep
-from analogllm.models import load_model
-from analogllm.train.config import DRIFT_TIMES
+from analogllm.hf.models import load_model
+from analogllm.training.config import DRIFT_TIMES
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

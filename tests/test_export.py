@@ -14,10 +14,10 @@ import analogllm as al
 from analogllm.cli import main
 from analogllm.data import token_blocks
 from analogllm.devices.conductance import weight_to_pair
-from analogllm.export import FORMAT_VERSION, MapError, export, load_map, verify
+from analogllm.export import FORMAT_VERSION, MapError, export_map, load_map, verify_map
 from analogllm.export.manifest import analog_layers, scale_per_input, sha256_file
-from analogllm.models import load_model
-from analogllm.persistence import save_pretrained
+from analogllm.hf.models import load_model
+from analogllm.hf.checkpoint import save_pretrained
 
 
 def analog_model(name: str, profile: str, seed: int = 3, seconds: float = 0.0, **overrides):
@@ -53,7 +53,7 @@ def rewrite(amap_dir: Path, layer_name: str, arrays: dict[str, torch.Tensor]) ->
 def test_crossbar_map_reproduces_weights_within_quantization_step(tmp_path, profile):
     # 48-row / 40-column tiles on 64-wide layers: partial tiles on both axes
     model, _ = analog_model("tiny-llama", profile, **{"tiling.rows": 48, "tiling.cols": 40})
-    amap = load_map(export(model, tmp_path / "map", progress=False))
+    amap = load_map(export_map(model, tmp_path / "map", progress=False))
     dev = amap.device_record
     levels = dev["levels"]
     assert levels == (32 if profile == "rram" else 256)
@@ -88,7 +88,7 @@ def test_crossbar_map_reproduces_weights_within_quantization_step(tmp_path, prof
 
 def test_crossbar_manifest_describes_model_chip_and_converters(tmp_path):
     model, _ = analog_model("tiny-gpt2", "pcm", seed=5, seconds=86400.0)
-    path = export(model, tmp_path / "map", progress=False)
+    path = export_map(model, tmp_path / "map", progress=False)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["format"] == "analogllm-map" and manifest["format_version"] == FORMAT_VERSION
     assert al.AnalogConfig.from_dict(manifest["profile"]) == model.analog_config
@@ -110,7 +110,7 @@ def test_crossbar_manifest_describes_model_chip_and_converters(tmp_path):
 def test_photonic_exact_phases_reproduce_weights_to_1e6(tmp_path):
     model, _ = analog_model("tiny-llama", "photonic", **{"device.phase_bits": None, "device.phase_noise": 0.0,
                                                          "device.loss_db_per_mzi": 0.0, "tiling.rows": 40})
-    amap = load_map(export(model, tmp_path / "map", progress=False))
+    amap = load_map(export_map(model, tmp_path / "map", progress=False))
     assert amap.device_record["phase_bits"] is None
     for layer in analog_layers(model):
         lmap = amap.layers[layer.name]
@@ -123,7 +123,7 @@ def test_photonic_exact_phases_reproduce_weights_to_1e6(tmp_path):
 
 def test_photonic_8bit_codes_cost_about_one_percent_and_match_the_phases(tmp_path):
     model, _ = analog_model("tiny-llama", "photonic")
-    amap = load_map(export(model, tmp_path / "map", progress=False))
+    amap = load_map(export_map(model, tmp_path / "map", progress=False))
     dev = amap.device_record
     assert dev["phase_bits"] == 8 and dev["topology"]["name"] == "clements-rectangular"
     assert len(dev["topology"]["mzi_column"]) == dev["mzis_per_mesh"] == 16 * 15 // 2
@@ -158,7 +158,7 @@ def test_photonic_8bit_codes_cost_about_one_percent_and_match_the_phases(tmp_pat
 def test_verify_passes_on_every_family(tmp_path, name, profile, overrides):
     model, tok = analog_model(name, profile, seconds=3600.0 if profile == "pcm" else 0.0, **overrides)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = verify(export(model, tmp_path / "map", progress=False), model, tok, max_blocks=4)
+    report = verify_map(export_map(model, tmp_path / "map", progress=False), model, tok, max_blocks=4)
     assert report.passed, report.summary()
     # the chip programmed from the files is the exported chip instance, bit for bit
     assert report.logit_error == 0.0 and report.perplexity_map == report.perplexity_model
@@ -169,7 +169,7 @@ def test_verify_passes_on_every_family(tmp_path, name, profile, overrides):
 
 def test_verify_fails_on_consistently_tampered_crossbar_map(tmp_path):
     model, tok = analog_model("tiny-llama", "pcm")
-    path = export(model, tmp_path / "map", progress=False)
+    path = export_map(model, tmp_path / "map", progress=False)
     name = "model.layers.1.mlp.down_proj"
     arrays = load_file(str(path / load_map(path).layers[name].record["file"]))
     g = arrays["g_plus"]
@@ -177,7 +177,7 @@ def test_verify_fails_on_consistently_tampered_crossbar_map(tmp_path):
     g.view(-1)[i] = g.view(-1)[i] / 2
     arrays["level_plus"] = torch.round(g / load_map(path).device_record["level_step_uS"]).to(torch.uint8)
     rewrite(path, name, arrays)
-    report = verify(path, model, tok, max_blocks=4)  # checksums and value ranges pass, the content does not
+    report = verify_map(path, model, tok, max_blocks=4)  # checksums and value ranges pass, the content does not
     assert not report.passed
     bad = [c for c in report.layers if not c.ok]
     assert [c.name for c in bad] == [name] and bad[0].target_error == pytest.approx(0.5, abs=1e-5)
@@ -188,7 +188,7 @@ def test_verify_fails_on_consistently_tampered_photonic_map(tmp_path):
     from analogllm.devices import mesh
 
     model, tok = analog_model("tiny-gpt2", "photonic")
-    path = export(model, tmp_path / "map", progress=False)
+    path = export_map(model, tmp_path / "map", progress=False)
     name = "transformer.h.0.mlp.c_fc"
     arrays = load_file(str(path / load_map(path).layers[name].record["file"]))
     arrays["u_phi"].view(-1)[7] = (arrays["u_phi"].view(-1)[7] + 0.3) % (2 * math.pi)  # one MZI's phase
@@ -196,27 +196,27 @@ def test_verify_fails_on_consistently_tampered_photonic_map(tmp_path):
                              out_phase=arrays["u_out_phase"].reshape(-1, 16), n=16)
     arrays["u_phi_code"] = mesh.quantize_phases(phases, 8)[1].phi.reshape(arrays["u_phi"].shape).to(torch.uint8)
     rewrite(path, name, arrays)
-    report = verify(path, model, tok, max_blocks=4)
+    report = verify_map(path, model, tok, max_blocks=4)
     assert not report.passed and [c.name for c in report.layers if not c.ok] == [name]
     assert report.logit_error > 0
 
 
 def test_verify_rejects_a_different_model(tmp_path):
     model, tok = analog_model("tiny-llama", "pcm")
-    path = export(model, tmp_path / "map", progress=False)
+    path = export_map(model, tmp_path / "map", progress=False)
     other, _ = analog_model("tiny-llama", "rram")
     with pytest.raises(ValueError, match="config differs from the map's profile at device"):
-        verify(path, other, tok)
+        verify_map(path, other, tok)
     gpt2, _ = analog_model("tiny-gpt2", "pcm")
     with pytest.raises(MapError, match="do not match the model's analogue layers"):
-        verify(path, gpt2, tok)
+        verify_map(path, gpt2, tok)
 
 
 # ----- rejections -----------------------------------------------------------------------------------------
 @pytest.fixture
 def crossbar_map(tmp_path):
     model, _ = analog_model("tiny-llama", "rram")
-    return export(model, tmp_path / "map", progress=False)
+    return export_map(model, tmp_path / "map", progress=False)
 
 
 def _first_record(path: Path) -> dict:
@@ -282,13 +282,13 @@ def test_failed_export_leaves_no_partial_output_and_keeps_an_old_map(tmp_path):
     with torch.no_grad():  # the last layer cannot be programmed: the export fails after writing others
         analog_layers(model)[-1].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj: the weight has NaN"):
-        export(model, tmp_path / "map", progress=False)
+        export_map(model, tmp_path / "map", progress=False)
     assert list(tmp_path.iterdir()) == []  # no map, no temporary folder
     good, _ = analog_model("tiny-llama", "pcm")
-    path = export(good, tmp_path / "map", progress=False)
+    path = export_map(good, tmp_path / "map", progress=False)
     manifest = (path / "manifest.json").read_bytes()
     with pytest.raises(ValueError, match="NaN"):
-        export(model, path, progress=False)
+        export_map(model, path, progress=False)
     assert (path / "manifest.json").read_bytes() == manifest and len(list(tmp_path.iterdir())) == 1
     load_map(path)
 
@@ -296,26 +296,26 @@ def test_failed_export_leaves_no_partial_output_and_keeps_an_old_map(tmp_path):
 def test_export_rejects_bad_input(tmp_path):
     digital, _ = load_model("tiny-llama")
     with pytest.raises(ValueError, match="not analogue"):
-        export(digital, tmp_path / "a")
+        export_map(digital, tmp_path / "a")
     fresh, _ = load_model("tiny-llama")
     al.analogize_(fresh, "pcm")
     with pytest.raises(ValueError, match="learned DAC input range was never initialised"):
-        export(fresh, tmp_path / "a", progress=False)
+        export_map(fresh, tmp_path / "a", progress=False)
     model, _ = analog_model("tiny-llama", "pcm")
     with pytest.raises(ValueError, match="target 'photonic' needs a photonic device"):
-        export(model, tmp_path / "a", "photonic")
+        export_map(model, tmp_path / "a", "photonic")
     with pytest.raises(ValueError, match="unknown target 'gds'"):
-        export(model, tmp_path / "a", "gds")
+        export_map(model, tmp_path / "a", "gds")
     rram, _ = analog_model("tiny-llama", "rram")
     with pytest.raises(ValueError, match="holds exactly its 32 levels"):
-        export(rram, tmp_path / "a", levels=64)
+        export_map(rram, tmp_path / "a", levels=64)
     ideal, _ = analog_model("tiny-llama", "ideal")
     with pytest.raises(ValueError, match="needs a crossbar device"):
-        export(ideal, tmp_path / "a")
+        export_map(ideal, tmp_path / "a")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="exists and is not an analogllm map"):
-        export(model, tmp_path / "mine", progress=False)
+        export_map(model, tmp_path / "mine", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 

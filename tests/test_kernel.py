@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import analogllm as al
-from analogllm.nn import kernel
+from analogllm.ops import cpu as kernel
 from analogllm.nn.linear import AnalogLinear
 
 needs_kernel = pytest.mark.skipif(kernel.library() is None, reason="no C compiler: reads run on the torch path")
@@ -155,7 +155,7 @@ def test_kernel_switched_off_falls_back_to_torch(monkeypatch):
                                   "tiny-mamba", "tiny-mamba2", "tiny-qwen3-moe"])
 def test_fused_reads_match_the_eager_path_in_every_family(name, monkeypatch):
     # noiseless pcm chip (programming noise, drift, converters, tiles): the same logits either way
-    from analogllm.models import load_model
+    from analogllm.hf.models import load_model
 
     model, _ = load_model(name)
     al.analogize_(model, al.AnalogConfig.from_profile("pcm", **{"device.read_noise_scale": 0.0, "output.noise": 0.0}))

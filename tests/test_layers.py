@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import analogllm as al
 from analogllm.nn.linear import AnalogLinear
-from analogllm.nn.quant import adc_step, clamp_round
+from analogllm.ops.quant import adc_step, clamp_round
 
 IDEAL = al.AnalogConfig.from_profile("ideal")
 

@@ -12,13 +12,13 @@ import analogllm as al
 from analogllm.cli import main
 from analogllm.data import token_blocks
 from analogllm.eval.perplexity import evaluate_lm
-from analogllm.models import load_model
+from analogllm.hf.models import load_model
 from analogllm.nn.linear import AnalogLinear
-from analogllm.recipe import load_recipe
-from analogllm.train import lora
-from analogllm.train.finetune import FinetuneRecipe, TrainSection, train_adapters
-from analogllm.train.pat import HardwareBackend, SimulatedChip, hardware_layers, on_hardware
-from analogllm.train.zeroth_order import SPSA, ZerothOrderConfig
+from analogllm.recipes import load_recipe
+from analogllm.tuners import lora
+from analogllm.training.finetune import FinetuneRecipe, TrainSection, train_adapters
+from analogllm.tuners.pat import HardwareBackend, SimulatedChip, hardware_layers, on_hardware
+from analogllm.tuners.zeroth_order import SPSA, ZerothOrderConfig
 
 DAY = 86400.0
 

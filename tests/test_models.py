@@ -1,4 +1,4 @@
-"""Tests for analogllm.models: tiny models, the built-in tokenizer, loading and families."""
+"""Tests for analogllm.hf.models: tiny models, the built-in tokenizer, loading and families."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-from analogllm import models
+from analogllm.hf import models
 from analogllm.data import token_blocks
-from analogllm.models import (
+from analogllm.hf.models import (
     SMOLLM2,
     TINY_MODELS,
     TOKENIZER_VOCAB_SIZE,

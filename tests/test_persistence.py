@@ -7,8 +7,8 @@ import torch
 
 import analogllm as al
 from analogllm.cli import main
-from analogllm.models import load_model
-from analogllm.persistence import CONFIG_NAME, from_pretrained, save_pretrained
+from analogllm.hf.models import load_model
+from analogllm.hf.checkpoint import CONFIG_NAME, from_pretrained, save_pretrained
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-mamba", "tiny-qwen3-moe"])

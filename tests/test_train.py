@@ -16,11 +16,11 @@ import yaml
 import analogllm as al
 from analogllm.cli import main
 from analogllm.eval.sweep import drift_sweep
-from analogllm.models import load_model
-from analogllm.persistence import from_pretrained
-from analogllm.schema import ConfigError
-from analogllm.train.config import DistillSection, HWARecipe, TrainSection, load_hwa_recipe
-from analogllm.train.hwa import (
+from analogllm.hf.models import load_model
+from analogllm.hf.checkpoint import from_pretrained
+from analogllm.config.schema import ConfigError
+from analogllm.training.config import DistillSection, HWARecipe, TrainSection, load_hwa_recipe
+from analogllm.training.hwa import (
     Teacher,
     batch_indices,
     calibrate_input_ranges_,
@@ -31,7 +31,7 @@ from analogllm.train.hwa import (
     hwa_train,
     latest_checkpoint,
 )
-from analogllm.train.pipeline import blocks, load_base, run_train, to_analog
+from analogllm.training.pipeline import blocks, load_base, run_train, to_analog
 
 # A chip whose output noise (0.2 of the normalised output range, 5× the PCM default) a 0.1 M-parameter
 # model clearly feels; HWA training uses the same noise level.

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from analogllm.schema import ConfigError, from_dict
+from analogllm.config.schema import ConfigError, from_dict
 
 _DEVICES: dict[str, type[Device]] = {}
 

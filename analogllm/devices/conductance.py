@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from analogllm.nn.noise import gaussian
+from analogllm.ops.noise import gaussian
 
 
 def weight_to_pair(weight: torch.Tensor, g_max: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,5 +40,5 @@ def interp(x: torch.Tensor, xs: tuple[float, ...], ys: tuple[float, ...]) -> tor
 
 def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Standard normal noise shaped like ``x`` drawn from ``generator`` (reproducible chip instances),
-    on parallel streams for large tensors (:func:`analogllm.nn.noise.gaussian`)."""
+    on parallel streams for large tensors (:func:`analogllm.ops.noise.gaussian`)."""
     return gaussian(x.shape, x, generator).wait()

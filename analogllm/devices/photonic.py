@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from analogllm.devices import mesh
 from analogllm.devices.base import Device, Realisation
-from analogllm.schema import check
+from analogllm.config.schema import check
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 
 from analogllm.devices.base import Device, Realisation
 from analogllm.devices.conductance import interp, randn_like, weight_to_pair
-from analogllm.schema import check
+from analogllm.config.schema import check
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from analogllm.chip import program_
 from analogllm.eval.perplexity import evaluate_lm
-from analogllm.nn.noise import seeded
+from analogllm.ops.noise import seeded
 
 METRICS = ("perplexity", "token_accuracy", "loss")
 

@@ -1,15 +1,15 @@
 """Deployment maps: the files a chip team programs (crossbar conductances or photonic mesh phases).
 
-``export(model, out_dir, target)`` writes a map, ``load_map(dir)`` reads one back with every check,
-``verify(dir, model)`` shows that programming the map reproduces the model. The format is specified
+``export_map(model, out_dir, target)`` writes a map, ``load_map(dir)`` reads one back with every check,
+``verify_map(dir, model)`` shows that programming the map reproduces the model. The format is specified
 in ``docs/export-format.md``.
 """
 
 from analogllm.export.manifest import FORMAT_NAME, FORMAT_VERSION, AnalogMap, LayerMap, MapError, load_map
-from analogllm.export.verify import LayerCheck, VerifyReport, verify
-from analogllm.export.writer import TARGETS, export
+from analogllm.export.verify import LayerCheck, VerifyReport, verify_map
+from analogllm.export.writer import TARGETS, export_map
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "TARGETS", "AnalogMap", "LayerCheck", "LayerMap", "MapError", "VerifyReport",
-    "export", "load_map", "verify",
+    "export_map", "load_map", "verify_map",
 ]

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from analogllm.config import AnalogConfig
-from analogllm.convert import analog_matrices
+from analogllm.nn.convert import analog_matrices
 from analogllm.nn.linear import AnalogConv1D
 from analogllm.nn.matrix import AnalogMatrix
 from analogllm.nn.weight import AnalogWeight

@@ -40,7 +40,7 @@ from analogllm.export.manifest import (
     AnalogLayer, MapError, analog_layers, config_difference, load_map, scale_per_input,
 )
 from analogllm.export.writer import require_ranges
-from analogllm.nn.noise import seeded
+from analogllm.ops.noise import seeded
 
 #: relative difference allowed between the realised matrices (and gains) of the replayed and the
 #: exported chip: both come from the same targets and noise draws, so only float32 round-off remains
@@ -133,7 +133,7 @@ def _layer_faults(c: LayerCheck) -> list[str]:
     return faults
 
 
-def verify(
+def verify_map(
     path: str | Path,
     model: nn.Module,
     tokenizer: Any = None,
@@ -249,7 +249,7 @@ def _eval_blocks(manifest: dict[str, Any], tokenizer: Any, blocks: torch.Tensor 
     if blocks is not None:
         return blocks
     if tokenizer is None:
-        from analogllm.models import TINY_MODELS, builtin_tokenizer
+        from analogllm.hf.models import TINY_MODELS, builtin_tokenizer
 
         if manifest["model"].get("source") not in TINY_MODELS:
             raise ValueError("verify needs evaluation text: pass tokenizer= (the model's) or blocks=")

@@ -1,4 +1,4 @@
-"""Writing a map: ``export(model, out_dir, target)``.
+"""Writing a map: ``export_map(model, out_dir, target)``.
 
 The map describes the *chip instance* the analogue model runs on: its tiling and per-tile-column
 scales are AnalogMatrix's, its targets are what each array or mesh is programmed with, and its chip
@@ -27,7 +27,7 @@ from analogllm.export.manifest import (
     DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, LAYER_DIR, MANIFEST_NAME, AnalogLayer, analog_layers,
     sha256_file,
 )
-from analogllm.nn.quant import adc_step, dac_levels
+from analogllm.ops.quant import adc_step, dac_levels
 from analogllm.fileio import atomic_dir
 
 #: target name → module implementing it (device_record, encode, array_specs, check_values,
@@ -40,7 +40,7 @@ def default_target(config: AnalogConfig) -> str:
     return photonic.NAME if config.device.array == "mesh" else crossbar.NAME
 
 
-def export(
+def export_map(
     model: nn.Module,
     out_dir: str | Path,
     target: str | None = None,
@@ -172,7 +172,7 @@ def _converters(config: AnalogConfig) -> dict[str, Any]:
 def _manifest(model: nn.Module, config: AnalogConfig, target: str, device_record: dict[str, Any],
               records: list[dict[str, Any]], source: str | None, calibration: dict[str, Any] | None) -> dict[str, Any]:
     import analogllm  # at call time: the package imports this module while it initialises
-    from analogllm.models import model_family
+    from analogllm.hf.models import model_family
 
     hf_config = getattr(model, "config", None)
     params = list(model.parameters())

@@ -16,7 +16,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from analogllm.config import AnalogConfig
-from analogllm.nn.quant import adc_step, clamp_round, dac_levels
+from analogllm.ops.quant import adc_step, clamp_round, dac_levels
 
 _EPS = 1e-12
 

@@ -20,9 +20,9 @@ Tiling is one batched matmul over a (T, N, rows) view of the input (on CPU, T mu
 when the thread count does not divide T; see :func:`_tile_mm`); the inputs are split evenly over
 ceil(in / tiling.rows) tiles. The whole chain is one autograd node
 (:class:`_AnalogMVM`) that works in place and stores almost nothing for backward, and the Gaussian
-samples of a read are drawn on background threads while the matmul runs (:mod:`analogllm.nn.noise`),
+samples of a read are drawn on background threads while the matmul runs (:mod:`analogllm.ops.noise`),
 or, for chip reads on CPU, everything after the matmul runs in one pass of a fused kernel
-(:mod:`analogllm.nn.kernel`).
+(:mod:`analogllm.ops.cpu`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from analogllm.config import AnalogConfig
-from analogllm.nn import kernel
-from analogllm.nn.noise import PendingNoise, gaussian
-from analogllm.nn.quant import adc_step, clip_bound, dac_levels
+from analogllm.ops import cpu as kernel
+from analogllm.ops.noise import PendingNoise, gaussian
+from analogllm.ops.quant import adc_step, clip_bound, dac_levels
 
 _EPS = 1e-12
 
@@ -406,8 +406,8 @@ def _fusable(chip: ChipState | None, wn: torch.Tensor) -> bool:
 def _fused_read(y: torch.Tensor, usq: torch.Tensor | None, cfg: AnalogConfig, chip: ChipState | None, e: int,
                 scale: torch.Tensor, r: torch.Tensor, gain: float, bias: torch.Tensor | None,
                 need_grad: bool, quantize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`_eager_read` as one pass of :func:`analogllm.nn.kernel.read` (``usq``: Σ u² per tile and
-    row, from :func:`analogllm.nn.kernel.dac`): the same arithmetic and distributions, the kernel's own
+    """:func:`_eager_read` as one pass of :func:`analogllm.ops.cpu.read` (``usq``: Σ u² per tile and
+    row, from :func:`analogllm.ops.cpu.dac`): the same arithmetic and distributions, the kernel's own
     noise samples. Training noise is the same read with σ_w² as every column's read variance."""
     if chip is None:
         sw = cfg.training.weight_noise

@@ -13,7 +13,7 @@ from torch import nn
 
 from analogllm.config import AnalogConfig
 from analogllm.nn.matrix import AnalogMatrix
-from analogllm.nn.quant import clip_bound
+from analogllm.ops.quant import clip_bound
 
 
 class AnalogWeight(nn.Module):

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from analogllm.convert import analog_matrices
+from analogllm.nn.convert import analog_matrices
 from analogllm.nn.matrix import AnalogMatrix
-from analogllm.nn.noise import seeded
-from analogllm.nn.quant import clip_bound
-from analogllm.train.config import FREEZE_GROUPS, TrainSection
+from analogllm.ops.noise import seeded
+from analogllm.ops.quant import clip_bound
+from analogllm.training.config import FREEZE_GROUPS, TrainSection
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"

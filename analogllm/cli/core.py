@@ -70,7 +70,7 @@ def run_profiles(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from analogllm.models import list_models
+    from analogllm.hf.models import list_models
 
     for name in list_models():
         print(name)
@@ -79,9 +79,9 @@ def run_models(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     from analogllm.chip import program_
-    from analogllm.convert import analogize_
-    from analogllm.models import load_model
-    from analogllm.persistence import save_pretrained
+    from analogllm.nn.convert import analogize_
+    from analogllm.hf.models import load_model
+    from analogllm.hf.checkpoint import save_pretrained
 
     config = AnalogConfig.from_profile(args.profile, **parse_overrides(args.set))
     model, tokenizer = load_model(args.model)

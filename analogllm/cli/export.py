@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from analogllm.commands import add_set_argument, parse_overrides
+from analogllm.cli.core import add_set_argument, parse_overrides
 from analogllm.config import AnalogConfig
 
 CALIBRATION_SEED = 0
@@ -56,9 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def load_analog_model(source: str, config: AnalogConfig | None) -> tuple[nn.Module, Any, bool]:
     """(model, tokenizer, is_checkpoint): an analogue checkpoint as saved, else ``source`` converted
     with ``config``."""
-    from analogllm.convert import analogize_
-    from analogllm.models import load_model
-    from analogllm.persistence import CONFIG_NAME, from_pretrained
+    from analogllm.nn.convert import analogize_
+    from analogllm.hf.models import load_model
+    from analogllm.hf.checkpoint import CONFIG_NAME, from_pretrained
 
     path = Path(source).expanduser()
     if (path / CONFIG_NAME).is_file():
@@ -99,8 +99,8 @@ def calibrate(model: nn.Module, tokenizer: Any, blocks: int, block_size: int = 1
 
 def run_export(args: argparse.Namespace) -> int:
     from analogllm.chip import program_
-    from analogllm.export.writer import export
-    from analogllm.persistence import CONFIG_NAME
+    from analogllm.export.writer import export_map
+    from analogllm.hf.checkpoint import CONFIG_NAME
 
     overrides = parse_overrides(args.set)
     config = None
@@ -116,7 +116,7 @@ def run_export(args: argparse.Namespace) -> int:
     calibration = calibrate(model, tokenizer, args.calibration_blocks)
     source = str(Path(args.model).expanduser().resolve()) if Path(args.model).expanduser().is_dir() else args.model
     loaded = time.perf_counter()
-    out = export(model, args.out, args.target, levels=args.levels, source=source, calibration=calibration)
+    out = export_map(model, args.out, args.target, levels=args.levels, source=source, calibration=calibration)
     done = time.perf_counter()
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     from analogllm.export.manifest import read_manifest
@@ -129,7 +129,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     from analogllm.export.manifest import analog_layers, load_map
-    from analogllm.export.verify import verify
+    from analogllm.export.verify import verify_map
 
     amap = load_map(args.map)  # a corrupt map fails here, before any model is loaded
     source = args.model or amap.manifest["model"].get("source")
@@ -143,7 +143,7 @@ def run_verify(args: argparse.Namespace) -> int:
     calibration = amap.manifest.get("calibration")
     if calibration:
         calibrate(model, tokenizer, calibration["blocks"], calibration["block_size"])
-    report = verify(args.map, model, tokenizer, max_blocks=args.blocks, block_size=args.block_size,
+    report = verify_map(args.map, model, tokenizer, max_blocks=args.blocks, block_size=args.block_size,
                     tolerance=args.tolerance, progress=True)
     print(report.summary())
     return 0 if report.passed else 1

@@ -26,17 +26,17 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from analogllm.convert import analogize_
+from analogllm.nn.convert import analogize_
 from analogllm.data import cache_dir, token_blocks
 from analogllm.eval.perplexity import evaluate_lm
 from analogllm.eval.report import EvalReport, write_report
 from analogllm.fileio import atomic_dir
 from analogllm.eval.sweep import drift_sweep
-from analogllm.models import load_model
-from analogllm.persistence import from_pretrained, save_pretrained
-from analogllm.schema import to_dict
-from analogllm.train.config import HWARecipe
-from analogllm.train.hwa import Teacher, TrainResult, calibrate_input_ranges_, hwa_train
+from analogllm.hf.models import load_model
+from analogllm.hf.checkpoint import from_pretrained, save_pretrained
+from analogllm.config.schema import to_dict
+from analogllm.training.config import HWARecipe
+from analogllm.training.hwa import Teacher, TrainResult, calibrate_input_ranges_, hwa_train
 
 FINAL = "final"
 BEFORE = "analogue"
@@ -83,7 +83,7 @@ def load_base(recipe: HWARecipe, progress: bool = True) -> tuple[nn.Module, PreT
 def _pretrain(model: nn.Module, train: torch.Tensor, steps: int, lr: float, batch_size: int, seed: int, progress: bool) -> None:
     """Plain digital next-token training (one process): gives a randomly initialised model the
     language skill that analogue noise then erodes."""
-    from analogllm.train.hwa import batch_indices, lm_loss
+    from analogllm.training.hwa import batch_indices, lm_loss
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 

@@ -7,13 +7,13 @@ chip) and scores it on held-out text:
 * ``backprop``: autograd through the differentiable simulation of the deployed chip (its programmed,
   drifted weights; read noise; converters with straight-through gradients). In silico: it assumes the
   programmed weights are known.
-* ``physics-aware``: forward on a :class:`~analogllm.train.pat.HardwareBackend` (here the simulated chip),
-  backward through the digital twin (:mod:`analogllm.train.pat`). Needs only the target weights.
-* ``zeroth-order``: SPSA / MeZO from forward passes on the backend alone (:mod:`analogllm.train.zeroth_order`).
+* ``physics-aware``: forward on a :class:`~analogllm.tuners.pat.HardwareBackend` (here the simulated chip),
+  backward through the digital twin (:mod:`analogllm.tuners.pat`). Needs only the target weights.
+* ``zeroth-order``: SPSA / MeZO from forward passes on the backend alone (:mod:`analogllm.tuners.zeroth_order`).
 
 Every evaluation reseeds the read noise, so the chip and each chip + LoRA are scored on the same noise
 stream and their difference is the adapters', not the noise's. The base chip's fingerprint
-(:func:`~analogllm.train.lora.chip_fingerprint`) is checked after every mode: only adapters may change.
+(:func:`~analogllm.tuners.lora.chip_fingerprint`) is checked after every mode: only adapters may change.
 Peak memory is the kernel's peak resident set size during each mode's training loop (CPU tensors have
 no allocator statistics), reported above the level right before the loop.
 """
@@ -38,13 +38,13 @@ from tqdm.auto import tqdm
 
 from analogllm.chip import program_
 from analogllm.config import AnalogConfig
-from analogllm.convert import analogize_
+from analogllm.nn.convert import analogize_
 from analogllm.data import token_blocks
 from analogllm.eval.perplexity import LMScore, evaluate_lm
-from analogllm.models import load_model
-from analogllm.persistence import save_pretrained
-from analogllm.schema import ConfigError, check, to_dict
-from analogllm.train.lora import (
+from analogllm.hf.models import load_model
+from analogllm.hf.checkpoint import save_pretrained
+from analogllm.config.schema import ConfigError, check, to_dict
+from analogllm.tuners.lora import (
     ADAPTERS_DIR,
     CHIP_DIR,
     LoraSettings,
@@ -55,8 +55,8 @@ from analogllm.train.lora import (
     chip_fingerprint,
     save_adapters,
 )
-from analogllm.train.pat import HardwareBackend, SimulatedChip, on_hardware
-from analogllm.train.zeroth_order import SPSA, ZerothOrderConfig
+from analogllm.tuners.pat import HardwareBackend, SimulatedChip, on_hardware
+from analogllm.tuners.zeroth_order import SPSA, ZerothOrderConfig
 
 Mode = Literal["backprop", "physics-aware", "zeroth-order"]
 MODES: tuple[str, ...] = ("backprop", "physics-aware", "zeroth-order")
@@ -182,7 +182,7 @@ class FinetuneResult:
 
     def table(self) -> str:
         """The measured table in Markdown."""
-        from analogllm.commands import markdown_table
+        from analogllm.cli.core import markdown_table
 
         header = ("model", "perplexity", "loss", "token acc.", "gap recovered (ppl / loss)", "trainable params", "steps",
                   "forward passes", "backward passes", "peak memory (MiB)", "time (s)")
@@ -330,7 +330,7 @@ def train_adapters(
                 notes["snr"] = notes["mean_abs_projected_grad"] / notes["grad_noise"]
     else:
         steps = train.steps
-        model.train()  # adapters only: the base stays the deployed chip (see analogllm.train.lora)
+        model.train()  # adapters only: the base stays the deployed chip (see analogllm.tuners.lora)
         check_deployed(model)
         optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
         context = on_hardware(model, backend) if mode == "physics-aware" else nullcontext()

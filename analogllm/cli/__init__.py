@@ -12,14 +12,14 @@ import argparse
 import importlib
 import sys
 
-from analogllm.schema import ConfigError
+from analogllm.config.schema import ConfigError
 
 #: modules that define ``register(subparsers)``; the order is the order of ``analogllm --help``.
 COMMAND_MODULES = [
-    "analogllm.commands",
-    "analogllm.export.commands",
-    "analogllm.train.finetune_commands",
-    "analogllm.train.commands",
+    "analogllm.cli.core",
+    "analogllm.cli.export",
+    "analogllm.cli.finetune",
+    "analogllm.cli.train",
 ]
 
 

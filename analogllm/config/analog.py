@@ -22,7 +22,7 @@ import yaml
 
 from analogllm.devices.base import Device, device_from_dict, device_names
 from analogllm.devices.ideal import Ideal
-from analogllm.schema import ConfigError, check, from_dict, replace_path, to_dict
+from analogllm.config.schema import ConfigError, check, from_dict, replace_path, to_dict
 
 
 @dataclass(frozen=True)

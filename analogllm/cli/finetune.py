@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from analogllm.commands import add_set_argument, parse_overrides
+from analogllm.cli.core import add_set_argument, parse_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from analogllm.recipe import load_recipe
-    from analogllm.train.finetune import FinetuneRecipe, finetune
+    from analogllm.recipes import load_recipe
+    from analogllm.training.finetune import FinetuneRecipe, finetune
 
     recipe = load_recipe(FinetuneRecipe, args.recipe, parse_overrides(args.set))
     result = finetune(recipe, progress=not args.quiet)

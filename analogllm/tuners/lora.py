@@ -18,7 +18,7 @@ workflow first-class on top of peft:
   ``AnalogMatrix`` of analogue adapters, which need their differentiable HWA path to receive gradients)
   are switched to training. ``eval()`` switches those back. :func:`check_deployed` asserts the invariant.
 * **save / load**: adapters are stored in peft's own format (``adapter_config.json`` +
-  ``adapter_model.safetensors``), beside the chip checkpoint of :mod:`analogllm.persistence`:
+  ``adapter_model.safetensors``), beside the chip checkpoint of :mod:`analogllm.hf.checkpoint`:
   a deployment is ``DIR/chip/`` (the map: digital weights, analogue config, chip seed and drift time,
   DAC ranges) plus ``DIR/adapters/NAME/`` (one folder per adapter, e.g. one per task or per drift time).
 * **merging**: folding ``B·A`` into the analogue weights means *reprogramming the chip*. peft's
@@ -48,15 +48,15 @@ from torch import nn
 
 from analogllm.chip import calibrate_, program_
 from analogllm.config import AnalogConfig
-from analogllm.convert import analog_matrices
+from analogllm.nn.convert import analog_matrices
 from analogllm.fileio import atomic_dir
 from analogllm.nn.linear import AnalogConv1D, AnalogLinear
 from analogllm.nn.matrix import AnalogMatrix
-from analogllm.nn.noise import seeded
+from analogllm.ops.noise import seeded
 from analogllm.nn.weight import AnalogWeight
-from analogllm.persistence import from_pretrained, save_pretrained
-from analogllm.train.pat import layer_name
-from analogllm.schema import check
+from analogllm.hf.checkpoint import from_pretrained, save_pretrained
+from analogllm.tuners.pat import layer_name
+from analogllm.config.schema import check
 
 ADAPTER_META = "analog_adapters.json"
 CHIP_DIR = "chip"
@@ -166,7 +166,7 @@ def _require_chip(model: nn.Module) -> AnalogConfig:
     if unready:
         raise ValueError(
             f"the chip's learned DAC ranges are not set ({unready[0]} and {len(unready) - 1} more): run "
-            "analogllm.train.lora.calibrate_(model, input_ids) on a data batch before attaching adapters, "
+            "analogllm.tuners.lora.calibrate_(model, input_ids) on a data batch before attaching adapters, "
             "so training cannot move the deployed chip's ranges"
         )
     return config
@@ -263,7 +263,7 @@ def _install_chip_methods(model: PeftModel) -> None:
         raise ChipMergeError(
             "merging LoRA adapters into analogue weights means reprogramming the chip (fresh programming "
             "noise, drift clock restarted); peft's merge would rewrite the weights but keep the old chip's "
-            "noise draws and drift time. Use analogllm.train.lora.merge_and_reprogram(model, seed=NEW_SEED), "
+            "noise draws and drift time. Use analogllm.tuners.lora.merge_and_reprogram(model, seed=NEW_SEED), "
             "or keep the adapters beside the chip (save_deployment)"
         )
 

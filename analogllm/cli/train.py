@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from analogllm.commands import parse_overrides
+from analogllm.cli.core import parse_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +56,7 @@ def _set_argument(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     """The recipe named on the command line, with its ``--set`` overrides; ``--quiet`` also silences
     the progress bars of transformers (checkpoint writing)."""
-    from analogllm.train.config import load_hwa_recipe
+    from analogllm.training.config import load_hwa_recipe
 
     if args.quiet:
         from transformers.utils import logging
@@ -73,7 +73,7 @@ def _print_report(report, paths: dict[str, Path]) -> None:
 
 
 def run_train_command(args: argparse.Namespace) -> int:
-    from analogllm.train.pipeline import run_train
+    from analogllm.training.pipeline import run_train
 
     recipe = _load(args)
     outcome = run_train(recipe, resume=args.resume, until=args.until, progress=not args.quiet)
@@ -92,7 +92,7 @@ def run_train_command(args: argparse.Namespace) -> int:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
-    from analogllm.train.pipeline import run_eval
+    from analogllm.training.pipeline import run_eval
 
     recipe = _load(args)
     report, paths = run_eval(recipe, checkpoint=args.checkpoint, progress=not args.quiet)
@@ -101,7 +101,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 
 def run_quickstart_command(args: argparse.Namespace) -> int:
-    from analogllm.train.pipeline import run_quickstart
+    from analogllm.training.pipeline import run_quickstart
 
     recipe = _load(args)
     report, paths = run_quickstart(recipe, progress=not args.quiet)

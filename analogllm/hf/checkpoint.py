@@ -23,7 +23,7 @@ from torch import nn
 
 from analogllm.chip import chip_info, deployed, program_
 from analogllm.config import AnalogConfig
-from analogllm.convert import analogize_
+from analogllm.nn.convert import analogize_
 from analogllm.fileio import atomic_dir
 from analogllm.nn.matrix import AnalogMatrix
 

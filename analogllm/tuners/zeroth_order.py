@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from analogllm.schema import check
+from analogllm.config.schema import check
 
 
 @dataclass(frozen=True)

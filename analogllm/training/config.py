@@ -1,7 +1,7 @@
 """The hardware-aware training recipe: one YAML file that says what to train, on which chip, how, and
 how to score it.
 
-A recipe is a frozen dataclass validated by :mod:`analogllm.schema`, so a typo or a wrong type in the
+A recipe is a frozen dataclass validated by :mod:`analogllm.config.schema`, so a typo or a wrong type in the
 YAML (or in ``--set key=value``) is one error that names the key. Sections follow the run:
 
     model ─(pretrain: digital warm-up for randomly initialised built-in models)─► analog: convert to a
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from analogllm.config import AnalogConfig
-from analogllm.schema import ConfigError, check
+from analogllm.config.schema import ConfigError, check
 
 #: Drift times reported by default: 0 s, 1 hour, 1 day, 1 year, 10 years after programming.
 DRIFT_TIMES: tuple[float, ...] = (0.0, 3600.0, 86400.0, 31_536_000.0, 315_360_000.0)
@@ -239,8 +239,8 @@ def load_hwa_recipe(name_or_path: str | Path, overrides: dict[str, Any] | None =
     ``analog.overrides.<field>`` keys (e.g. ``analog.overrides.adc.bits``) go into the chip overrides,
     whose own keys contain dots, and are validated against the analogue config like the rest.
     """
-    from analogllm.recipe import load_recipe
-    from analogllm.schema import replace_path
+    from analogllm.recipes import load_recipe
+    from analogllm.config.schema import replace_path
 
     prefix = "analog.overrides."
     overrides = overrides or {}

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from analogllm.convert import analog_matrices
-from analogllm.nn.noise import seeded
+from analogllm.nn.convert import analog_matrices
+from analogllm.ops.noise import seeded
 
 
 def _require_analog(model: nn.Module) -> None:

@@ -37,8 +37,8 @@ from transformers import (
     RwkvConfig,
 )
 
-from .data import builtin_documents, cache_dir, hub_reachable
-from .fileio import atomic_dir, atomic_write_bytes
+from analogllm.data import builtin_documents, cache_dir, hub_reachable
+from analogllm.fileio import atomic_dir, atomic_write_bytes
 
 __all__ = [
     "FAMILIES",

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from analogllm.schema import ConfigError, from_dict, replace_path
+from analogllm.config.schema import ConfigError, from_dict, replace_path
 
 R = TypeVar("R")
 

@@ -1,0 +1,20 @@
+"""Configuration: the analogue config (:mod:`.analog`), its validation (:mod:`.schema`) and the built-in
+device profiles (``analogllm/profiles/*.yaml``)."""
+
+from analogllm.config.analog import (
+    ADCConfig,
+    AnalogConfig,
+    DACConfig,
+    DriftConfig,
+    OutputConfig,
+    TilingConfig,
+    TrainingConfig,
+    device_names,
+    profile_names,
+)
+from analogllm.config.schema import ConfigError
+
+__all__ = [
+    "ADCConfig", "AnalogConfig", "ConfigError", "DACConfig", "DriftConfig", "OutputConfig", "TilingConfig",
+    "TrainingConfig", "device_names", "profile_names",
+]

@@ -1,0 +1,1 @@
+"""The analogue read: converters, noise streams and the fused CPU kernel."""

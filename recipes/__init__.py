@@ -1,1 +1,0 @@
-"""Built-in recipes (YAML), installed as the package ``analogllm.recipes``."""
