@@ -161,7 +161,7 @@ def test_two_process_data_parallel_run(tmp_path, cache):
     path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ANALOGLLM_CACHE": str(cache)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "analogllm.cli", "train", str(path), "--quiet"]
+           "-m", "analogllm", "train", str(path), "--quiet"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "on 2 process(es)" in proc.stdout
