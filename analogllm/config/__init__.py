@@ -6,6 +6,7 @@ from analogllm.config.analog import (
     AnalogConfig,
     DACConfig,
     DriftConfig,
+    MappingConfig,
     OutputConfig,
     TilingConfig,
     TrainingConfig,
@@ -15,6 +16,6 @@ from analogllm.config.analog import (
 from analogllm.config.schema import ConfigError
 
 __all__ = [
-    "ADCConfig", "AnalogConfig", "ConfigError", "DACConfig", "DriftConfig", "OutputConfig", "TilingConfig",
+    "ADCConfig", "AnalogConfig", "ConfigError", "DACConfig", "DriftConfig", "MappingConfig", "OutputConfig", "TilingConfig",
     "TrainingConfig", "device_names", "profile_names",
 ]

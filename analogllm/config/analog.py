@@ -135,6 +135,50 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class MappingConfig:
+    """How :func:`analogllm.mapping.map_` maps a model onto static converters when ``analogize_`` is given
+    calibration text (each step switchable; see :mod:`analogllm.mapping`).
+
+    rotate:          rotate the residual stream and value heads, folded into the weights (exact; pre-norm
+                     RMSNorm transformers, skipped with a note for other families).
+    rescale:         per-input-channel rescaling, α chosen per input group by the expected chip error.
+    alphas:          the SmoothQuant exponents tried (no rescaling is always a candidate too).
+    online_rotation: regular expressions of layers that get an online Hadamard transform in front of the
+                     DAC (default: the layers whose input a nonlinearity produces).
+    ranges:          DAC ranges: ``error`` (minimise the expected error), ``std`` (``std_alpha`` σ), ``max``
+                     (no clipping) or ``none`` (keep the config's initialisation).
+    adc:             ADC ranges calibrated per ``tile`` (each array's ADCs), per ``layer``, or ``none``
+                     (the profile's full scale ``adc.bound``).
+    tokens:          calibration input rows kept per layer for the error model.
+    seconds:         deployment time at which the device statistics of the error model are taken.
+    seed:            seed of the random rotations and of the calibration sample.
+    """
+
+    rotate: bool = True
+    rescale: bool = True
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    online_rotation: tuple[str, ...] = (r"mlp\.down_proj$", r"shared_expert\.down_proj$", r"mlp\.c_proj$",
+                                        r"feed_forward\.w2$", r"feed_forward\.value$", r"mixer\.out_proj$")
+    ranges: Literal["error", "std", "max", "none"] = "error"
+    adc: Literal["tile", "layer", "none"] = "tile"
+    std_alpha: float = 12.0
+    tokens: int = 256
+    seconds: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(all(0.0 <= a <= 1.0 for a in self.alphas), "mapping.alphas", "must lie in [0, 1]")
+        for pattern in self.online_rotation:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"mapping.online_rotation: {pattern!r} is not a valid regular expression ({exc})") from None
+        check(self.std_alpha > 0, "mapping.std_alpha", f"must be > 0, got {self.std_alpha}")
+        check(self.tokens >= 8, "mapping.tokens", f"must be >= 8, got {self.tokens}")
+        check(self.seconds >= 0, "mapping.seconds", f"must be >= 0, got {self.seconds}")
+
+
+@dataclass(frozen=True)
 class AnalogConfig:
     """The complete description of how a model's matmuls run on an analogue chip.
 
@@ -151,6 +195,7 @@ class AnalogConfig:
     tiling: TilingConfig = field(default_factory=TilingConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    mapping: MappingConfig = field(default_factory=MappingConfig)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head", "^head$")
     analog_attention: bool = False
@@ -257,6 +302,7 @@ def _read_profile(name: str) -> dict[str, Any]:
 
 
 __all__ = [
-    "ADCConfig", "AnalogConfig", "DACConfig", "DriftConfig", "OutputConfig", "TilingConfig", "TrainingConfig",
+    "ADCConfig", "AnalogConfig", "DACConfig", "DriftConfig", "MappingConfig", "OutputConfig", "TilingConfig",
+    "TrainingConfig",
     "device_names", "profile_names",
 ]

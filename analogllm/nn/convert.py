@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+import torch
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -60,6 +62,7 @@ class ConversionReport:
     """What ``analogize_`` did: one row per module with weights: (name, type, shape, placement, note)."""
 
     rows: list[tuple[str, str, str, str, str]] = field(default_factory=list)
+    mapping: Any = None  # the analogllm.mapping.MappingReport, when calibration text was given
 
     @property
     def analog(self) -> list[str]:
@@ -83,7 +86,8 @@ class ConversionReport:
         out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
         out += [line(r) for r in self.rows]
         summary = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
-        return "\n".join(out) + f"\n\n{summary}"
+        mapping = "" if self.mapping is None else "\n\n" + self.mapping.summary()
+        return "\n".join(out) + f"\n\n{summary}" + mapping
 
 
 def analogize_(
@@ -91,12 +95,17 @@ def analogize_(
     config: AnalogConfig | str | None = None,
     include: list[str] | tuple[str, ...] | None = None,
     exclude: list[str] | tuple[str, ...] | None = None,
+    calibration: torch.Tensor | None = None,
+    progress: bool = False,
 ) -> nn.Module:
     """Convert ``model`` in place so that its matmuls run on the analogue chip described by ``config``.
 
     ``config`` is an :class:`AnalogConfig` or a profile name (default ``"pcm"``); ``include`` /
-    ``exclude`` (regular expressions on module names) override the config's. Returns the model, with
-    the config on ``model.analog_config`` and the report on ``model.analog_report``.
+    ``exclude`` (regular expressions on module names) override the config's. With ``calibration``
+    (token blocks, LongTensor [n, L]) the model is then mapped onto the chip's converters as
+    ``config.mapping`` says (:func:`analogllm.mapping.map_`: rotations, rescaling, calibrated ranges).
+    Returns the model, with the config on ``model.analog_config``, the report on
+    ``model.analog_report`` (and the mapping's on ``model.analog_report.mapping``).
     """
     if config is None or isinstance(config, str):
         config = AnalogConfig.from_profile(config or "pcm")
@@ -142,6 +151,10 @@ def analogize_(
         from analogllm.nn.attention import enable_analog_attention
 
         enable_analog_attention(model, config)
+    if calibration is not None:
+        from analogllm.mapping import map_
+
+        report.mapping = map_(model, calibration, config.mapping, progress)
     return model
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from analogllm.config import AnalogConfig
+from analogllm.nn.transform import InputTransform
 from analogllm.ops import cpu as kernel
 from analogllm.ops.noise import PendingNoise, gaussian
 from analogllm.ops.quant import adc_step, clip_bound, dac_levels
@@ -88,9 +89,15 @@ class AnalogMatrix(nn.Module):
         self.rows = math.ceil(in_features / self.tiles)
         self.seconds = 0.0
         self.seed: int | None = None
+        self.mode: str | None = None  # "digital": a plain matmul (calibration passes); None: by .training
         self._chip: ChipState | None = None
         self.deployed = False  # the digital weight was freed: only the cached chip remains (see release)
         shape = (experts,) if experts else ()
+        self.transform: InputTransform | None = None
+        if config.adc.bits is not None:
+            # the ADC range of every input tile (normalised units): the profile's full scale until a
+            # calibration (analogllm.mapping) narrows it, i.e. raises the gain in front of the ADC
+            self.register_buffer("output_range", torch.full((*shape, self.tiles), float(config.adc.bound)))
         init = config.dac.init_range or 0.0
         if config.dac.range == "learned":
             self.input_range = nn.Parameter(torch.full(shape, float(init)))
@@ -101,16 +108,35 @@ class AnalogMatrix(nn.Module):
     def extra_repr(self) -> str:
         return f"device={self.config.device.kind}, tiles={self.tiles}x{self.rows}, layer_id={self.layer_id}"
 
+    def set_transform(self, scale: bool = False, rotation_seed: int | None = None) -> InputTransform:
+        """Put a digital input transform in front of the DAC (see :mod:`analogllm.nn.transform`); the
+        owner's weight must absorb it (:meth:`InputTransform.absorb`) for the product to stay the same."""
+        device = next(iter(self.buffers()), torch.empty(0)).device
+        self.transform = InputTransform(self.in_features, scale, rotation_seed).to(device)
+        return self.transform
+
+    def adc_bounds(self, expert: int | None) -> torch.Tensor | None:
+        """The ADC range per input tile, (T,), for this matrix (or expert); None without an ADC."""
+        if self.config.adc.bits is None:
+            return None
+        return self.output_range if expert is None else self.output_range[expert]
+
     # ----- the forward data path ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, expert: int | None = None):
         """y = analogue(x · Wᵀ) + bias. ``weight`` is the owner's whole parameter: (out, in), or
         (E, out, in) for experts, in which case ``expert`` picks the matrix."""
         w = weight if expert is None else weight[expert]
-        if self.config.is_identity:
+        if self.transform is not None:
+            x = self.transform(x)
+        if self.config.is_identity or self.mode == "digital":
             return F.linear(x, w, bias)
         if torch.is_autocast_enabled(x.device.type):  # the chip's arithmetic runs in the weight's dtype
             with torch.autocast(x.device.type, enabled=False):
-                return self.forward(x.to(w.dtype), weight, bias, expert)
+                return self._read(x.to(w.dtype), w, weight, bias, expert)
+        return self._read(x, w, weight, bias, expert)
+
+    def _read(self, x: torch.Tensor, w: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              expert: int | None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         r = self._input_range(x2, expert)
@@ -278,6 +304,7 @@ class _AnalogMVM(torch.autograd.Function):
             gain = 1.0
         else:
             wn, scale, gain = chip.weight[e], chip.scale[e], chip.gain
+        adc = (m.output_range[e] if m.experts else m.output_range) if cfg.adc.bits is not None and quantize else None
         fused = _fusable(chip, wn)
         if fused:
             need_usq = cfg.training.weight_noise > 0 if training else chip.read_var is not None
@@ -287,9 +314,9 @@ class _AnalogMVM(torch.autograd.Function):
         noise = gaussian((m.tiles, x.shape[0], wn.shape[-1]), x) if _noisy(cfg, chip) and not fused else None
         y = _tile_mm(ut, wn)  # the noise is drawn meanwhile
         if fused:
-            out, gate = _fused_read(y, usq, cfg, chip, e, scale, r, gain, bias, need_grad, quantize)
+            out, gate = _fused_read(y, usq, cfg, chip, e, scale, r, gain, bias, need_grad, adc)
         else:
-            out, gate = _eager_read(y, ut, cfg, chip, e, scale, r, gain, bias, need_grad, quantize, noise)
+            out, gate = _eager_read(y, ut, cfg, chip, e, scale, r, gain, bias, need_grad, adc, noise)
         if need_grad:
             ctx.save_for_backward(x, w if training else None, r, gate, bound)
             ctx.m, ctx.chip, ctx.e, ctx.gain, ctx.quantize = m, chip, e, gain, quantize
@@ -360,13 +387,14 @@ def _dac(x: torch.Tensor, r: torch.Tensor, step: float | None) -> torch.Tensor:
 
 def _eager_read(y: torch.Tensor, ut: torch.Tensor, cfg: AnalogConfig, chip: ChipState | None, e: int,
                 scale: torch.Tensor, r: torch.Tensor, gain: float, bias: torch.Tensor | None, need_grad: bool,
-                quantize: bool, noise: PendingNoise | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                adc: torch.Tensor | None, noise: PendingNoise | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Everything after the tile matmuls, in place on ``y`` (T, N, out): noise, converters, Σ tiles,
-    scales and bias. Returns the output and the backward gate."""
+    scales and bias (``adc``: the ADC range per tile, or None for no ADC). Returns the output and the
+    backward gate."""
     if noise is not None:
         _add_noise(y, ut, cfg, chip, e, noise.wait())
-    gate = _converters(y, cfg, quantize, need_grad)
-    scale, row_range = _output_scale(cfg, scale, r, gain, quantize)
+    gate = _converters(y, cfg, adc, need_grad)
+    scale, row_range = _output_scale(cfg, scale, r, gain, adc)
     if y.shape[0] > 1:
         out = y.mul_(scale).sum(0)
     elif bias is not None and not row_range:
@@ -381,13 +409,18 @@ def _eager_read(y: torch.Tensor, ut: torch.Tensor, cfg: AnalogConfig, chip: Chip
     return out, gate
 
 
+def _adc_steps(cfg: AnalogConfig, adc: torch.Tensor) -> torch.Tensor:
+    """The ADC step of every tile, (T,): 2·range / (2^bits − 2)."""
+    return adc.detach() * (2.0 / (2 ** cfg.adc.bits - 2))
+
+
 def _output_scale(cfg: AnalogConfig, scale: torch.Tensor, r: torch.Tensor, gain: float,
-                  quantize: bool) -> tuple[torch.Tensor, bool]:
+                  adc: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
     """The per tile-column multiplier after the ADC: tile scale × ADC step (the outputs are codes) ×
     DAC range × gain, and whether the range is per input row (dynamic), in which case it multiplies the
     summed output instead."""
-    if cfg.adc.bits is not None and quantize:
-        scale = scale * adc_step(cfg.adc.bits, cfg.adc.bound)
+    if adc is not None:
+        scale = scale * _adc_steps(cfg, adc).view(-1, 1, 1)
     row_range = r.dim() > 0 and r.numel() > 1
     if not row_range:
         scale = scale * (r.detach() * gain)
@@ -405,7 +438,7 @@ def _fusable(chip: ChipState | None, wn: torch.Tensor) -> bool:
 
 def _fused_read(y: torch.Tensor, usq: torch.Tensor | None, cfg: AnalogConfig, chip: ChipState | None, e: int,
                 scale: torch.Tensor, r: torch.Tensor, gain: float, bias: torch.Tensor | None,
-                need_grad: bool, quantize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                need_grad: bool, adc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`_eager_read` as one pass of :func:`analogllm.ops.cpu.read` (``usq``: Σ u² per tile and
     row, from :func:`analogllm.ops.cpu.dac`): the same arithmetic and distributions, the kernel's own
     noise samples. Training noise is the same read with σ_w² as every column's read variance."""
@@ -417,10 +450,10 @@ def _fused_read(y: torch.Tensor, usq: torch.Tensor | None, cfg: AnalogConfig, ch
         rv = None if chip.read_var is None else chip.read_var[e]
         shot2, const_var = cfg.device.output_var_terms()
         const_var += cfg.output.noise**2
-    adc = (cfg.adc.bound, adc_step(cfg.adc.bits, cfg.adc.bound)) if cfg.adc.bits is not None and quantize else None
-    scale, row_range = _output_scale(cfg, scale, r, gain, quantize)
+    scale, row_range = _output_scale(cfg, scale, r, gain, adc)
+    adc_spec = None if adc is None else (adc.detach().float(), _inverse_steps(cfg, adc))
     out, gate = kernel.read(y, scale.detach(), usq=usq, rv=rv, shot2=shot2, const_var=const_var,
-                            sat=cfg.output.saturation if cfg.output.nonlinearity == "tanh" else None, adc=adc,
+                            sat=cfg.output.saturation if cfg.output.nonlinearity == "tanh" else None, adc=adc_spec,
                             bias=None if row_range else bias, need_gate=need_grad)
     if row_range:
         out.mul_(r * gain)
@@ -465,10 +498,10 @@ def _add_noise(y: torch.Tensor, ut: torch.Tensor, cfg: AnalogConfig, chip: ChipS
     y.addcmul_(n, var.sqrt_())
 
 
-def _converters(y: torch.Tensor, cfg: AnalogConfig, quantize: bool, need_grad: bool) -> torch.Tensor | None:
-    """Output nonlinearity and ADC, in place on ``y``, leaving it in ADC codes when the ADC is on.
-    Returns the backward gate (derivative of the nonlinearity × inside-the-bound mask) or None when
-    it is all ones."""
+def _converters(y: torch.Tensor, cfg: AnalogConfig, adc: torch.Tensor | None, need_grad: bool) -> torch.Tensor | None:
+    """Output nonlinearity and ADC (range per tile ``adc``, or None for none), in place on ``y``,
+    leaving it in ADC codes when the ADC is on. Returns the backward gate (derivative of the
+    nonlinearity × inside-the-bound mask) or None when it is all ones."""
     gate = None
     out = cfg.output
     if out.nonlinearity == "tanh":
@@ -476,14 +509,19 @@ def _converters(y: torch.Tensor, cfg: AnalogConfig, quantize: bool, need_grad: b
         if need_grad:
             gate = 1.0 - y.square()
         y.mul_(out.saturation)
-    adc = cfg.adc
-    if adc.bits is None or not quantize:
+    if adc is None:
         return gate
-    lo, hi = torch.aminmax(y)
-    if lo < -adc.bound or hi > adc.bound:
+    bound = adc.detach().to(y.dtype).view(-1, 1, 1)
+    outside = (y.abs() > bound).any()
+    if outside:
         if need_grad:
-            inside = y.abs() <= adc.bound
+            inside = y.abs() <= bound
             gate = inside if gate is None else gate.mul_(inside)
-        y.clamp_(-adc.bound, adc.bound)
-    y.mul_(1.0 / adc_step(adc.bits, adc.bound)).round_()  # × 1/step: as the fused kernel, bit for bit
+        y.clamp_(-bound, bound)
+    y.mul_(_inverse_steps(cfg, adc).to(y.dtype).view(-1, 1, 1)).round_()  # × 1/step, as the fused kernel
     return gate
+
+
+def _inverse_steps(cfg: AnalogConfig, adc: torch.Tensor) -> torch.Tensor:
+    """1 / ADC step per tile, in float32 as both read paths multiply by it (bit-identical codes)."""
+    return 1.0 / _adc_steps(cfg, adc).float()

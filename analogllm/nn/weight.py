@@ -28,6 +28,8 @@ class AnalogWeight(nn.Module):
         self.analog = AnalogMatrix(config, layer_id, in_features)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.analog.mode == "digital":
+            return weight
         if not self.training:
             return self.analog.realised_weight(weight)
         self.analog._require_digital()

@@ -83,7 +83,7 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     f32, i64, u64, vp = ctypes.c_float, ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p
     lib.analogllm_read.argtypes = [vp, vp, i64, i64, i64, ctypes.c_int, vp, vp, f32, f32, ctypes.c_int, u64,
-                                   f32, f32, f32, vp, vp, vp]
+                                   f32, vp, vp, vp, vp, vp]
     lib.analogllm_read.restype = i64
     lib.analogllm_dac.argtypes = [vp, vp, vp, i64, i64, i64, i64, vp, ctypes.c_int, f32, ctypes.c_int]
     lib.analogllm_dac.restype = None
@@ -139,7 +139,7 @@ def dac(x: torch.Tensor, r: torch.Tensor, step: float | None, tiles: int, rows: 
 
 
 def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: torch.Tensor | None,
-         shot2: float, const_var: float, sat: float | None, adc: tuple[float, float] | None,
+         shot2: float, const_var: float, sat: float | None, adc: tuple[torch.Tensor, torch.Tensor] | None,
          bias: torch.Tensor | None, need_gate: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Σ_t ADC(nonlinearity(y_t + noise)) · scale_t (+ bias) for tile outputs ``y`` (T, N, O), and the
     straight-through gate (T, N, O) when ``need_gate`` and some output saturated or ``sat`` is set
@@ -147,7 +147,7 @@ def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: 
 
     scale (T, O): per tile-column multiplier after the ADC (step × tile scale × range × gain);
     usq (T, N) and rv (T, O): read-noise variance usq·rv; shot2: variance per unit |y| (detector shot
-    noise); const_var: output and thermal noise variance; adc: (bound, step) or None. All float32. The
+    noise); const_var: output and thermal noise variance; adc: (bound, 1 / step) per tile, (T,) each, or None. All float32. The
     read's key comes from torch's global generator, so ``torch.manual_seed`` reproduces a read."""
     lib = library()
     assert lib is not None
@@ -162,10 +162,10 @@ def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: 
     out = torch.empty(N, O, dtype=y.dtype)
     gate = torch.empty_like(y) if need_gate and (sat or adc is not None) else None
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    bound, inv_step = (adc[0], 1.0 / adc[1]) if adc is not None else (0.0, 0.0)
+    bound, inv_step = (adc[0].contiguous(), adc[1].contiguous()) if adc is not None else (None, None)
     threads = _threads(N)
     clipped = lib.analogllm_read(ptr(y), ptr(out), T, N, O, threads, ptr(usq), ptr(rv), shot2, const_var, int(noise),
-                                 key, sat or 0.0, bound, inv_step, ptr(scale), ptr(bias), ptr(gate))
+                                 key, sat or 0.0, ptr(bound), ptr(inv_step), ptr(scale), ptr(bias), ptr(gate))
     if clipped < 0:
         raise MemoryError("the fused read kernel could not allocate its scratch rows")
     if gate is not None and not sat and clipped == 0:

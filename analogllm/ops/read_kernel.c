@@ -4,7 +4,7 @@
  *     v   = y[t, n, o]                                   matmul result, normalised units
  *     v  += z · sqrt(usq[t, n] · rv[t, o] + shot2 · |v| + c)   read, detector and output noise
  *     v   = sat · tanh(v / sat)                          optional output nonlinearity
- *     v   = round(clamp(v, ±bound) · (1/step))           optional ADC (codes)
+ *     v   = round(clamp(v, ±bound[t]) · inv_step[t])     optional ADC (codes), range per tile
  *     out[n, o] = Σ_t v · scale[t, o]  (+ bias[o])
  * which is what analogllm.nn.matrix does in eager torch with about ten passes over y.
  *
@@ -121,7 +121,7 @@ static inline __attribute__((always_inline)) int64_t tile_row(
     return clipped;
 }
 
-#define TILE_ROW(k) case k: clipped += tile_row(yr, acc, sc, rvt, z, gr, O, un, shot2, c, sat, bound, inv_step, \
+#define TILE_ROW(k) case k: clipped += tile_row(yr, acc, sc, rvt, z, gr, O, un, shot2, c, sat, bt, it, \
                                                 (k >> 3) & 1, (k >> 2) & 1, (k >> 1) & 1, k & 1); break;
 
 /* Returns the number of outputs the ADC clipped, or -1 when scratch rows could not be allocated.
@@ -131,10 +131,11 @@ static inline __attribute__((always_inline)) int64_t tile_row(
  * threads are still hot from the matmul that produced y. */
 int64_t analogllm_read(const float* y, float* out, int64_t T, int64_t N, int64_t O, int threads,
                        const float* usq, const float* rv, float shot2, float c, int noise, uint64_t key,
-                       float sat, float bound, float inv_step, const float* scale, const float* bias, float* gate) {
+                       float sat, const float* bound, const float* inv_step, const float* scale, const float* bias,
+                       float* gate) {
     uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32), k2 = mix32(k0 ^ 0x9e3779b9U) ^ k1;
     int64_t pairs = (O + 1) / 2, clipped = 0;
-    int mode = (noise ? 8 : 0) | (sat > 0.0f ? 4 : 0) | (inv_step > 0.0f ? 2 : 0) | (gate ? 1 : 0);
+    int mode = (noise ? 8 : 0) | (sat > 0.0f ? 4 : 0) | (bound ? 2 : 0) | (gate ? 1 : 0);
     float* scratch = (float*)malloc(sizeof(float) * (size_t)(2 * pairs) * (size_t)threads);
     float* zeros = (float*)calloc((size_t)O, sizeof(float));
     if (!scratch || !zeros) { free(scratch); free(zeros); return -1; }
@@ -149,6 +150,7 @@ int64_t analogllm_read(const float* y, float* out, int64_t T, int64_t N, int64_t
             const float* rvt = rv ? rv + t * O : zeros;
             float* gr = gate ? gate + (t * N + n) * O : NULL;
             float un = usq ? usq[t * N + n] : 0.0f;
+            float bt = bound ? bound[t] : 0.0f, it = bound ? inv_step[t] : 0.0f;
             if (noise) normals(z, O, (uint64_t)(t * N + n), k0, k1, k2);
             switch (mode) {
                 TILE_ROW(0) TILE_ROW(1) TILE_ROW(2) TILE_ROW(3) TILE_ROW(4) TILE_ROW(5) TILE_ROW(6) TILE_ROW(7)
