@@ -31,17 +31,6 @@ def polyval(coeffs: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def interp(x: torch.Tensor, xs: tuple[float, ...], ys: tuple[float, ...]) -> torch.Tensor:
-    """Piecewise-linear curve through (xs, ys), flat beyond the ends (a measured noise curve)."""
-    xs_t = torch.tensor(xs, dtype=x.dtype, device=x.device)
-    ys_t = torch.tensor(ys, dtype=x.dtype, device=x.device)
-    xc = x.clamp(xs_t[0], xs_t[-1])
-    idx = torch.bucketize(xc.contiguous(), xs_t).clamp(1, len(xs) - 1)
-    x0, x1 = xs_t[idx - 1], xs_t[idx]
-    y0, y1 = ys_t[idx - 1], ys_t[idx]
-    return y0 + (y1 - y0) * (xc - x0) / (x1 - x0)
-
-
 def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Standard normal noise shaped like ``x`` drawn from ``generator`` (reproducible chip instances),
     on parallel streams for large tensors (:func:`analogllm.ops.noise.gaussian`)."""
