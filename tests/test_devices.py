@@ -128,7 +128,8 @@ def test_photonic_mesh_reproduces_weight_without_noise():
     assert 0 < errors[0] < errors[1]
     lossy = Photonic(mesh_size=8, phase_bits=None, phase_noise=0.0, loss_db_per_mzi=0.5).realise(w, 0.0, gen())
     assert lossy.gain > 1.0  # the electronic gain calibrated against the loss
-    assert ((lossy.weight * lossy.gain - w).norm() / w.norm()).item() < 0.5
+    # balanced edges: uniform insertion loss is one scale per mesh, which the calibration removes
+    assert ((lossy.weight * lossy.gain - w).norm() / w.norm()).item() < 1e-6
 
 
 @pytest.mark.parametrize("profile", ["pcm", "rram", "photonic"])
