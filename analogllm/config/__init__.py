@@ -11,10 +11,13 @@ from analogllm.config.analog import (
     TrainingConfig,
     device_names,
     profile_names,
+    profile_parameters,
+    profile_sources,
+    source_of,
 )
 from analogllm.config.schema import ConfigError
 
 __all__ = [
     "ADCConfig", "AnalogConfig", "ConfigError", "DACConfig", "DriftConfig", "OutputConfig", "TilingConfig",
-    "TrainingConfig", "device_names", "profile_names",
+    "TrainingConfig", "device_names", "profile_names", "profile_parameters", "profile_sources", "source_of",
 ]
