@@ -462,10 +462,10 @@ def compose_matrix(
     (:func:`thermal_crosstalk`), then additive Gaussian noise of std `phase_noise_std` rad on every
     theta, phi and output phase, with per-MZI insertion loss (idle edge slots included when
     `balanced_edges`) and per-waveguide propagation loss (`mode_loss_mean_db`: one value or one per
-    waveguide, plus a per-chip spread `mode_loss_std_db`, :func:`draw_mode_loss`). Random numbers come from `generator` in a fixed order (phase noise of
-    U, then of V, then mode losses of U, then of V), so a seed fixes the chip instance and switching a
-    later effect on does not move an earlier one's draws. The attenuators sigma and the electronic gain
-    are applied exactly.
+    waveguide, plus a per-chip spread `mode_loss_std_db`, :func:`draw_mode_loss`). Random numbers come
+    from `generator` in a fixed order (phase noise of U, then of V, then mode losses of U, then of V),
+    so a seed fixes the chip instance and switching a later effect on does not move an earlier one's
+    draws. The attenuators sigma and the electronic gain are applied exactly.
 
     Why the real part: for a real W the SVD factors are real orthogonal and exact phases rebuild them,
     so the imaginary part is round-off (~1e-15). A perturbed mesh yields a complex matrix; coherent
