@@ -65,3 +65,48 @@ def test_include_exclude_selection():
     assert cfg.selects("model.layers.0.mlp.up_proj")
     assert not cfg.selects("model.layers.0.mlp.down_proj")
     assert not cfg.selects("model.layers.0.self_attn.q_proj")
+
+
+# ----- sources --------------------------------------------------------------------------------------------
+def test_every_device_field_of_every_profile_has_its_own_source():
+    import dataclasses
+
+    from analogllm.config import profile_names, profile_sources
+
+    for name in profile_names():
+        device = al.AnalogConfig.from_profile(name).device
+        keys = {part.strip() for key in profile_sources(name) for part in key.split("/")}
+        missing = [f.name for f in dataclasses.fields(device) if f"device.{f.name}" not in keys]
+        assert not missing, f"profile {name}: no source for device field(s) {', '.join(missing)}"
+
+
+def test_source_lookup_takes_the_most_specific_key():
+    from analogllm.config import source_of
+
+    sources = {"dac/adc": "converters", "adc.bound": "bound", "device.g_max": "g"}
+    assert source_of("adc.bits", sources) == "converters" and source_of("dac.range", sources) == "converters"
+    assert source_of("adc.bound", sources) == "bound"
+    assert source_of("device.g_max", sources) == "g"
+    assert source_of("device.g_maximum", sources) is None  # a prefix only counts at a dot
+    assert source_of("tiling.rows", {**sources, "all": "everything"}) == "everything"
+
+
+def test_cli_profiles_sources_lists_every_parameter_with_its_source(capsys):
+    import re
+
+    from analogllm.cli import main
+    from analogllm.config import profile_names, profile_parameters
+
+    assert main(["profiles", "--sources"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines()[2:]:
+        cells = re.split(r"(?<!\\)\|", line.strip()[1:-1])
+        profile, parameter, value, source = (c.strip().replace("\\|", "|") for c in cells)
+        rows[profile, parameter] = (value, source)
+    for name in profile_names():
+        for parameter, _, source in profile_parameters(name):
+            assert (name, parameter) in rows
+            if parameter.startswith("device."):
+                assert rows[name, parameter][1] == source and source and source != "—"
+    assert rows["pcm", "device.g_max"][0] == "25.0"
+    assert "Wan et al." in rows["rram", "device.prog_noise"][1]

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from analogllm.config import AnalogConfig, profile_names
+from analogllm.config import AnalogConfig, profile_names, profile_parameters
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -30,6 +30,8 @@ def add_set_argument(parser: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profiles", help="list the built-in device profiles and their key parameters")
+    p.add_argument("--sources", action="store_true",
+                   help="print every parameter of every profile with the source of its value")
     p.set_defaults(func=run_profiles)
 
     p = sub.add_parser("convert", help="convert a model (id, path or built-in name) into an analogue checkpoint")
@@ -63,7 +65,22 @@ def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
 
 
+def source_rows() -> list[tuple[str, ...]]:
+    """(profile, parameter, value, source) for every parameter of every built-in profile; "—" where
+    the profile cites nothing for it. Cells are Markdown-escaped."""
+    rows = []
+    for name in profile_names():
+        for key, value, source in profile_parameters(name):
+            shown = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+            cells = (name, key, shown.removesuffix("\n...").removesuffix("..."), source or "—")
+            rows.append(tuple(c.replace("|", "\\|") for c in cells))  # a literal | inside a Markdown cell
+    return rows
+
+
 def run_profiles(args: argparse.Namespace) -> int:
+    if args.sources:
+        print(markdown_table(("profile", "parameter", "value", "source"), source_rows()))
+        return 0
     header = ("profile", "device", "DAC bits", "ADC bits", "tiles", "out noise", "train noise", "device parameters")
     print(markdown_table(header, profile_rows()))
     return 0

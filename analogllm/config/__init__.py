@@ -12,10 +12,14 @@ from analogllm.config.analog import (
     TrainingConfig,
     device_names,
     profile_names,
+    profile_parameters,
+    profile_sources,
+    source_of,
 )
 from analogllm.config.schema import ConfigError
 
 __all__ = [
-    "ADCConfig", "AnalogConfig", "ConfigError", "DACConfig", "DriftConfig", "MappingConfig", "OutputConfig", "TilingConfig",
-    "TrainingConfig", "device_names", "profile_names",
+    "ADCConfig", "AnalogConfig", "ConfigError", "DACConfig", "DriftConfig", "MappingConfig", "OutputConfig",
+    "TilingConfig", "TrainingConfig", "device_names", "profile_names", "profile_parameters", "profile_sources",
+    "source_of",
 ]

@@ -282,6 +282,47 @@ def profile_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in resources.files("analogllm.profiles").iterdir() if p.name.endswith(".yaml"))
 
 
+def profile_sources(name: str) -> dict[str, str]:
+    """The ``sources:`` block of a built-in profile: key → citation. A key names one or more
+    parameters by dotted prefix, several joined by "/" (``"dac/adc"``); ``all`` covers every one."""
+    names = profile_names()
+    if name not in names:
+        raise ConfigError(f"unknown profile {name!r}; built-in profiles: {', '.join(names)}")
+    data = yaml.safe_load(resources.files("analogllm.profiles").joinpath(f"{name}.yaml").read_text())
+    return {str(k): str(v) for k, v in (data.get("sources") or {}).items()}
+
+
+def source_of(parameter: str, sources: dict[str, str]) -> str | None:
+    """The citation covering ``parameter`` (e.g. ``"adc.bits"``): the most specific key whose prefix is
+    the parameter or one of its parents, else ``all``, else None."""
+    best: tuple[int, str] | None = None
+    for key, text in sources.items():
+        for prefix in key.split("/"):
+            prefix = prefix.strip()
+            if parameter == prefix or parameter.startswith(prefix + "."):
+                if best is None or len(prefix) > best[0]:
+                    best = (len(prefix), text)
+    if best is not None:
+        return best[1]
+    return sources.get("all")
+
+
+def profile_parameters(name: str) -> list[tuple[str, Any, str | None]]:
+    """(dotted parameter, value, source or None) for every parameter of built-in profile ``name``."""
+    sources = profile_sources(name)
+    rows: list[tuple[str, Any, str | None]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, sub)
+        else:
+            rows.append((prefix, value, source_of(prefix, sources)))
+
+    walk("", AnalogConfig.from_profile(name).to_dict())
+    return rows
+
+
 def _read_profile(name: str) -> dict[str, Any]:
     path = Path(name)
     if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
@@ -303,6 +344,5 @@ def _read_profile(name: str) -> dict[str, Any]:
 
 __all__ = [
     "ADCConfig", "AnalogConfig", "DACConfig", "DriftConfig", "MappingConfig", "OutputConfig", "TilingConfig",
-    "TrainingConfig",
-    "device_names", "profile_names",
+    "TrainingConfig", "device_names", "profile_names", "profile_parameters", "profile_sources", "source_of",
 ]

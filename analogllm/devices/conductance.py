@@ -1,11 +1,15 @@
-"""Shared crossbar arithmetic: differential conductance pairs and noise curves given as points.
+"""Shared crossbar arithmetic: differential conductance pairs, noise polynomials and stuck devices.
 
 Both resistive devices (PCM, RRAM) encode a normalised weight w ∈ [-1, 1] as G+ − G− with one device
-of the pair at zero conductance (aihwkit SinglePairConductanceConverter, CrossSim BALANCED), so the
-mapping lives here once.
+of the pair targeted at zero conductance (aihwkit SinglePairConductanceConverter, CrossSim BALANCED), so
+the mapping lives here once. That idle device is still a device: it is programmed (to 0 µS, with the
+programming error of a 0 µS target), drifts and is read like the other one.
 """
 
 from __future__ import annotations
+
+import math
+from statistics import NormalDist
 
 import torch
 
@@ -20,25 +24,46 @@ def weight_to_pair(weight: torch.Tensor, g_max: float) -> tuple[torch.Tensor, to
 
 
 def polyval(coeffs: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
-    """c0 + c1·x + c2·x² + … (Horner), the form aihwkit uses for PCM noise curves."""
+    """c0 + c1·x + c2·x² + … (Horner), the form aihwkit uses for its PCM and RRAM noise curves."""
     out = torch.full_like(x, coeffs[-1])
     for c in reversed(coeffs[:-1]):
         out = out * x + c
     return out
 
 
-def interp(x: torch.Tensor, xs: tuple[float, ...], ys: tuple[float, ...]) -> torch.Tensor:
-    """Piecewise-linear curve through (xs, ys), flat beyond the ends (a measured noise curve)."""
-    xs_t = torch.tensor(xs, dtype=x.dtype, device=x.device)
-    ys_t = torch.tensor(ys, dtype=x.dtype, device=x.device)
-    xc = x.clamp(xs_t[0], xs_t[-1])
-    idx = torch.bucketize(xc.contiguous(), xs_t).clamp(1, len(xs) - 1)
-    x0, x1 = xs_t[idx - 1], xs_t[idx]
-    y0, y1 = ys_t[idx - 1], ys_t[idx]
-    return y0 + (y1 - y0) * (xc - x0) / (x1 - x0)
-
-
 def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Standard normal noise shaped like ``x`` drawn from ``generator`` (reproducible chip instances),
     on parallel streams for large tensors (:func:`analogllm.ops.noise.gaussian`)."""
     return gaussian(x.shape, x, generator).wait()
+
+
+def _normal_quantile(p: float) -> float:
+    """Φ⁻¹(p), with ±inf at p = 0 and 1."""
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    return NormalDist().inv_cdf(p)
+
+
+def stuck_devices(like: torch.Tensor, p_low: float, p_high: float,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Which devices are stuck low / stuck high: two disjoint boolean masks shaped like ``like``.
+
+    Each device is stuck low with probability ``p_low`` and stuck high with probability ``p_high``,
+    independently of the others, from one standard normal draw per device (z < Φ⁻¹(p_low) → low,
+    z > Φ⁻¹(1 − p_high) → high), so the faults use the same reproducible streams as the noise. None
+    (and nothing drawn) when both are 0: a fault-free chip's random numbers are untouched.
+    """
+    if p_low == 0.0 and p_high == 0.0:
+        return None
+    z = randn_like(like, generator)
+    return z < _normal_quantile(p_low), z > _normal_quantile(1.0 - p_high)
+
+
+def apply_stuck(g: torch.Tensor, stuck: tuple[torch.Tensor, torch.Tensor] | None, g_max: float) -> torch.Tensor:
+    """Conductances with stuck-low devices at 0 µS and stuck-high devices at ``g_max``."""
+    if stuck is None:
+        return g
+    low, high = stuck
+    return torch.where(low, torch.zeros_like(g), torch.where(high, torch.full_like(g, g_max), g))

@@ -27,10 +27,29 @@ realises D L_{N-1} ... L_1 L_0, where L_c is the block-diagonal product of colum
 tensors have one entry per MZI, ordered column by column and, inside a column, by increasing top mode;
 `mesh_layout` gives each entry's (column, top mode).
 
-Insertion loss is charged per MZI (both of its outputs are scaled by 10^(-dB/20)); a mode that is idle
-in a column (mode 0 in odd columns, the last mode where N's parity leaves it unpaired) passes unscaled.
-So the mesh is NOT loss-balanced: for even N an interior mode held in the bar state crosses N MZIs, while
-modes 0 and N-1 cross only N/2 (odd N: (N+1)/2 for mode 0, (N-1)/2 for mode N-1).
+Loss
+----
+Two kinds of optical loss enter a mesh, both as field (amplitude) factors 10^(-dB/20):
+
+* insertion loss, charged per MZI: both outputs of every MZI are scaled by 10^(-loss_db_per_mzi/20);
+  a mode that is idle in a column (mode 0 in odd columns, the last mode where N's parity leaves it
+  unpaired) passes unscaled. So the mesh is NOT loss-balanced: for even N an interior mode held in the
+  bar state crosses N MZIs, while modes 0 and N-1 cross only N/2 (odd N: (N+1)/2 for mode 0, (N-1)/2
+  for mode N-1), and a general path's loss depends on the route its light takes. With balanced_edges an
+  idle slot holds a loss-matched dummy element (e.g. a bar-state MZI) and is charged the same factor, so
+  every path crosses N lossy elements and uniform insertion loss is one scale factor eta^N per mesh.
+* per-mode (waveguide) propagation loss: waveguide m of a mesh loses mode_loss_db[m] dB over the whole
+  mesh, spread evenly over its N columns (after column c, row m is scaled by 10^(-mode_loss_db[m]/(20 N)),
+  idle or not). Light that changes waveguide at an MZI collects the loss of each waveguide it travels.
+
+Thermal crosstalk
+-----------------
+A thermo-optic phase shifter heats its neighbours. To first order the phase a heater actually applies is
+its own setting plus a fraction kappa of each neighbouring heater's drive (heater power, and so phase, is
+linear in the drive for a thermal shifter, phi = gamma V^2): phase_j' = phase_j + kappa * sum_{i ~ j} phase_i.
+Neighbours are the same kind of heater (theta with theta, phi with phi) on the adjacent MZIs of the same
+column (top modes m - 2 and m + 2), and adjacent output phase shifters (modes m - 1, m + 1). A heater set to
+0 is undriven; theta is driven in proportion to its value on [0, pi/2] and phi on [0, 2 pi).
 
 All mesh arithmetic runs in float64 / complex128: the nulling decomposition of a 64-mode unitary takes
 2016 sequential rotations, and float32 round-off would dominate any quantization or noise study.
@@ -57,6 +76,8 @@ __all__ = [
     "dequantize_codes",
     "decompose_matrix",
     "compose_matrix",
+    "thermal_crosstalk",
+    "draw_mode_loss",
 ]
 
 TWO_PI = 2.0 * math.pi
@@ -255,14 +276,19 @@ def mesh_matrix(
     phi_noise: Tensor | None = None,
     loss_db_per_mzi: float = 0.0,
     out_phase_noise: Tensor | None = None,
+    mode_loss_db: Tensor | None = None,
+    balanced_edges: bool = False,
 ) -> Tensor:
     """The [B, N, N] complex matrix a batch of meshes realises, D L_{N-1} ... L_0.
 
     Optional additive noises (radians, broadcastable to theta / phi / out_phase) model phase errors;
     they are not wrapped or clipped, since T is defined for any angle. Each MZI scales both outputs by
-    10^(-loss_db_per_mzi / 20); idle modes are not scaled (see the module docstring). Layers are
-    applied one column at a time to all of the column's disjoint mode pairs and the whole batch at
-    once, via strided row slices. Differentiable in the phases and noises.
+    10^(-loss_db_per_mzi / 20); idle modes are not scaled. ``mode_loss_db`` ([B, N] or [N], dB) is each
+    waveguide's propagation loss over the whole mesh, charged in N equal parts after every column (see
+    the module docstring). Layers are applied one column at a time to all of the column's disjoint mode
+    pairs and the whole batch at once, via strided row slices. ``balanced_edges`` charges a mode left
+    idle in a column the same loss as an MZI (a loss-matched dummy element in the edge slot), so every
+    path crosses N lossy elements. Differentiable in the phases and noises.
     """
     theta = phases.theta if theta_noise is None else phases.theta + theta_noise
     phi = phases.phi if phi_noise is None else phases.phi + phi_noise
@@ -273,19 +299,60 @@ def mesh_matrix(
     top_gain, bottom_gain = eta * e * cos, eta * e * sin
     cos, sin = eta * cos, eta * sin
     offsets = _column_offsets(n)
+    segment = None
+    if mode_loss_db is not None:  # field factor of one column's length of each waveguide
+        segment = (10.0 ** (-mode_loss_db.to(torch.float64) / (20.0 * n))).expand(theta.shape[0], n)[:, :, None]
     x = torch.eye(n, dtype=e.dtype, device=e.device).expand(theta.shape[0], n, n)
     for col in range(n):
         first, count = col % 2, offsets[col + 1] - offsets[col]
-        if count == 0:
-            continue
-        sl = slice(offsets[col], offsets[col + 1])
-        top = x[:, first : first + 2 * count : 2]
-        bottom = x[:, first + 1 : first + 2 * count : 2]
-        new_top = top_gain[:, sl, None] * top - sin[:, sl, None] * bottom
-        new_bottom = bottom_gain[:, sl, None] * top + cos[:, sl, None] * bottom
-        pairs = torch.stack((new_top, new_bottom), dim=2).reshape(x.shape[0], 2 * count, n)
-        x = torch.cat((x[:, :first], pairs, x[:, first + 2 * count :]), dim=1)
+        if count > 0:
+            sl = slice(offsets[col], offsets[col + 1])
+            top = x[:, first : first + 2 * count : 2]
+            bottom = x[:, first + 1 : first + 2 * count : 2]
+            new_top = top_gain[:, sl, None] * top - sin[:, sl, None] * bottom
+            new_bottom = bottom_gain[:, sl, None] * top + cos[:, sl, None] * bottom
+            pairs = torch.stack((new_top, new_bottom), dim=2).reshape(x.shape[0], 2 * count, n)
+            x = torch.cat((x[:, :first], pairs, x[:, first + 2 * count :]), dim=1)
+        if balanced_edges and eta != 1.0 and 2 * count < n:  # the column's idle edge modes
+            idle = torch.ones(n, dtype=torch.float64, device=x.device)
+            idle[:first] = eta
+            idle[first + 2 * count :] = eta
+            x = x * idle[None, :, None]
+        if segment is not None:
+            x = x * segment
     return _unit(out)[:, :, None] * x
+
+
+def _neighbour_sum(p: Tensor, same_group_as_next: Tensor) -> Tensor:
+    """p[..., j - 1] + p[..., j + 1], counting only neighbours in the same group (column) as j.
+
+    ``same_group_as_next[j]`` says whether entries j and j + 1 are neighbours ([M - 1] bools)."""
+    zero = torch.zeros_like(p[..., :1])
+    link = same_group_as_next.to(p.dtype)
+    from_next = torch.cat((p[..., 1:] * link, zero), dim=-1)
+    from_prev = torch.cat((zero, p[..., :-1] * link), dim=-1)
+    return from_next + from_prev
+
+
+def thermal_crosstalk(phases: MeshPhases, kappa: float) -> MeshPhases:
+    """The phases a mesh's heaters actually apply when each gets ``kappa`` of its neighbours' drive.
+
+    First-order linear crosstalk (module docstring): theta_j' = theta_j + kappa (theta_{j-1} + theta_{j+1})
+    over the adjacent MZIs of the same column, likewise for phi, and out_phase_m' = out_phase_m + kappa
+    (out_phase_{m-1} + out_phase_{m+1}). Results are not wrapped (T is defined for any angle); kappa = 0
+    returns ``phases`` itself.
+    """
+    if kappa == 0.0:
+        return phases
+    column, _ = mesh_layout(phases.n)
+    same_column = (column[1:] == column[:-1]).to(phases.theta.device)
+    screen = torch.ones(phases.n - 1, dtype=torch.bool, device=phases.theta.device)
+    return MeshPhases(
+        theta=phases.theta + kappa * _neighbour_sum(phases.theta, same_column),
+        phi=phases.phi + kappa * _neighbour_sum(phases.phi, same_column),
+        out_phase=phases.out_phase + kappa * _neighbour_sum(phases.out_phase, screen),
+        n=phases.n,
+    )
 
 
 def dequantize_codes(codes: PhaseCodes) -> MeshPhases:
@@ -330,23 +397,50 @@ def decompose_matrix(w: Tensor) -> MeshTile:
     )
 
 
-def _realised_mesh(
-    phases: MeshPhases, std: float, generator: torch.Generator | None, loss_db_per_mzi: float
-) -> Tensor:
-    """Mesh matrix with Gaussian phase noise drawn in the fixed order theta, phi, out_phase."""
+def _phase_noise(phases: MeshPhases, std: float, generator: torch.Generator | None) -> tuple[Tensor, ...] | None:
+    """Gaussian phase errors (theta, phi, out_phase), drawn in that fixed order; None when std is 0."""
     if std == 0.0:
-        return mesh_matrix(phases, loss_db_per_mzi=loss_db_per_mzi)
+        return None
 
     def noise(like: Tensor) -> Tensor:
         return std * torch.randn(like.shape, generator=generator, dtype=torch.float64, device=like.device)
 
-    return mesh_matrix(
-        phases,
-        theta_noise=noise(phases.theta),
-        phi_noise=noise(phases.phi),
-        loss_db_per_mzi=loss_db_per_mzi,
-        out_phase_noise=noise(phases.out_phase),
-    )
+    return noise(phases.theta), noise(phases.phi), noise(phases.out_phase)
+
+
+def _realised_mesh(phases: MeshPhases, noise: tuple[Tensor, ...] | None, loss_db_per_mzi: float,
+                   mode_loss_db: Tensor | None, balanced_edges: bool) -> Tensor:
+    if noise is None:
+        return mesh_matrix(phases, loss_db_per_mzi=loss_db_per_mzi, mode_loss_db=mode_loss_db,
+                           balanced_edges=balanced_edges)
+    theta_noise, phi_noise, out_noise = noise
+    return mesh_matrix(phases, theta_noise=theta_noise, phi_noise=phi_noise, loss_db_per_mzi=loss_db_per_mzi,
+                       out_phase_noise=out_noise, mode_loss_db=mode_loss_db, balanced_edges=balanced_edges)
+
+
+def draw_mode_loss(tile: MeshTile, mean_db: float | Tensor, std_db: float,
+                   generator: torch.Generator | None) -> tuple[Tensor, Tensor] | None:
+    """Per-waveguide propagation loss (dB over one mesh) of the U and V meshes, each [B, k].
+
+    Every waveguide gets ``mean_db + std_db * z`` (``mean_db`` one value or [k], fixed by the profile;
+    z standard normal, drawn per chip, U mesh first; clipped at 0 dB: a passive waveguide cannot
+    amplify). None when there is no loss; with ``std_db = 0`` nothing is drawn, so a fixed loss does
+    not move the chip's other random numbers.
+    """
+    mean = torch.as_tensor(mean_db, dtype=torch.float64)
+    if std_db == 0.0 and not bool((mean != 0).any()):
+        return None
+    shape = tile.u.out_phase.shape
+    device = tile.u.out_phase.device
+
+    def one() -> Tensor:
+        loss = mean.to(device).expand(shape).clone()
+        if std_db > 0:
+            loss = loss + std_db * torch.randn(shape, generator=generator, dtype=torch.float64, device=device)
+        return loss.clamp(min=0.0)
+
+    u = one()
+    return u, one()
 
 
 def compose_matrix(
@@ -356,13 +450,22 @@ def compose_matrix(
     phase_noise_std: float = 0.0,
     generator: torch.Generator | None = None,
     loss_db_per_mzi: float = 0.0,
+    crosstalk: float = 0.0,
+    mode_loss_mean_db: float | Tensor = 0.0,
+    mode_loss_std_db: float = 0.0,
+    balanced_edges: bool = False,
 ) -> Tensor:
     """The real [B, k, k] matrix the chip realises: gain * Re(U' diag(sigma) Vh').
 
-    U', Vh' are the meshes after optional `phase_bits` quantization of every phase, then additive
-    Gaussian noise of std `phase_noise_std` rad on every theta, phi and output phase (drawn from
-    `generator`, U mesh first, so a seed fixes the chip instance), with per-MZI insertion loss. The
-    attenuators sigma and the electronic gain are applied exactly.
+    U', Vh' are the meshes after, in this order: optional `phase_bits` quantization of every phase (the
+    DAC codes), first-order thermal crosstalk `crosstalk` between neighbouring heaters
+    (:func:`thermal_crosstalk`), then additive Gaussian noise of std `phase_noise_std` rad on every
+    theta, phi and output phase, with per-MZI insertion loss (idle edge slots included when
+    `balanced_edges`) and per-waveguide propagation loss (`mode_loss_mean_db`: one value or one per
+    waveguide, plus a per-chip spread `mode_loss_std_db`, :func:`draw_mode_loss`). Random numbers come
+    from `generator` in a fixed order (phase noise of U, then of V, then mode losses of U, then of V),
+    so a seed fixes the chip instance and switching a later effect on does not move an earlier one's
+    draws. The attenuators sigma and the electronic gain are applied exactly.
 
     Why the real part: for a real W the SVD factors are real orthogonal and exact phases rebuild them,
     so the imaginary part is round-off (~1e-15). A perturbed mesh yields a complex matrix; coherent
@@ -372,8 +475,13 @@ def compose_matrix(
     if phase_bits is not None:
         u_phases = quantize_phases(u_phases, phase_bits)[0]
         v_phases = quantize_phases(v_phases, phase_bits)[0]
-    u = _realised_mesh(u_phases, phase_noise_std, generator, loss_db_per_mzi)
-    vh = _realised_mesh(v_phases, phase_noise_std, generator, loss_db_per_mzi)
+    u_phases, v_phases = thermal_crosstalk(u_phases, crosstalk), thermal_crosstalk(v_phases, crosstalk)
+    u_noise = _phase_noise(u_phases, phase_noise_std, generator)
+    v_noise = _phase_noise(v_phases, phase_noise_std, generator)
+    mode_loss = draw_mode_loss(tile, mode_loss_mean_db, mode_loss_std_db, generator)
+    u_loss, v_loss = (None, None) if mode_loss is None else mode_loss
+    u = _realised_mesh(u_phases, u_noise, loss_db_per_mzi, u_loss, balanced_edges)
+    vh = _realised_mesh(v_phases, v_noise, loss_db_per_mzi, v_loss, balanced_edges)
     sigma = tile.sigma.to(torch.float64)
     w = (u * sigma[:, None, :]) @ vh
     return (tile.gain.to(torch.float64)[:, None, None] * w.real).to(tile.sigma.dtype)

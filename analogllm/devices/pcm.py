@@ -1,10 +1,24 @@
 """Phase-change memory (PCM) crossbar, with the statistical model IBM fitted to its devices.
 
-Weights are differential pairs G+ − G− (one device of the pair RESET at 0 µS). One chip instance
-draws, in this order and from one generator: programming noise of every device, then its drift
-exponent ν. Drift then scales each conductance by ((t + t0)/t0)^(−ν), and 1/f read noise grows with
-log time. All defaults are aihwkit's ``PCMLikeNoiseModel`` (Nandakumar et al. 2019, Le Gallo et al.
-2023); ``configs/pcm.yaml`` cites them field by field.
+Weights are differential pairs G+ − G−: the device on the weight's side is targeted at |w|·g_max, the
+other (idle) one at 0 µS. Both are programmed, so both carry programming error, drift and read noise,
+as in aihwkit's ``PCMLikeNoiseModel`` with its ``SinglePairConductanceConverter``. One chip instance
+draws, in this order and from one generator: for G+ then G−, the programming noise of every device and
+then its drift exponent ν; then, if the profile has stuck devices, which devices are stuck (G+, G−).
+
+* programming: G_p = max(G_T + σ_p(x_T)·z, 0), σ_p(x) = c0 + c1·x + c2·x² µS (x_T = G_T/g_max). An idle
+  device (x_T = 0) gets σ_p(0) = 0.263 µS, so after the clamp it sits at +0.105 µS on average with a
+  0.154 µS spread: a zero weight reads 0 ± 0.218 µS, and a non-zero weight is pulled 0.105 µS towards 0.
+* drift: G(t) = G_p·((t + t0)/t0)^(−ν), ν = |N(μν(x_T), σν(x_T))|, μν and σν clipped log-linear in x_T.
+* 1/f read noise, fresh at every read: σ_r = |G(t)|·Q_s(x_T)·√ln((t + t0 + t_read)/(2 t_read)),
+  Q_s(x) = min(0.0088/max(x^0.65, 10⁻³), 0.2) — Q_s from the *target* conductance (Joshi et al., Nat.
+  Commun. 2020; aihwkit evaluates it at the programmed one, which differs by < 2 % for x ≥ 0.1), the
+  magnitude from the drifted one.
+* stuck devices (drawn once per chip): stuck-low at 0 µS, stuck-high at g_max, whatever the target; a
+  stuck device neither drifts nor adds read noise.
+
+All defaults are aihwkit's ``PCMLikeNoiseModel`` (Nandakumar et al. 2019, Le Gallo et al. 2023); the
+profile ``pcm.yaml`` cites them field by field and ``docs/physics.md`` writes the model out.
 """
 
 from __future__ import annotations
@@ -15,8 +29,11 @@ from dataclasses import dataclass
 import torch
 
 from analogllm.devices.base import Device, Realisation
-from analogllm.devices.conductance import polyval, randn_like, weight_to_pair
+from analogllm.devices.conductance import apply_stuck, polyval, randn_like, stuck_devices, weight_to_pair
 from analogllm.config.schema import check
+
+#: aihwkit's floor on x = G/g_max inside ln x (PCMLikeNoiseModel's _ZERO_CLIP)
+_X_FLOOR = 1e-7
 
 
 @dataclass(frozen=True)
@@ -27,9 +44,10 @@ class PCM(Device):
     prog_noise:            σ_prog(x) = c0 + c1·x + c2·x² in µS, fitted at ``prog_noise_gmax`` µS
                            (rescaled proportionally to ``g_max``); × ``prog_noise_scale``.
     read_noise_qs, read_noise_exp, read_noise_qs_max: 1/f read noise
-                           σ = G·min(qs / x^exp, qs_max)·√ln((t + t_read)/(2·t_read)); × ``read_noise_scale``.
+                           σ = |G(t)|·min(qs / x_T^exp, qs_max)·√ln((t + t_read)/(2·t_read)); × ``read_noise_scale``.
     drift_t0:              seconds after programming at which the reference is read.
-    drift_mu / drift_sigma: (slope, intercept, low, high) of μν, σν = clip(slope·ln x + intercept, low, high).
+    drift_mu / drift_sigma: (slope, intercept, low, high) of μν, σν = clip(slope·ln x_T + intercept, low, high).
+    stuck_low / stuck_high: fraction of devices stuck at 0 µS / at g_max, drawn once per chip instance.
     """
 
     kind = "pcm"
@@ -47,12 +65,15 @@ class PCM(Device):
     drift_mu: tuple[float, float, float, float] = (-0.0155, 0.0244, 0.049, 0.1)
     drift_sigma: tuple[float, float, float, float] = (-0.0125, -0.0059, 0.008, 0.045)
     drift_scale: float = 1.0
+    stuck_low: float = 0.0
+    stuck_high: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.g_max > 0, "device.g_max", f"must be > 0 µS, got {self.g_max}")
         check(len(self.prog_noise) >= 1, "device.prog_noise", "needs at least one coefficient")
-        for name in ("prog_noise_scale", "read_noise_scale", "drift_scale", "read_noise_qs"):
+        for name in ("prog_noise_scale", "read_noise_scale", "drift_scale", "read_noise_qs", "stuck_low", "stuck_high"):
             check(getattr(self, name) >= 0, f"device.{name}", "must be >= 0")
+        check(self.stuck_low + self.stuck_high <= 1, "device.stuck_low", "stuck_low + stuck_high must be <= 1")
         check(self.drift_t0 > 0 and self.t_read > 0, "device.drift_t0", "drift_t0 and t_read must be > 0")
         check(len(self.drift_mu) == 4 and len(self.drift_sigma) == 4, "device.drift_mu",
               "drift_mu and drift_sigma are (slope, intercept, low, high)")
@@ -62,38 +83,49 @@ class PCM(Device):
         return self.drift_scale > 0
 
     def summary(self) -> str:
-        return f"g_max {self.g_max} µS, σ_prog {self.prog_noise[0]:.2f}–{max(self.prog_noise[0], sum(self.prog_noise)):.2f} µS, drift ν≈0.05"
+        text = (f"g_max {self.g_max} µS, σ_prog {self.prog_noise[0]:.2f}–"
+                f"{max(self.prog_noise[0], sum(self.prog_noise)):.2f} µS (both devices), drift ν≈0.05")
+        if self.stuck_low or self.stuck_high:
+            text += f", stuck {self.stuck_low:g}/{self.stuck_high:g}"
+        return text
 
     # ----- the statistical model, one function per effect so tests and exports can use them ----------------
     def prog_std(self, g_target: torch.Tensor) -> torch.Tensor:
-        """Programming noise std (µS) for target conductances (µS); RESET devices (G = 0) get none."""
+        """Programming noise std (µS) for target conductances (µS), the idle device's 0 µS included."""
         x = g_target / self.g_max
-        std = polyval(self.prog_noise, x).clamp(min=0) * (self.g_max / self.prog_noise_gmax) * self.prog_noise_scale
-        return torch.where(g_target > 0, std, torch.zeros_like(std))
+        return polyval(self.prog_noise, x).clamp(min=0) * (self.g_max / self.prog_noise_gmax) * self.prog_noise_scale
 
-    def drift_nu(self, g_prog: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Drift exponents ν = |N(μν(x), σν(x))|, device-to-device spread included."""
-        log_x = torch.log((g_prog / self.g_max).clamp(min=1e-6))
+    def drift_nu(self, g_target: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Drift exponents ν = |N(μν(x_T), σν(x_T))| of devices with target ``g_target``, spread included."""
+        log_x = torch.log((g_target / self.g_max).abs().clamp(min=_X_FLOOR))
         a, b, lo, hi = self.drift_mu
         mu = (a * log_x + b).clamp(lo, hi)
         a, b, lo, hi = self.drift_sigma
         sigma = (a * log_x + b).clamp(lo, hi)
-        return (mu + sigma * randn_like(g_prog, generator)).abs() * self.drift_scale
+        return (mu + sigma * randn_like(g_target, generator)).abs() * self.drift_scale
 
-    def read_std(self, g: torch.Tensor, seconds: float) -> torch.Tensor:
-        """1/f read noise std (µS) of devices at conductance ``g`` read ``seconds`` after programming."""
-        x = (g / self.g_max).clamp(min=1e-6)
-        qs = (self.read_noise_qs / x.pow(self.read_noise_exp)).clamp(max=self.read_noise_qs_max)
+    def read_std(self, g: torch.Tensor, g_target: torch.Tensor, seconds: float) -> torch.Tensor:
+        """1/f read noise std (µS) of devices now at conductance ``g``, programmed to ``g_target``, read
+        ``seconds`` after programming: |g|·Q_s(x_T)·√ln((t + t_read)/(2 t_read)), t = seconds + t0."""
+        x = (g_target / self.g_max).abs()
+        qs = (self.read_noise_qs / x.pow(self.read_noise_exp).clamp(min=1e-3)).clamp(max=self.read_noise_qs_max)
         t = seconds + self.drift_t0
-        return g * qs * math.sqrt(math.log((t + self.t_read) / (2 * self.t_read))) * self.read_noise_scale
+        return g.abs() * qs * math.sqrt(math.log((t + self.t_read) / (2 * self.t_read))) * self.read_noise_scale
 
     def realise(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
-        pair = []
-        for g_target in weight_to_pair(weight, self.g_max):
+        targets = weight_to_pair(weight, self.g_max)
+        drawn = []
+        for g_target in targets:  # G+ then G−: programming noise, then ν
             g_prog = (g_target + self.prog_std(g_target) * randn_like(g_target, generator)).clamp(min=0)
-            nu = self.drift_nu(g_prog, generator)
+            drawn.append((g_target, g_prog, self.drift_nu(g_target, generator)))
+        stuck = [stuck_devices(g, self.stuck_low, self.stuck_high, generator) for g in targets]
+        pair = []
+        for (g_target, g_prog, nu), faults in zip(drawn, stuck):
             g_t = g_prog * ((seconds + self.drift_t0) / self.drift_t0) ** (-nu) if seconds > 0 else g_prog
-            pair.append((g_prog, g_t, self.read_std(g_t, seconds)))
+            read = self.read_std(g_t, g_target, seconds)
+            if faults is not None:
+                read = torch.where(faults[0] | faults[1], torch.zeros_like(read), read)
+            pair.append((apply_stuck(g_prog, faults, self.g_max), apply_stuck(g_t, faults, self.g_max), read))
         (p0, gp, sp), (m0, gm, sm) = pair
         read = torch.sqrt(sp.square() + sm.square()) / self.g_max
         return Realisation(

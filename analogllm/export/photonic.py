@@ -63,7 +63,12 @@ def device_record(device: Device, levels: int | None) -> dict[str, Any]:
         "phi": {"unit": "rad", "range": [0.0, 2 * math.pi], "periodic": True},
         "out_phase": {"unit": "rad", "range": [0.0, 2 * math.pi], "periodic": True},
         "phase_noise_rad": device.phase_noise,
+        "crosstalk": device.crosstalk,
         "loss_db_per_mzi": device.loss_db_per_mzi,
+        "balanced_edges": device.balanced_edges,
+        "mode_loss_db": list(device.mode_loss_db),
+        "mode_loss_std_db": device.mode_loss_std_db,
+        "loss_compensation": device.loss_compensation,
         "detection": "coherent: the real quadrature of the output field",
     }
     if bits is not None:
@@ -212,10 +217,11 @@ def target_bound(device: dict[str, Any]) -> float:
 class MeshMap(Replay):
     """A photonic chip whose meshes are set from a map rather than decomposed from the weight.
 
-    It realises what :class:`Photonic` realises (same phase noise drawn in the same order, same
-    insertion loss and loss-compensating gain) but from the map's phase codes, so verify programs a
-    chip instance from the files through the device model. The normalised weight it is handed must
-    be the map's own (checked), since the layer derives its column scales from that weight.
+    It realises what :class:`Photonic` realises (through :meth:`Photonic.realise_tiles`: same
+    crosstalk, phase noise drawn in the same order, same losses and loss compensation) but from the
+    map's phase codes, so verify programs a chip instance from the files through the device model. The
+    normalised weight it is handed must be the map's own (checked), since the layer derives its column
+    scales from that weight.
     """
 
     physics: Photonic = Photonic()
@@ -227,21 +233,15 @@ class MeshMap(Replay):
     def realise(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
         assert self.programmed is not None and self.exact is not None
         shape, out, rows = self.layout
-        unblocks = self.physics.unblocks
-        lossless = unblocks(mesh.compose_matrix(self.exact).double(), shape, out, rows)
+        lossless = self.physics.unblocks(mesh.compose_matrix(self.exact).double(), shape, out, rows)
         peak = column_peaks(lossless)
         if tuple(weight.shape) != tuple(lossless.shape) or (lossless / peak - weight.double()).abs().max() > 1e-5:
             raise MapError(f"layer {self.name}: the map's phases do not compose to the weight being programmed")
-        noisy = mesh.compose_matrix(
-            self.programmed, phase_noise_std=self.physics.phase_noise, generator=generator,
-            loss_db_per_mzi=self.physics.loss_db_per_mzi,
+        # the codes are already quantised; the physics adds crosstalk, noise, loss and its compensation
+        realised, gain = self.physics.realise_tiles(
+            self.exact, self.programmed, None, shape, out, rows, generator,
+            peak=None if bool((peak == 1).all()) else peak,  # (untouched otherwise: bit-exact replay)
         )
-        realised = unblocks(noisy.double(), shape, out, rows)
-        if not bool((peak == 1).all()):  # (untouched otherwise: the gain below must match bit for bit)
-            realised, lossless = realised / peak, lossless / peak
-        gain = 1.0
-        if self.physics.loss_db_per_mzi > 0:  # the chip's loss compensation, calibrated as Photonic does
-            gain = float(lossless.norm() / realised.norm().clamp(min=1e-30))
         return Realisation(weight=realised.to(weight.dtype), gain=gain)
 
 
