@@ -34,10 +34,12 @@ from analogllm.fileio import atomic_write_bytes
 
 __all__ = [
     "BUILTIN",
+    "HELDOUT",
     "batches",
     "builtin_corpus",
     "builtin_documents",
     "cache_dir",
+    "heldout_documents",
     "hub_reachable",
     "load_texts",
     "require_hub",
@@ -46,7 +48,14 @@ __all__ = [
 ]
 
 BUILTIN = "builtin"
-"""Name of the offline default corpus (Python's ``pydoc_data.topics``)."""
+"""Name of the offline default corpus (Python's ``pydoc_data.topics``): training, calibration, and its
+held-out tail for validation."""
+
+HELDOUT = "shakespeare"
+"""Name of the built-in held-out text of a different kind: the opening of Shakespeare's *Coriolanus*
+(about 32 k characters of verse and dialogue, public domain, shipped in ``analogllm/corpora``). Nothing
+is trained or calibrated on it, so every reported number can also be taken on text unlike the
+training corpus."""
 
 # Local file suffix -> `datasets` builder that reads it.
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -126,6 +135,13 @@ def builtin_documents() -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[key] for key in sorted(topics)]
+
+
+def heldout_documents() -> list[str]:
+    """The built-in held-out text (:data:`HELDOUT`) as one document."""
+    from importlib import resources
+
+    return [resources.files("analogllm.corpora").joinpath("shakespeare.txt").read_text(encoding="utf-8")]
 
 
 def builtin_corpus() -> str:
@@ -217,6 +233,8 @@ def load_texts(
     """
     if source == BUILTIN:
         return builtin_documents()
+    if source == HELDOUT:
+        return heldout_documents()
     import datasets
 
     if _is_local(source):
@@ -277,6 +295,8 @@ def _source_fingerprint(source: str, text_column: str, hub_split: str) -> str:
     """
     if source == BUILTIN:
         return _sha256(BUILTIN, builtin_corpus())
+    if source == HELDOUT:
+        return _sha256(HELDOUT, *heldout_documents())
     if _is_local(source):
         path = Path(source).expanduser().resolve()
         if not path.exists():
@@ -348,13 +368,14 @@ def token_blocks(
         tokenizer: any Hugging Face tokenizer with an ``eos_token``.
         source: see :func:`load_texts`.
         block_size: tokens per block (the context length used for training / evaluation).
-        split: ``"train"`` or ``"validation"``.
+        split: ``"train"``, ``"validation"`` or ``"all"`` (every block: a held-out text such as
+            :data:`HELDOUT` is used whole).
         max_blocks: keep only the first ``max_blocks`` blocks of the split (quick runs).
         validation_fraction: share of the blocks held out, in (0, 1).
         text_column, hub_split: see :func:`load_texts`.
     """
-    if split not in ("train", "validation"):
-        raise ValueError(f"split must be 'train' or 'validation', not {split!r}")
+    if split not in ("train", "validation", "all"):
+        raise ValueError(f"split must be 'train', 'validation' or 'all', not {split!r}")
     if block_size < 1:
         raise ValueError(f"block_size must be positive, not {block_size}")
     if not 0.0 < validation_fraction < 1.0:
@@ -370,7 +391,7 @@ def token_blocks(
             "train and a validation split; use more text or a smaller block_size"
         )
     n_val = min(n - 1, max(1, round(n * validation_fraction)))
-    chosen = blocks[n - n_val :] if split == "validation" else blocks[: n - n_val]
+    chosen = {"validation": blocks[n - n_val :], "train": blocks[: n - n_val], "all": blocks}[split]
     return torch.from_numpy(np.ascontiguousarray(chosen[:max_blocks])).long()
 
 

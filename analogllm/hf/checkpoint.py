@@ -25,6 +25,7 @@ from analogllm.chip import chip_info, deployed, program_
 from analogllm.config import AnalogConfig
 from analogllm.nn.convert import analogize_
 from analogllm.fileio import atomic_dir
+from analogllm.mapping import restore_transforms_, transform_specs
 from analogllm.nn.matrix import AnalogMatrix
 
 CONFIG_NAME = "analog_config.json"
@@ -61,7 +62,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
         model.save_pretrained(tmp, state_dict=digital)  # type: ignore[operator]
         if analog:
             save_file(analog, str(tmp / STATE_NAME))
-        meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "chip": chip_info(model)}
+        meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "chip": chip_info(model),
+                "transforms": transform_specs(model)}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -89,6 +91,7 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     config = AnalogConfig.from_dict(meta["config"])
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     analogize_(model, config)
+    restore_transforms_(model, meta.get("transforms") or {})
     state_file = Path(path) / STATE_NAME
     if state_file.is_file():
         result = model.load_state_dict(load_file(str(state_file)), strict=False)

@@ -64,7 +64,7 @@ class MappingReport:
             lines.append(f"  rescaled {len(chosen)}/{len(self.rescaled)} input groups ({folded} folded exactly, "
                          f"{len(chosen) - folded} as a digital scale)")
         if self.online:
-            lines.append(f"  online Hadamard in front of {len(self.online)} layers")
+            lines.append(f"  online Hadamard in front of {len(self.online)} layers (where it lowers the predicted error)")
         if self.ranges:
             errs = [c.errors.total for c in self.ranges.values()]
             lines.append(f"  converter ranges of {len(self.ranges)} matrices: predicted relative output error "
@@ -106,12 +106,13 @@ def map_(model: nn.Module, blocks: torch.Tensor, spec: MappingConfig | None = No
     rotations = {n: Rotation(m.in_features, _rotation_seed(spec.seed, n)) for n, (m, _) in layers.items()
                  if m.experts is None and any(p.search(n) for p in patterns)}
     inputs = capture_inputs(model, blocks, spec.tokens, seed=spec.seed, progress=progress)
-    if spec.rescale:
-        report.rescaled = rescale_(rescale_groups(model, set(layers)), layers, inputs, rotations, spec.alphas,
-                                   spec.seconds, spec.adc, progress)
-    for name, rot in rotations.items():
-        _add_rotation(layers[name][0], layers[name][1], rot)
-    report.online = sorted(rotations)
+    if spec.rescale or rotations:
+        choices = rescale_(rescale_groups(model, set(layers)), layers, inputs, rotations,
+                           spec.alphas if spec.rescale else (), spec.seconds, spec.adc, progress)
+        report.rescaled = choices if spec.rescale else {}
+        report.online = sorted(r for c in choices.values() for r in c.rotated)
+    for name in report.online:
+        _add_rotation(layers[name][0], layers[name][1], rotations[name])
     if spec.ranges != "none":
         report.ranges = calibrate_ranges_(model, inputs, spec.ranges, spec.adc, spec.std_alpha, spec.seconds, progress)
     report.digital_macs_per_token = sum(m.transform.macs_per_token() for m, _ in layers.values() if m.transform is not None)

@@ -30,10 +30,12 @@ from analogllm.ops.hadamard import Rotation
 
 @dataclass
 class ScaleChoice:
-    """The rescaling a group got: α (None = no rescaling won), folded or digital, predicted error."""
+    """What a group got: α (None = no rescaling won), folded or digital, the readers that take their
+    online rotation (it is kept only where it lowers the predicted error), and the predicted errors."""
 
     alpha: float | None
     folded: bool
+    rotated: tuple[str, ...]
     error: float
     error_unscaled: float
 
@@ -58,9 +60,10 @@ def _score(x: torch.Tensor, w: torch.Tensor, matrix: AnalogMatrix, rotation: Rot
 def rescale_(groups: list[Group], layers: dict[str, tuple[AnalogMatrix, torch.Tensor]],
              inputs: dict[Key, torch.Tensor], rotations: dict[str, Rotation], alphas: tuple[float, ...],
              seconds: float = 0.0, adc: str = "tile", progress: bool = False) -> dict[str, ScaleChoice]:
-    """Choose and apply a rescaling per group. ``layers``: name → (matrix, weight (out, in) view);
-    ``rotations``: the online rotations readers will get (scored with them). Captured inputs of folded
-    readers are divided by s in ``inputs``, so later steps see what the layers now receive."""
+    """Choose and apply a rescaling per group (``alphas`` empty: none, only the rotation choice).
+    ``layers``: name → (matrix, weight (out, in) view); ``rotations``: candidate online rotations, each
+    scored with and without, per reader. Captured inputs of folded readers are divided by s in
+    ``inputs``, so later steps see what the layers now receive."""
     out: dict[str, ScaleChoice] = {}
     for g in tqdm(groups, desc="rescaling", disable=not progress, leave=False):
         if any(layers[r][0].experts for r in g.readers) or any((r, None) not in inputs for r in g.readers):
@@ -70,27 +73,32 @@ def rescale_(groups: list[Group], layers: dict[str, tuple[AnalogMatrix, torch.Te
         xa = g.reduce(torch.stack([x.abs().amax(0) for x in xs.values()]).amax(0)).clamp(min=1e-6)
         wa = g.reduce(torch.stack([w.abs().amax(0) for w in ws.values()]).amax(0)).clamp(min=1e-6)
 
-        def total(s: torch.Tensor | None) -> float:
-            err = 0.0
+        def total(s: torch.Tensor | None) -> tuple[float, tuple[str, ...]]:
+            err, rotated = 0.0, []
             for r in g.readers:
                 se = None if s is None else g.expand(s)
                 x = xs[r] if se is None else xs[r] / se
                 w = ws[r] if se is None else ws[r] * se
-                err += _score(x, w, layers[r][0], rotations.get(r), seconds, adc)
-            return err
+                plain = _score(x, w, layers[r][0], None, seconds, adc)
+                turned = _score(x, w, layers[r][0], rotations[r], seconds, adc) if r in rotations else plain
+                err += min(plain, turned)
+                if turned < plain:
+                    rotated.append(r)
+            return err, tuple(rotated)
 
-        base = total(None)
-        best = (base, None, None)
+        base, rotated = total(None)
+        best = (base, None, None, rotated)
         for alpha in alphas:
             s = xa.pow(alpha) / wa.pow(1 - alpha)
             s = s / s.log().mean().exp()  # geometric mean 1: the weights' overall scale is left alone
-            e = total(s)
+            e, rot = total(s)
             if e < best[0]:
-                best = (e, alpha, s)
-        err, alpha, s = best
+                best = (e, alpha, s, rot)
+        err, alpha, s, rotated = best
         if s is not None:
             _apply(g, s, layers, inputs)
-        out[g.name] = ScaleChoice(alpha=alpha, folded=s is not None and g.fold is not None, error=err, error_unscaled=base)
+        out[g.name] = ScaleChoice(alpha=alpha, folded=s is not None and g.fold is not None, rotated=rotated,
+                                  error=err, error_unscaled=base)
     return out
 
 

@@ -128,17 +128,18 @@ class Rotation(torch.nn.Module):
         signs = torch.randint(0, 2, (n,), generator=gen).to(torch.float32) * 2 - 1
         self.register_buffer("signs", signs)
         if not self.fast:
-            q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-            self.register_buffer("dense", (q * torch.sign(torch.diagonal(r))).to(torch.float32))
+            self.register_buffer("dense", _haar(n, gen).to(torch.float32))
 
     def extra_repr(self) -> str:
         return f"n={self.n}, {'fast Hadamard' if self.fast else 'dense orthogonal'}"
 
     def matrix(self) -> torch.Tensor:
         """R as a dense float64 (n, n) matrix: x R = forward(x)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        signs = torch.randint(0, 2, (self.n,), generator=gen).to(torch.float64) * 2 - 1
         if not self.fast:
-            return self.dense.double()
-        return self.signs.double()[:, None] * hadamard_matrix(self.n) / math.sqrt(self.n)
+            return _haar(self.n, gen)  # regenerated in float64 from the seed: the buffer is rounded
+        return signs[:, None] * hadamard_matrix(self.n) / math.sqrt(self.n)
 
     def macs_per_token(self) -> int:
         """Digital work of one online application: n·log2(n)-ish adds for the fast form, n² MACs dense."""
@@ -151,6 +152,12 @@ class Rotation(torch.nn.Module):
         if not self.fast:
             return x @ self.dense.to(x.dtype)
         return fwht(x * self.signs.to(x.dtype))
+
+
+def _haar(n: int, gen: torch.Generator) -> torch.Tensor:
+    """A Haar-random n × n orthogonal matrix (float64) from the QR decomposition of a Gaussian matrix."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
 
 
 def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
