@@ -43,7 +43,11 @@ class LayerCost:
     counts: LayerCounts
     energy_pj: dict[str, float]
     latency_s: float
-    area_mm2: float
+    array_area_um2: float   #: one array (crossbar) or one mesh pair with its I/O (photonic)
+
+    @property
+    def area_mm2(self) -> float:
+        return self.counts.arrays * self.array_area_um2 * 1e-6
 
     @property
     def total_pj(self) -> float:
@@ -138,8 +142,9 @@ def _crossbar_layer(layer: LayerCounts, hw: CrossbarCost, d: DigitalCost, adc_bi
         "periphery": layer.periphery_flops * d.pj_per_flop,
     }
     latency = (hw.read_time_s if layer.analog else 0.0) + layer.periphery_flops / d.flops_per_s
-    area = layer.cells * hw.array_area_mm2 / (hw.anchor_rows * hw.anchor_cols)
-    return LayerCost(counts=layer, energy_pj=energy, latency_s=latency, area_mm2=area)
+    cells = layer.array_rows * layer.array_cols
+    area_um2 = cells * hw.array_area_mm2 / (hw.anchor_rows * hw.anchor_cols) * 1e6
+    return LayerCost(counts=layer, energy_pj=energy, latency_s=latency, array_area_um2=area_um2)
 
 
 def mesh_transmission(k: int, loss_db_per_mzi: float) -> float:
@@ -172,8 +177,8 @@ def _photonic_layer(layer: LayerCounts, hw: PhotonicCost, d: DigitalCost, adc_bi
     }
     latency = (hw.read_time_s if layer.analog else 0.0) + layer.periphery_flops / d.flops_per_s
     m = k * (k - 1) // 2
-    area = layer.arrays * ((2 * m + k) * hw.mzi_area_mm2 + 2 * k * hw.io_area_mm2)
-    return LayerCost(counts=layer, energy_pj=energy, latency_s=latency, area_mm2=area)
+    area_um2 = ((2 * m + k) * hw.mzi_area_mm2 + 2 * k * hw.io_area_mm2) * 1e6
+    return LayerCost(counts=layer, energy_pj=energy, latency_s=latency, array_area_um2=area_um2)
 
 
 def gpu_baseline(workload: Workload, profile: HardwareProfile) -> GPUBaseline:
@@ -235,7 +240,7 @@ def estimate(workload: Workload, hardware: HardwareProfile, baseline: HardwarePr
         holding_w = per_mesh * sum(r.counts.arrays for r in layers)
         layers = tuple(
             LayerCost(counts=r.counts, energy_pj={**r.energy_pj, "phase_holding": per_mesh * r.counts.arrays * latency / PJ},
-                      latency_s=r.latency_s, area_mm2=r.area_mm2)
+                      latency_s=r.latency_s, array_area_um2=r.array_area_um2)
             for r in layers
         )
     area = sum(r.area_mm2 for r in layers)

@@ -56,7 +56,7 @@ def to_dict(report: CostReport) -> dict[str, Any]:
         layers.append({
             **c.to_dict(), "shape": [c.experts, c.out, c.inp],
             "energy_pJ": r.energy_pj, "energy_total_pJ": r.total_pj, "latency_s": r.latency_s,
-            "area_mm2": r.area_mm2,
+            "array_area_um2": r.array_area_um2, "area_mm2": r.area_mm2,
         })
     digital = [{**r.op.to_dict(), "energy_pJ": r.energy_pj, "energy_total_pJ": r.total_pj, "latency_s": r.latency_s}
                for r in report.digital]
