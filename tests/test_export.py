@@ -15,7 +15,7 @@ from analogllm.cli import main
 from analogllm.data import token_blocks
 from analogllm.devices.conductance import weight_to_pair
 from analogllm.export import FORMAT_VERSION, MapError, export_map, load_map, verify_map
-from analogllm.export.manifest import analog_layers, scale_per_input, sha256_file
+from analogllm.export.manifest import analog_layers, scale_per_input, seal_manifest, sha256_file
 from analogllm.hf.models import load_model
 from analogllm.hf.checkpoint import save_pretrained
 
@@ -38,14 +38,15 @@ def model_scales(layer) -> torch.Tensor:
 
 
 def rewrite(amap_dir: Path, layer_name: str, arrays: dict[str, torch.Tensor]) -> None:
-    """Replace a layer's file and update its checksum: a tampered map that still passes the checksums."""
+    """Replace a layer's file and update its checksum and the manifest's own: a tampered map that still
+    passes every checksum."""
     manifest_file = amap_dir / "manifest.json"
     manifest = json.loads(manifest_file.read_text())
     record = next(r for r in manifest["layers"] if r["name"] == layer_name)
     file = amap_dir / record["file"]
     save_file({k: v.contiguous() for k, v in arrays.items()}, str(file))
     record["sha256"], record["bytes"] = sha256_file(file), file.stat().st_size
-    manifest_file.write_text(json.dumps(manifest))
+    manifest_file.write_text(json.dumps(seal_manifest(manifest)))
 
 
 # ----- crossbar -------------------------------------------------------------------------------------------
