@@ -19,8 +19,13 @@ from analogllm.export.fusion import CSV_NAME, SIDECAR_NAME, export_fusion, impor
 from analogllm.hf.models import load_model
 
 
-def exported(tmp_path: Path, name: str, profile: str, **overrides) -> Path:
+def exported(tmp_path: Path, name: str, profile: str, zeros: bool = False, **overrides) -> Path:
     model, tok = load_model(name)
+    if zeros:  # exact +0 and -0 weights (quantised checkpoints have them): they leave -0.0 conductance targets
+        with torch.no_grad():
+            weight = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Linear))
+            weight[0, :5] = 0.0
+            weight[1, :3] = -0.0
     al.analogize_(model, al.AnalogConfig.from_profile(profile, **overrides))
     al.program_(model, 1)
     with torch.no_grad():
@@ -35,7 +40,7 @@ CASES = [("tiny-llama", "pcm", {"tiling.rows": 48, "tiling.cols": 40}),   # part
 
 @pytest.mark.parametrize("name,profile,overrides", CASES)
 def test_fusion_round_trip_is_exact(tmp_path, name, profile, overrides):
-    path = exported(tmp_path, name, profile, **overrides)
+    path = exported(tmp_path, name, profile, zeros=True, **overrides)
     fusion = export_fusion(path, tmp_path / "fusion")
     assert sorted(p.name for p in fusion.iterdir()) == [CSV_NAME, SIDECAR_NAME]
     back = import_fusion(fusion, tmp_path / "back")
@@ -47,6 +52,11 @@ def test_fusion_round_trip_is_exact(tmp_path, name, profile, overrides):
         for key in a:  # bit for bit: conductances, levels, scales, biases
             assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (layer_name, key)
         assert torch.equal(lmap.target_weight(), rebuilt.layers[layer_name].target_weight())
+        for key in ("g_plus", "g_minus"):  # signed zeros too, so the files are identical
+            assert torch.equal(torch.signbit(a[key]), torch.signbit(b[key])), (layer_name, key)
+    negative_zeros = sum(int(torch.signbit(lmap.arrays()["g_minus"]).sum()) for lmap in original.layers.values())
+    if name != "tiny-gpt2":  # (GPT-2's projections are Conv1D, not the nn.Linear zeroed above)
+        assert negative_zeros > 0
     # identical files, so identical manifests and manifest checksums
     assert rebuilt.manifest == original.manifest
     assert rebuilt.manifest["manifest_sha256"] == original.manifest["manifest_sha256"]

@@ -46,7 +46,8 @@ SIDECAR_VERSION = 1
 FUSION_G_MAX = (10.0, 40.0)
 SIGN_CONVENTION = ("sign-magnitude: the CSV holds |G+ - G-| = G+ + G- (one device per weight, uS); sign bit 1 "
                    "means the weight is negative (G- = value, G+ = 0), 0 that it is >= 0 (G+ = value, G- = 0); "
-                   "bits packed big-endian (numpy.packbits) over the weights in (expert, input, output) order")
+                   "bits packed big-endian (numpy.packbits) over the weights in (expert, input, output) order; "
+                   "negative_zeros lists the flat indices where a target is -0.0 (an exactly zero weight)")
 _CLASSES = {"linear": "AnalogLinear", "conv1d": "AnalogLinear", "experts.up": "AnalogExperts",
             "experts.down": "AnalogExperts", "weight-side": "AnalogWeight"}
 
@@ -105,6 +106,10 @@ def export_fusion(map_dir: str | Path, out_dir: str | Path) -> Path:
                     "name": record["name"],
                     "tiles": tiles,
                     "signs": base64.b64encode(np.packbits((gm > 0).reshape(-1)).tobytes()).decode(),
+                    # an exactly-zero weight can leave -0.0 in a device's target (weight_to_pair of +0 or -0);
+                    # equal as numbers, but the positions are kept so the files come back bit for bit
+                    "negative_zeros": {k: np.flatnonzero((g == 0) & np.signbit(g)).tolist()
+                                       for k, g in (("g_plus", gp), ("g_minus", gm))},
                     "scale": arrays["scale"].numpy().astype(np.float64).tolist(),
                     "bias": arrays["bias"].numpy().astype(np.float64).tolist() if "bias" in arrays else None,
                     "dac_range": record["dac_range"],
@@ -202,8 +207,12 @@ def import_fusion(fusion_dir: str | Path, out_dir: str | Path) -> Path:
                 start += no * ni
             bits = np.unpackbits(np.frombuffer(base64.b64decode(meta["signs"]), dtype=np.uint8))[: e * n_in * n_out]
             negative = bits.reshape(e, n_in, n_out).astype(bool)
-            g_plus = torch.from_numpy(np.where(negative, np.float32(0), magnitude))
-            g_minus = torch.from_numpy(np.where(negative, magnitude, np.float32(0)))
+            pair = {"g_plus": np.where(negative, np.float32(0), magnitude),
+                    "g_minus": np.where(negative, magnitude, np.float32(0))}
+            for key, where in meta.get("negative_zeros", {}).items():
+                flat_g, idx = pair[key].reshape(-1), np.asarray(where, dtype=np.int64)
+                flat_g[idx[flat_g[idx] == 0]] = np.float32(-0.0)  # unless the CSV now holds a value there
+            g_plus, g_minus = torch.from_numpy(pair["g_plus"]), torch.from_numpy(pair["g_minus"])
             step = device["level_step_uS"]
             dtype = level_dtype(device["levels"])
             arrays = {
