@@ -15,7 +15,7 @@ from analogllm.cli import main
 from analogllm.data import token_blocks
 from analogllm.devices.conductance import weight_to_pair
 from analogllm.export import FORMAT_VERSION, MapError, export_map, load_map, verify_map
-from analogllm.export.manifest import analog_layers, scale_per_input, sha256_file
+from analogllm.export.manifest import analog_layers, manifest_digest, scale_per_input, seal_manifest, sha256_file
 from analogllm.hf.models import load_model
 from analogllm.hf.checkpoint import save_pretrained
 
@@ -38,14 +38,15 @@ def model_scales(layer) -> torch.Tensor:
 
 
 def rewrite(amap_dir: Path, layer_name: str, arrays: dict[str, torch.Tensor]) -> None:
-    """Replace a layer's file and update its checksum: a tampered map that still passes the checksums."""
+    """Replace a layer's file and update its checksum and the manifest's own: a tampered map that still
+    passes every checksum."""
     manifest_file = amap_dir / "manifest.json"
     manifest = json.loads(manifest_file.read_text())
     record = next(r for r in manifest["layers"] if r["name"] == layer_name)
     file = amap_dir / record["file"]
     save_file({k: v.contiguous() for k, v in arrays.items()}, str(file))
     record["sha256"], record["bytes"] = sha256_file(file), file.stat().st_size
-    manifest_file.write_text(json.dumps(manifest))
+    manifest_file.write_text(json.dumps(seal_manifest(manifest)))
 
 
 # ----- crossbar -------------------------------------------------------------------------------------------
@@ -349,3 +350,51 @@ def test_cli_exports_a_builtin_model_with_a_profile(tmp_path, capsys):
     args = ["export", "tiny-gpt2", "--profile", "photonic", "--target", "crossbar", "--out", str(tmp_path / "y")]
     assert main(args) == 2
     assert "needs a crossbar device" in capsys.readouterr().err
+
+
+# ----- the manifest's own checksum ------------------------------------------------------------------------------
+def test_manifest_checksum_rejects_a_changed_chip_seed(crossbar_map):
+    manifest_file = crossbar_map / "manifest.json"
+    original = manifest_file.read_text()
+    manifest = json.loads(original)
+    assert manifest["manifest_sha256"] == manifest_digest(manifest)
+    manifest["chip"]["seed"] += 1  # only the seed: every layer file and its checksum are untouched
+    manifest_file.write_text(json.dumps(manifest, indent=1))
+    with pytest.raises(MapError, match="manifest_sha256 does not match"):
+        load_map(crossbar_map)
+    assert main(["verify", str(crossbar_map)]) == 2
+    manifest = json.loads(original)
+    manifest["layers"][2]["seed"] = 7  # one layer's chip instance
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(MapError, match="manifest_sha256 does not match"):
+        load_map(crossbar_map)
+    manifest = json.loads(original)
+    manifest["manifest_sha256"] = "0" * 64
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(MapError, match="manifest_sha256 does not match"):
+        load_map(crossbar_map)
+
+
+def test_manifest_checksum_covers_content_not_layout_and_older_maps_load(crossbar_map):
+    manifest_file = crossbar_map / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps(dict(reversed(manifest.items())), indent=4))  # other key order, spacing
+    assert load_map(crossbar_map).manifest["manifest_sha256"] == manifest["manifest_sha256"]
+    del manifest["manifest_sha256"]  # a version-1 map written before the checksum existed
+    manifest_file.write_text(json.dumps(manifest))
+    load_map(crossbar_map)
+
+
+def test_identical_exports_have_identical_files_and_manifest_hashes(tmp_path):
+    model, _ = analog_model("tiny-qwen3-moe", "pcm", seconds=60.0)
+    a = export_map(model, tmp_path / "a", progress=False)
+    b = export_map(model, tmp_path / "b", progress=False)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    assert ma["manifest_sha256"] == mb["manifest_sha256"] == manifest_digest(ma)
+    other, _ = analog_model("tiny-qwen3-moe", "pcm", seed=4, seconds=60.0)  # another chip instance
+    c = json.loads((export_map(other, tmp_path / "c", progress=False) / "manifest.json").read_text())
+    assert c["manifest_sha256"] != ma["manifest_sha256"]

@@ -18,6 +18,8 @@ from analogllm.config.schema import ConfigError
 COMMAND_MODULES = [
     "analogllm.cli.core",
     "analogllm.cli.export",
+    "analogllm.cli.interchange",
+    "analogllm.cli.cost",
     "analogllm.cli.finetune",
     "analogllm.cli.train",
 ]

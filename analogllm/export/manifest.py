@@ -6,7 +6,8 @@ A map is what a chip team programs, not a PyTorch model::
     DIR/layers/NNNN.safetensors    one file per analogue layer: the arrays its tiles are set to
 
 The manifest is the root of trust: it names every file with its SHA-256 and every array with its
-dtype and shape, and the loader checks all of them (and that the shapes follow from the layer's
+dtype and shape, it carries the SHA-256 of its own canonical content (``manifest_sha256``, so a hand
+edit such as a changed chip seed is caught), and the loader checks all of them (and that the shapes follow from the layer's
 tile grid) before any number is used, so a truncated copy, a tampered file or a map from a newer
 format fails loudly with the file and the fix named. ``docs/export-format.md`` is the field-by-field
 specification; the target-specific parts live in :mod:`crossbar` and :mod:`photonic`.
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from analogllm.config import AnalogConfig
@@ -37,6 +38,8 @@ FORMAT_NAME = "analogllm-map"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 LAYER_DIR = "layers"
+#: the manifest's own checksum: SHA-256 of its canonical JSON without this field (see manifest_digest)
+DIGEST_KEY = "manifest_sha256"
 
 #: safetensors dtype names, as the file header spells them
 DTYPE_NAMES = {
@@ -129,6 +132,25 @@ def column_peaks(normalised: torch.Tensor) -> torch.Tensor:
 
 
 # ----- files ------------------------------------------------------------------------------------------
+def save_layer_file(arrays: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose bytes depend only on its content.
+
+    safetensors serialises the ``__metadata__`` table from a hash map, so the same arrays and metadata
+    come out with the keys in a different order from call to call, and with them a different SHA-256.
+    The tensors' own header is deterministic; the metadata is put in front of it with sorted keys,
+    so identical content gives an identical file, an identical checksum and an identical manifest."""
+    data = save({k: v.contiguous() for k, v in arrays.items()})
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header = {"__metadata__": dict(sorted(metadata.items())), **header}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data stays 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.write(data[8 + n:])
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -148,6 +170,37 @@ def config_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") ->
         elif va != vb:
             return f"{prefix}{key} ({va!r} vs {vb!r})"
     return None
+
+
+def canonical_json(manifest: dict[str, Any]) -> bytes:
+    """The bytes a manifest's checksum is taken over: the manifest without ``manifest_sha256``, as JSON
+    with sorted keys, no whitespace, ASCII only and Python's round-trip float repr. Parsing the file and
+    re-serialising gives the same bytes whatever the file's own layout, so the checksum covers content,
+    not formatting, and identical content always has the identical checksum."""
+    content = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 (hex) of :func:`canonical_json`: what ``manifest_sha256`` must hold."""
+    return hashlib.sha256(canonical_json(manifest)).hexdigest()
+
+
+def seal_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with ``manifest_sha256`` set (last) to the checksum of everything else in it."""
+    content = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    return {**content, DIGEST_KEY: manifest_digest(content)}
+
+
+def check_manifest_digest(manifest: dict[str, Any], file: Path) -> None:
+    """Reject a manifest whose content does not match its own checksum (edited by hand, e.g. a changed
+    chip seed, or corrupted). Maps written before the checksum existed carry none and are accepted."""
+    if DIGEST_KEY not in manifest:
+        return
+    stored = manifest[DIGEST_KEY]
+    if not isinstance(stored, str) or stored != manifest_digest(manifest):
+        raise MapError(f"{file}: {DIGEST_KEY} does not match the manifest's content; the manifest was edited or "
+                       "corrupted after export (every field, chip seeds included, is covered), export the map again")
 
 
 # ----- reading a map back -----------------------------------------------------------------------------
@@ -234,6 +287,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{file}: unknown format_version {version!r}; this analogllm reads version {FORMAT_VERSION} "
             "(a newer map needs a newer analogllm; an older one must be exported again)"
         )
+    check_manifest_digest(manifest, file)
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
     if missing:
         raise MapError(f"{file}: missing field(s) {', '.join(missing)}; the manifest is incomplete")

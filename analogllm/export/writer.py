@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -25,7 +24,7 @@ from analogllm.config import AnalogConfig
 from analogllm.export import crossbar, photonic
 from analogllm.export.manifest import (
     DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, LAYER_DIR, MANIFEST_NAME, AnalogLayer, analog_layers,
-    sha256_file,
+    save_layer_file, seal_manifest, sha256_file,
 )
 from analogllm.ops.quant import adc_step, dac_levels
 from analogllm.fileio import atomic_dir
@@ -82,7 +81,7 @@ def export_map(
             _write_layer(tmp, index, layer, module, target, device_record)
             for index, layer in enumerate(tqdm(layers, desc=f"export {target}", unit="layer", disable=not progress))
         ]
-        manifest = _manifest(model, config, target, device_record, records, source, calibration)
+        manifest = seal_manifest(_manifest(model, config, target, device_record, records, source, calibration))
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
     return out
 
@@ -129,7 +128,7 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
     arrays = {k: v.detach().contiguous() for k, v in arrays.items()}
     name = f"{LAYER_DIR}/{index:04d}.safetensors"
     file = tmp / name
-    save_file(arrays, str(file), metadata={"format": FORMAT_NAME, "target": target, "layer": layer.name})
+    save_layer_file(arrays, file, {"format": FORMAT_NAME, "target": target, "layer": layer.name})
     dac = matrix.config.dac
     dac_range = None
     if layer.placement == "analog" and dac.range != "dynamic":
