@@ -106,15 +106,16 @@ def test_include_exclude_and_double_conversion():
         al.analogize_(model, "pcm")
 
 
-def test_train_mode_injects_training_noise_and_eval_is_the_chip():
+def test_hwa_mode_injects_training_noise_and_chip_mode_is_the_chip():
     model, _ = load_model("tiny-llama")
     al.analogize_(model, "pcm")
     ids = inputs(model)
-    model.train()
+    al.set_mode(model, "hwa")
     a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
     assert not torch.allclose(a, b)
     al.program_(model, seed=5)
-    model.eval()
+    al.set_mode(model, "chip")
+    model.train()  # .training no longer picks the hardware mode: still the same chip below
     torch.manual_seed(0)
     c = model(input_ids=ids).logits
     torch.manual_seed(0)

@@ -136,9 +136,9 @@ def test_photonic_mesh_reproduces_weight_without_noise():
 def test_same_seed_same_chip_different_seed_different_chip(profile):
     cfg = al.AnalogConfig.from_profile(profile, **{"tiling.rows": 64})
     layer = _layer(cfg)
-    a = layer.analog.program(layer.weight, seed=1).weight.clone()
-    b = layer.analog.program(layer.weight, seed=1).weight.clone()
-    c = layer.analog.program(layer.weight, seed=2).weight.clone()
+    a = layer.analog.program(layer.weight, seed=1).tiles.clone()
+    b = layer.analog.program(layer.weight, seed=1).tiles.clone()
+    c = layer.analog.program(layer.weight, seed=2).tiles.clone()
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import analogllm as al
+from analogllm.hf.checkpoint import is_analog_checkpoint
 from analogllm.cli import main
 from analogllm.eval.perplexity import LMScore, evaluate_lm
 from analogllm.eval.report import EvalReport, format_perplexity, format_seconds, write_report
@@ -105,7 +106,7 @@ def test_train_then_eval_commands(tmp_path, capsys):
     assert (out / "checkpoints" / "step-00000004").is_dir()
     assert main(["train", "quickstart", *RUN, "--set", f"output_dir={out}", "--resume"]) == 0
     assert "trained steps 4→6 of 6" in capsys.readouterr().out
-    assert (out / "final" / "analog_config.json").is_file()
+    assert is_analog_checkpoint(out / "final")
     assert main(["eval", "quickstart", *RUN, "--set", f"output_dir={out}"]) == 0
     printed = capsys.readouterr().out
     data = json.loads((out / "eval.json").read_text())

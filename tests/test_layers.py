@@ -19,9 +19,8 @@ def layer(cfg, inp=96, out=40, seed=0):
 def test_ideal_layer_is_exactly_linear():
     lin = layer(IDEAL)
     x = torch.randn(5, 7, 96)
-    lin.eval()
-    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
-    lin.train()
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # chip mode
+    al.set_mode(lin, "hwa")
     assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
 
 
@@ -80,7 +79,7 @@ def test_training_weight_noise_is_output_noise_of_std_sigma_norm_x():
     sigma = 0.05
     cfg = IDEAL.set("training.weight_noise", sigma)
     lin = layer(cfg, inp=64, out=8)
-    lin.train()
+    al.set_mode(lin, "hwa")
     x = torch.randn(1, 64)
     ys = torch.stack([lin(x)[0] for _ in range(4000)])
     expected = sigma * lin.weight.abs().amax(-1) * x.norm()  # σ·(channel max)·‖x‖
@@ -91,7 +90,7 @@ def test_training_weight_noise_is_output_noise_of_std_sigma_norm_x():
 def test_gradients_reach_weights_and_learned_ranges_through_every_quantiser():
     cfg = al.AnalogConfig.from_profile("pcm", **{"tiling.rows": 32})
     lin = layer(cfg)
-    lin.train()
+    al.set_mode(lin, "hwa")
     x = torch.randn(16, 96) * 2
     lin(x).pow(2).sum().backward()
     assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
@@ -102,7 +101,7 @@ def test_gradients_reach_weights_and_learned_ranges_through_every_quantiser():
 def test_straight_through_gradient_equals_linear_gradient_inside_range():
     cfg = IDEAL.set("dac.bits", 6).set("adc.bits", 6).set("adc.bound", 50.0)
     lin = layer(cfg, inp=32, out=4)
-    lin.train()
+    al.set_mode(lin, "hwa")
     x = torch.randn(10, 32, requires_grad=True)
     lin(x).sum().backward()
     assert torch.allclose(x.grad, lin.weight.sum(0).expand(10, 32).detach(), atol=1e-5)
@@ -126,18 +125,18 @@ def test_eval_is_the_cached_chip_and_read_noise_is_fresh():
     x = torch.randn(4, 96)
     y1, y2 = lin(x), lin(x)
     assert not torch.equal(y1, y2)  # fresh read and output noise at every read
-    chip = lin.analog._chip
+    chip = lin.analog.chip.tiles
     lin(x)
-    assert lin.analog._chip is chip  # programmed once, reused
+    assert lin.analog.chip.tiles is chip  # programmed once, reused
     quiet = cfg.set("device.read_noise_scale", 0.0).set("output.noise", 0.0)
     q = layer(quiet)
     q.eval()
     assert torch.equal(q(x), q(x))
     with torch.no_grad():
         q.weight.mul_(0.5)  # an in-place update re-programs the same chip instance
-    assert q.analog._chip.version != (q.weight._version, q.weight.data_ptr())
+    assert q.analog.chip.source != (q.weight._version, q.weight.data_ptr())
     q(x)
-    assert q.analog._chip.version == (q.weight._version, q.weight.data_ptr())
+    assert q.analog.chip.source == (q.weight._version, q.weight.data_ptr())
 
 
 def _reference(lin, x, cfg):
@@ -174,12 +173,12 @@ def test_fused_node_matches_a_plain_autograd_reference(adc_bits):
         "tiling.rows": 40, "training.weight_noise": 0.0, "training.output_noise": 0.0, "dac.bits": 7,
         "adc.bits": adc_bits, "adc.bound": 1.5})
     lin = layer(cfg)
-    lin.train()
+    al.set_mode(lin, "hwa")
     torch.manual_seed(1)
     x = (torch.randn(64, 96) * 2).requires_grad_(True)
     with torch.no_grad():
         lin.analog.input_range.fill_(3.0)  # some inputs clip
-        lin.analog.range_ready.fill_(True)
+        lin.analog.mark_range_set()
     g = torch.randn(64, 40)
     y = lin(x)
     grads = torch.autograd.grad(y, [x, lin.weight, lin.bias, lin.analog.input_range], g)
@@ -203,7 +202,7 @@ def test_chip_path_passes_the_realised_matrix_gradient_to_the_input():
     lin.eval()
     with torch.no_grad():
         lin.analog.input_range.fill_(10.0)
-        lin.analog.range_ready.fill_(True)
+        lin.analog.mark_range_set()
     lin.analog.program(lin.weight, seed=3, seconds=3600.0)
     x = torch.randn(16, 96, requires_grad=True)
     g = torch.randn(16, 40)

@@ -16,6 +16,7 @@ from analogllm.hf.models import load_model
 from analogllm.nn.linear import AnalogLinear
 from analogllm.recipes import load_recipe
 from analogllm.tuners import lora
+from analogllm.hf.checkpoint import is_analog_checkpoint
 from analogllm.training.finetune import FinetuneRecipe, TrainSection, train_adapters
 from analogllm.tuners.pat import HardwareBackend, SimulatedChip, hardware_layers, on_hardware
 from analogllm.tuners.zeroth_order import SPSA, ZerothOrderConfig
@@ -112,24 +113,31 @@ def test_zeroth_order_directions_are_regenerated_not_stored():
     assert sigma == 0.0 and sigma_g == 0.0
 
 
-# ----- train / eval flags ------------------------------------------------------------------------------------
-def test_train_mode_trains_adapters_and_keeps_the_deployed_chip():
+# ----- modes, not flags ---------------------------------------------------------------------------------------
+def test_train_mode_trains_adapters_and_keeps_the_programmed_chip():
     model, train, val = make_chip()
     peft_model = lora.attach_lora(model, lora.LoraSettings(dropout=0.1, analog=True))
-    peft_model.train()
+    peft_model.train()  # what an HF Trainer or accelerate does: dropout on, the base stays the chip
     assert peft_model.training
-    lora.check_deployed(peft_model)  # base matrices in eval mode, frozen
+    lora.check_deployed(peft_model)  # base matrices in chip mode, frozen
     base = [m for n, m, _ in al.analog_matrices(peft_model) if ".lora_" not in n]
     adapters = [m for n, m, _ in al.analog_matrices(peft_model) if ".lora_" in n]
     assert base and adapters
-    assert not any(m.training for m in base) and all(m.training for m in adapters)
+    assert all(m.mode == "chip" for m in base + adapters)
     assert all(m.lora_dropout["default"].training for m in peft_model.modules() if hasattr(m, "lora_dropout"))
-    evaluate_lm(peft_model, val)  # switches to eval and back
-    assert peft_model.training and not any(m.training for m in base)
-    peft_model.eval()
-    assert not any(m.training for m in peft_model.modules())
-    torch.nn.Module.train(peft_model, True)  # bypassing the chip-aware train() is detected
-    with pytest.raises(RuntimeError, match="training \\(HWA\\) mode"):
+    # analogue adapters train with the chip in the loop: a gradient, and their chip rewritten after a step
+    a = adapters[0]
+    w = next(lin for n, lin in peft_model.named_modules() if getattr(lin, "analog", None) is a).weight
+    ids = train[:2]
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    before = a.chip.tiles.clone()
+    with torch.no_grad():
+        w.add_(0.1 * w.grad.sign())
+    peft_model(input_ids=ids)
+    assert not torch.equal(a.chip.tiles, before) and a.chip.seed == base[0].chip.seed
+    al.set_mode(peft_model, "hwa", include="layers.0.")  # a base layer put in another mode is detected
+    with pytest.raises(RuntimeError, match="'hwa' mode"):
         lora.check_deployed(peft_model)
 
 
@@ -242,7 +250,7 @@ def test_adapters_round_trip_beside_the_chip(tmp_path, name, analog):
     peft_model = lora.attach_lora(model, lora.LoraSettings(analog=analog))
     train_adapters(peft_model, "backprop", train, replace(TRAIN, steps=3), ZO)
     lora.save_deployment(peft_model, tmp_path / "dep", name="task")
-    assert (tmp_path / "dep/chip/analog_config.json").is_file()
+    assert is_analog_checkpoint(tmp_path / "dep/chip")
     assert (tmp_path / "dep/adapters/task/adapter_config.json").is_file()
     assert (tmp_path / "dep/adapters/task/adapter_model.safetensors").is_file()
     assert (tmp_path / "dep/adapters/task/analog_adapters.json").is_file() == analog
@@ -290,11 +298,11 @@ def test_merge_and_reprogram_programs_new_chip_with_merged_weights():
                      @ q.lora_A["default"].weight).detach()
     merged = lora.merge_and_reprogram(peft_model, seed=7)
     layer = merged.model.layers[0].self_attn.q_proj
-    assert type(layer) is AnalogLinear and not layer.training
+    assert type(layer) is AnalogLinear and layer.analog.mode == "chip"
     torch.testing.assert_close(layer.weight, merged_target)  # digital target = W + (α/r)·B·A
     assert al.chip_info(merged) == {"seed": 7, "seconds": 0.0}  # new chip instance, drift clock restarted
     realised = layer.analog.realised_weight(layer.weight)
-    reference = type(layer.analog)(layer.analog.config, layer.analog.layer_id, layer.in_features)
+    reference = type(layer.analog)(layer.analog.config, layer.analog.name, layer.in_features)
     torch.testing.assert_close(realised, _program(reference, merged_target, 7))
     old_chip = _program(reference, merged_target, 0, DAY)
     assert not torch.allclose(realised, old_chip)  # fresh noise, not the old chip's draws

@@ -132,7 +132,7 @@ def test_error_model_predicts_the_layer_error_on_the_chip():
     lin = torch.nn.Linear(600, 200, bias=False)
     with torch.no_grad():
         lin.weight.copy_(w)
-    layer = al.AnalogLinear.from_linear(lin, cfg, 0)
+    layer = al.AnalogLinear.from_linear(lin, cfg, "probe")
     lm = LayerModel(x, w, layer.analog.tiles, layer.analog.rows, cfg, device_variance(cfg, 0.0))
     for k in (2.0, 4.0, 10.0):
         choice_r = k * lm.rms
@@ -140,7 +140,8 @@ def test_error_model_predicts_the_layer_error_on_the_chip():
         predicted = lm.errors(choice_r, adc)
         with torch.no_grad():
             layer.analog.input_range.fill_(choice_r)
-            layer.analog.range_ready.fill_(True)
+        layer.analog.mark_range_set()
+        with torch.no_grad():
             layer.analog.output_range.copy_(adc)
         layer.analog.program(lin.weight, seed=0)
         layer.eval()

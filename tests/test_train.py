@@ -23,7 +23,6 @@ from analogllm.training.config import DistillSection, HWARecipe, TrainSection, l
 from analogllm.training.hwa import (
     Teacher,
     batch_indices,
-    calibrate_input_ranges_,
     clamp_weights_,
     distillation_loss,
     freeze_,
@@ -61,11 +60,13 @@ def base(recipe):
 
 def test_hwa_training_beats_plain_training_of_the_same_budget_on_the_chip(recipe, base):
     """Same start, data, steps and learning rate; only the training noise differs. Scored as deployed:
-    programmed chips (3 instances) at t = 0 and after a day of drift."""
+    programmed chips (3 instances) at t = 0 and after a day of drift. The model is converted without the
+    training-free mapping (which closes most of this gap on its own: measured 0.03 nats, against 0.07 /
+    0.15 without it), so the comparison isolates what the training does."""
     val = blocks(recipe, base[1], "validation")
     losses = {}
     for hardware_aware in (True, False):
-        r = load_hwa_recipe("quickstart", {**SMALL, **NOISY, "output_dir": recipe.output_dir,
+        r = load_hwa_recipe("quickstart", {**SMALL, **NOISY, "output_dir": recipe.output_dir, "analog.calibration_blocks": 0,
                                            "train.steps": 60, "train.hardware_aware": hardware_aware})
         trained = run_train(r, base=base, progress=False).model
         sweep = drift_sweep(trained, val, (0.0, 86400.0), (0, 1, 2))
@@ -123,9 +124,7 @@ def test_resume_continues_the_same_run(tmp_path, cache):
                         checkpoint_every=3, keep_checkpoints=1)
 
     def fresh():
-        m = al.analogize_(copy.deepcopy(model0), cfg)
-        calibrate_input_ranges_(m, train, 1, 4)
-        return m
+        return al.analogize_(copy.deepcopy(model0), cfg, calibration=train[:4])
 
     torch.manual_seed(123)
     full = fresh()
@@ -152,7 +151,7 @@ def test_two_process_data_parallel_run(tmp_path, cache):
     both save their RNG state, and the result is one analogue checkpoint."""
     recipe = {
         "model": "tiny-llama", "output_dir": str(tmp_path / "run"),
-        "analog": {"profile": "pcm", "calibration_batches": 1},
+        "analog": {"profile": "pcm", "calibration_blocks": 4},
         "data": {"block_size": 32, "max_train_blocks": 64},
         "train": {"steps": 4, "lr": 1e-3, "batch_size": 2, "checkpoint_every": 4, "freeze": ["embeddings"]},
         "eval": {"max_blocks": 2, "chip_seeds": [0], "drift_times": [0]},
@@ -218,22 +217,25 @@ def test_training_clamps_weights_so_the_chip_holds_the_trained_matrix(recipe, ba
 
 
 def test_calibration_sets_ranges_from_data_and_leaves_rng_alone(recipe, base):
-    train = blocks(recipe, base[1], "train")
+    train = blocks(recipe, base[1], "train")[:8]
     seen: dict[str, float] = {}
-    model = al.analogize_(copy.deepcopy(base[0]), recipe.analog.config())
-    hooks = [m.analog.register_forward_pre_hook(
+    digital = copy.deepcopy(base[0])
+    hooks = [m.register_forward_pre_hook(
         lambda mod, args, name=n: seen.__setitem__(name, max(seen.get(name, 0.0), float(args[0].abs().max()))))
-        for n, m in model.named_modules() if isinstance(m, al.AnalogLinear)]
-    state = torch.get_rng_state()
-    assert calibrate_input_ranges_(model, train, 2, 4, "max") == len(hooks)
-    assert torch.equal(state, torch.get_rng_state())
+        for n, m in digital.named_modules() if type(m) is torch.nn.Linear and "lm_head" not in n]
+    with torch.no_grad():
+        digital(input_ids=train)
     for h in hooks:
         h.remove()
-    for n, m in model.named_modules():
+    steps = {"rotate": False, "rescale": False, "online_rotation": [], "tokens": 100_000, "ranges": "max"}
+    state = torch.get_rng_state()
+    model = al.analogize_(copy.deepcopy(base[0]), recipe.analog.config().set("mapping", steps), calibration=train)
+    assert torch.equal(state, torch.get_rng_state())
+    for n, m in model.named_modules():  # "max": the largest input the layer saw on the calibration text
         if isinstance(m, al.AnalogLinear):
-            assert bool(m.analog.range_ready) and float(m.analog.input_range.detach()) == pytest.approx(seen[n], rel=1e-6)
-    std_model = al.analogize_(copy.deepcopy(base[0]), recipe.analog.config())
-    calibrate_input_ranges_(std_model, train, 2, 4, "std", 3.0)
+            assert m.analog.range_set and float(m.analog.input_range.detach()) == pytest.approx(seen[n], rel=1e-6)
+    std_model = al.analogize_(copy.deepcopy(base[0]), recipe.analog.config().set(
+        "mapping", {**steps, "ranges": "std", "std_alpha": 3.0}), calibration=train)
     narrower = [float(a.analog.input_range.detach()) < float(b.analog.input_range.detach())
                 for a, b in zip(std_model.modules(), model.modules()) if isinstance(a, al.AnalogLinear)]
     assert all(narrower)

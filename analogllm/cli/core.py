@@ -41,7 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include", nargs="*", default=None, help="regexes of module names to convert")
     p.add_argument("--exclude", nargs="*", default=None, help="regexes of module names to keep digital")
     p.add_argument("--seed", type=int, default=0, help="chip instance to program (default 0)")
-    p.add_argument("--out", type=Path, default=None, help="write the analogue checkpoint here")
+    p.add_argument("--calibration", default="builtin",
+                   help="text that maps the model onto the chip: 'builtin' (default), a local file or folder, or a Hub dataset")
+    p.add_argument("--calibration-blocks", type=int, default=16,
+                   help="calibration blocks of 128 tokens (default 16; 0 = no mapping, abs-max DAC ranges on first use)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the analogue checkpoint here (an existing folder must be empty or an earlier checkpoint)")
     p.set_defaults(func=run_convert)
 
     p = sub.add_parser("models", help="list the built-in models")
@@ -95,14 +100,26 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    import torch
+
     from analogllm.chip import program_
-    from analogllm.nn.convert import analogize_
+    from analogllm.data import token_blocks
+    from analogllm.hf.checkpoint import check_destination, save_pretrained
     from analogllm.hf.models import load_model
-    from analogllm.hf.checkpoint import save_pretrained
+    from analogllm.nn.convert import analogize_
 
     config = AnalogConfig.from_profile(args.profile, **parse_overrides(args.set))
+    if args.calibration_blocks < 0:
+        raise ValueError(f"--calibration-blocks must be >= 0, got {args.calibration_blocks}")
+    if args.out is not None:
+        check_destination(args.out)  # before minutes of work, not after
     model, tokenizer = load_model(args.model)
-    analogize_(model, config, include=args.include, exclude=args.exclude)
+    calibration = None
+    if args.calibration_blocks:
+        train = token_blocks(tokenizer, args.calibration, block_size=128, split="train")
+        pick = torch.linspace(0, len(train) - 1, min(args.calibration_blocks, len(train))).long()
+        calibration = train[pick]
+    analogize_(model, config, include=args.include, exclude=args.exclude, calibration=calibration, progress=True)
     program_(model, seed=args.seed)
     print(model.analog_report.table())
     if args.out is not None:

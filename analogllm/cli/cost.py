@@ -73,11 +73,11 @@ def run_cost(args: argparse.Namespace) -> int:
         workload = workload_from_manifest(manifest, hf_config_for(source), args.context)
     else:
         from analogllm.cli.export import load_analog_model
-        from analogllm.hf.checkpoint import CONFIG_NAME
+        from analogllm.hf.checkpoint import is_analog_checkpoint
 
         overrides = parse_overrides(args.set)
         config = AnalogConfig.from_profile(args.profile or "pcm", **overrides) if (args.profile or overrides) else None
-        if config is not None and (path / CONFIG_NAME).is_file():
+        if config is not None and is_analog_checkpoint(path):
             raise ValueError(f"{args.source} is an analogue checkpoint with its own config; drop --profile/--set")
         model, _, _ = load_analog_model(args.source, config)
         workload = workload_from_model(model, args.context, source=args.source)

@@ -58,10 +58,10 @@ def load_analog_model(source: str, config: AnalogConfig | None) -> tuple[nn.Modu
     with ``config``."""
     from analogllm.nn.convert import analogize_
     from analogllm.hf.models import load_model
-    from analogllm.hf.checkpoint import CONFIG_NAME, from_pretrained
+    from analogllm.hf.checkpoint import from_pretrained, is_analog_checkpoint
 
     path = Path(source).expanduser()
-    if (path / CONFIG_NAME).is_file():
+    if is_analog_checkpoint(path):
         from transformers import AutoTokenizer
 
         model = from_pretrained(path)
@@ -86,7 +86,7 @@ def calibrate(model: nn.Module, tokenizer: Any, blocks: int, block_size: int = 1
     from analogllm.export.manifest import analog_layers
 
     unset = [layer for layer in analog_layers(model) if layer.placement == "analog"
-             and layer.matrix.config.dac.range == "learned" and not bool(layer.matrix.range_ready)]
+             and layer.matrix.config.dac.range == "learned" and not layer.matrix.range_set]
     if not unset:
         return None
     if blocks < 1:
@@ -100,13 +100,13 @@ def calibrate(model: nn.Module, tokenizer: Any, blocks: int, block_size: int = 1
 def run_export(args: argparse.Namespace) -> int:
     from analogllm.chip import program_
     from analogllm.export.writer import export_map
-    from analogllm.hf.checkpoint import CONFIG_NAME
+    from analogllm.hf.checkpoint import is_analog_checkpoint
 
     overrides = parse_overrides(args.set)
     config = None
     if args.profile is not None or overrides:
         config = AnalogConfig.from_profile(args.profile or "pcm", **overrides)
-    if config is not None and (Path(args.model).expanduser() / CONFIG_NAME).is_file():
+    if config is not None and is_analog_checkpoint(Path(args.model).expanduser()):
         raise ValueError(f"{args.model} is an analogue checkpoint with its own config; drop --profile/--set "
                          "(or convert the digital model again)")
     start = time.perf_counter()

@@ -114,24 +114,34 @@ class DriftConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Noise injected by ``model.train()`` (hardware-aware training), not by the deployed chip.
+    """Noise of hardware-aware training (mode ``hwa``), not of the deployed chip.
 
-    weight_noise: additive Gaussian weight noise, std relative to each output channel's abs-max
-                  (0.03 in Analog Foundation Models); sampled exactly in output space.
-    output_noise: additive output noise in normalised units while training.
+    noise:        ``gaussian``: weight noise of std ``weight_noise`` × each tile column's abs-max (0.03 in
+                  Analog Foundation Models) and output noise ``output_noise``; ``device``: the deployed
+                  chip's own statistics, from its device model at a deployment time sampled per step from
+                  ``drift_times`` (programming noise, drift with its spread and the error left by global
+                  drift compensation, read noise) and the profile's output noise. Both are sampled exactly
+                  in output space.
+    drift_times:  deployment times (seconds after programming) that ``device`` noise is drawn at, one per
+                  training step uniformly among them (empty: t = 0).
     clip_sigma:   clip each output channel's weights to ±clip_sigma·std (2.5 in AFM); ``None`` = off.
     quantize:     apply the DAC/ADC (with straight-through gradients) while training.
+    learn_adc:    train the ADC ranges too (their own straight-through gradient, with the DAC ranges' rate).
     """
 
+    noise: Literal["gaussian", "device"] = "gaussian"
     weight_noise: float = 0.0
     output_noise: float = 0.0
+    drift_times: tuple[float, ...] = ()
     clip_sigma: float | None = None
     quantize: bool = True
+    learn_adc: bool = False
 
     def __post_init__(self) -> None:
         check(self.weight_noise >= 0, "training.weight_noise", f"must be >= 0, got {self.weight_noise}")
         check(self.output_noise >= 0, "training.output_noise", f"must be >= 0, got {self.output_noise}")
         check(self.clip_sigma is None or self.clip_sigma > 0, "training.clip_sigma", "must be > 0 or null")
+        check(all(t >= 0 for t in self.drift_times), "training.drift_times", "must be >= 0 seconds")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ the nearest level of an export grid, 256 levels unless asked otherwise (≈ 0.2 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -215,5 +215,4 @@ def install(layer: AnalogLayer, arrays: dict[str, torch.Tensor], record: dict[st
         w = target_weight(arrays, record, device)
         layer.weight.copy_(w.reshape(layer.weight.shape).to(layer.weight.dtype))
     replay = CrossbarMap(physics=physics, normalised=x, name=layer.name)
-    layer.matrix.config = replace(layer.matrix.config, device=replay)
-    layer.matrix.program(layer.weight, record["seed"], record["seconds"])
+    layer.matrix.program(layer.weight, record["seed"], record["seconds"], device=replay)

@@ -15,7 +15,7 @@ Layout, ranges and periodicity are in docs/export-format.md.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -264,5 +264,4 @@ def install(layer: AnalogLayer, arrays: dict[str, torch.Tensor], record: dict[st
         layout=((bo, bi, e * t), record["shape"][-2], record["tiles"]["rows"]),
         name=layer.name,
     )
-    layer.matrix.config = replace(layer.matrix.config, device=replay)
-    layer.matrix.program(layer.weight, record["seed"], record["seconds"])
+    layer.matrix.program(layer.weight, record["seed"], record["seconds"], device=replay)

@@ -194,7 +194,7 @@ def verify_map(
         dac_error, bias_error = _install_digital(twin, layer, arrays, record)
         real = layer.matrix.realised_weight(layer.weight).double()
         real_map = twin.matrix.realised_weight(twin.weight).double()
-        gain_map = twin.matrix.chip(twin.weight).gain
+        gain_map = float(twin.matrix.chip.gain[0])
         checks.append(LayerCheck(
             name=layer.name,
             target_error=float(((w_map - w).abs() / scale).max()),
@@ -227,14 +227,18 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _install_digital(twin: AnalogLayer, layer: AnalogLayer, arrays: dict[str, torch.Tensor],
                      record: dict[str, Any]) -> tuple[float, float]:
-    """Give the replica the map's DAC range and bias; return their differences from the model's."""
+    """Give the replica the map's converter ranges (DAC, and ADC per tile) and bias; return the larger
+    relative difference of the ranges from the model's, and the bias difference."""
     dac_error = 0.0
-    if record["dac_range"] is not None:
-        stored = torch.tensor(record["dac_range"], dtype=torch.float32)
-        model_range = layer.matrix.input_range.detach().abs().float().cpu()
-        dac_error = float(((stored - model_range).abs() / model_range.clamp(min=1e-12)).max())
+    for key, attr in (("dac_range", "input_range"), ("adc_range", "output_range")):
+        if record.get(key) is None:
+            continue
+        stored = torch.tensor(record[key], dtype=torch.float32)
+        model_range = getattr(layer.matrix, attr).detach().abs().float().cpu().reshape(-1)
+        dac_error = max(dac_error, float(((stored - model_range).abs() / model_range.clamp(min=1e-12)).max()))
         with torch.no_grad():
-            twin.matrix.input_range.copy_(stored.reshape(twin.matrix.input_range.shape))
+            target = getattr(twin.matrix, attr)
+            target.copy_(stored.reshape(target.shape))
     bias_error = 0.0
     if twin.bias is not None:
         stored_bias = arrays["bias"].reshape(twin.bias.shape).to(twin.bias.dtype)

@@ -90,7 +90,7 @@ def require_ranges(layers: list[AnalogLayer]) -> None:
     """Raise unless every learned DAC range is initialised (an uninitialised one would read as 0)."""
     for layer in layers:
         m = layer.matrix
-        if layer.placement == "analog" and m.config.dac.range == "learned" and not bool(m.range_ready):
+        if layer.placement == "analog" and m.config.dac.range == "learned" and not m.range_set:
             raise ValueError(
                 f"layer {layer.name}: its learned DAC input range was never initialised (the model has not "
                 "seen data); run a forward pass on representative text first (the range initialises from "
@@ -118,7 +118,8 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
     if not torch.isfinite(weight).all():
         raise ValueError(f"layer {layer.name}: the weight has NaN or infinite values; nothing can be programmed")
     matrix = layer.matrix
-    chip = matrix.chip(layer.weight)  # the instance the model runs on (programs it if it never was)
+    matrix.ensure_programmed(layer.weight)  # the instance the model runs on (programs it if it never was)
+    chip = matrix.chip
     wn, scale = matrix.normalised_tiles(weight)
     scale = scale.squeeze(-1)
     arrays, tiles = module.encode(layer, wn, scale, matrix.config.device, device_record)
@@ -138,12 +139,14 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
         "name": layer.name,
         "kind": layer.kind,
         "placement": layer.placement,
-        "layer_id": matrix.layer_id,
+        "layer_id": matrix.uid,
         "shape": list(layer.shape),
         "experts": matrix.experts,
         "bias": layer.bias is not None,
         "dac_range": dac_range,
-        "gain": chip.gain,
+        "gain": float(chip.gain[0]),
+        "adc_range": None if layer.placement != "analog" or not hasattr(matrix, "output_range")
+        else matrix.output_range.detach().float().reshape(-1).tolist(),
         "seed": chip.seed,
         "seconds": chip.seconds,
         "tiles": tiles,

@@ -38,6 +38,7 @@ from transformers import (
 )
 
 from analogllm.data import builtin_documents, cache_dir, hub_reachable
+from analogllm.ops.noise import seeded
 from analogllm.fileio import atomic_dir, atomic_write_bytes
 
 __all__ = [
@@ -360,8 +361,7 @@ def load_model(
     if name_or_path in TINY_MODELS:
         config = TINY_MODELS[name_or_path]()
         config.name_or_path = name_or_path
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             model = AutoModelForCausalLM.from_config(config)
         return model.to(dtype).eval(), builtin_tokenizer()
 

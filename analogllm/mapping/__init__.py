@@ -112,7 +112,7 @@ def map_(model: nn.Module, blocks: torch.Tensor, spec: MappingConfig | None = No
         report.rescaled = choices if spec.rescale else {}
         report.online = sorted(r for c in choices.values() for r in c.rotated)
     for name in report.online:
-        _add_rotation(layers[name][0], layers[name][1], rotations[name])
+        add_rotation(layers[name][0], layers[name][1], rotations[name])
     if spec.ranges != "none":
         report.ranges = calibrate_ranges_(model, inputs, spec.ranges, spec.adc, spec.std_alpha, spec.seconds, progress)
     report.digital_macs_per_token = sum(m.transform.macs_per_token() for m, _ in layers.values() if m.transform is not None)
@@ -120,7 +120,7 @@ def map_(model: nn.Module, blocks: torch.Tensor, spec: MappingConfig | None = No
     return report
 
 
-def _add_rotation(matrix: AnalogMatrix, weight: torch.Tensor, rotation: Rotation) -> None:
+def add_rotation(matrix: AnalogMatrix, weight: torch.Tensor, rotation: Rotation) -> None:
     """Give ``matrix`` an online rotation (keeping a digital scale it may already have) and fold the
     rotation's inverse into its weight."""
     old = matrix.transform
@@ -148,4 +148,4 @@ def restore_transforms_(model: nn.Module, specs: dict[str, dict]) -> None:
         matrices[name].set_transform(scale=bool(spec.get("scale")), rotation_seed=spec.get("rotation_seed"))
 
 
-__all__ = ["MappingReport", "digital", "map_", "restore_transforms_", "transform_specs"]
+__all__ = ["MappingReport", "add_rotation", "digital", "map_", "restore_transforms_", "transform_specs"]

@@ -27,54 +27,23 @@ SmolLM2: the relative score maps it to perplexity 270, the absolute one to 92,00
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
+from analogllm.chip.statistics import Table, device_statistics
 from analogllm.config import AnalogConfig
-from analogllm.devices.base import Device
 
-#: |w| grid of the device variance table
-_LEVELS = 33
 #: a token's output power is floored at this fraction of the mean, so near-zero outputs do not dominate
 _FLOOR = 0.05
+#: log-spaced histogram of tile outputs for the ADC saturation sums: bins over this many decades below the max
+_BINS, _DECADES = 256, 6
 
 
-@lru_cache(maxsize=32)
-def _variance_table(device: Device, seconds: float, compensation: bool) -> torch.Tensor:
-    """v(|w|) on a uniform grid of |w| ∈ [0, 1] (:data:`_LEVELS` points), from a random probe."""
-    from analogllm.nn.matrix import _drift_compensation  # the layer's own compensation
-
-    gen = torch.Generator().manual_seed(1234)
-    w = torch.rand(8, 64, 256, generator=gen) * 2 - 1
-    w = w / w.abs().amax(-1, keepdim=True)  # every column reaches full scale, as a layer's tiles do
-    real = device.realise(w, seconds, torch.Generator().manual_seed(4321))
-    got = real.weight * real.gain
-    if compensation and device.drifts and seconds > 0:
-        ref = real.reference if real.reference is not None else device.realise(
-            w, 0.0, torch.Generator().manual_seed(4321)).weight
-        got = got * _drift_compensation(ref, real.weight, 64)
-    err = (got - w).square()
-    if real.read_std is not None:
-        err = err + real.read_std.square()
-    idx = (w.abs() * (_LEVELS - 1)).round().long().flatten()
-    total = torch.zeros(_LEVELS).index_add_(0, idx, err.flatten())
-    count = torch.zeros(_LEVELS).index_add_(0, idx, torch.ones_like(err.flatten()))
-    table = total / count.clamp(min=1)
-    # levels the probe never hit (none with 512k samples on 33 levels) take their neighbours' value
-    return torch.where(count > 0, table, table.roll(1))
-
-
-def device_variance(config: AnalogConfig, seconds: float) -> torch.Tensor:
-    """The variance table of ``config``'s device at ``seconds`` after programming."""
-    return _variance_table(config.device, float(seconds), bool(config.drift.compensation))
-
-
-def _lookup(table: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    pos = a.clamp(0, 1) * (len(table) - 1)
-    lo = pos.floor().long().clamp(max=len(table) - 2)
-    f = pos - lo
-    return table[lo] * (1 - f) + table[lo + 1] * f
+def device_variance(config: AnalogConfig, seconds: float) -> Table:
+    """The variance of a realised normalised weight vs |w| (:mod:`analogllm.chip.statistics`), bias
+    included: the error model counts the mean error as part of the squared error."""
+    bias, var = device_statistics(config, seconds)
+    return Table(var.values + bias.values.square())
 
 
 @dataclass
@@ -99,7 +68,7 @@ class LayerModel:
     """
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, tiles: int, rows: int, config: AnalogConfig,
-                 variance: torch.Tensor) -> None:
+                 variance: Table) -> None:
         self.config = config
         w = weight.detach().float()
         x = x.detach().float()
@@ -109,7 +78,7 @@ class LayerModel:
         self.m2 = wt.abs().amax(-1).clamp(min=1e-12).square()  # T, out
         wn = wt / self.m2.sqrt().unsqueeze(-1)
         self.g = torch.einsum("to,tor->tr", self.m2, wn.square())  # DAC error weights
-        self.h = torch.einsum("to,tor->tr", self.m2, _lookup(variance, wn.abs()))  # weight-noise weights
+        self.h = torch.einsum("to,tor->tr", self.m2, variance.lookup(wn.abs()))  # weight-noise weights
         self.xt = torch.nn.functional.pad(x, (0, pad)).reshape(x.shape[0], tiles, rows).transpose(0, 1)  # T, N, R
         self.wn = wn
         sig = (x @ w.T).square().sum(-1)
@@ -124,20 +93,27 @@ class LayerModel:
         # the detector's signal-dependent term a·|y|, weighted like the score: Σ_n w_n Σ_o m2 |y0|
         self.shot = a * float(torch.einsum("tno,to,n->", y0, self.m2, self.inv_den)) if a else 0.0
         self.m2w = self.m2.sum(-1) * float(self.inv_den.sum())  # T: Σ_o m2 · Σ_n w_n
-        # ADC saturation for any threshold c (in y0 units) from suffix sums over the sorted |y0| of each
-        # tile, weighted by m2[t, o]·w[n]: Σ ω (y0 − c)₊² = S2 − 2c·S1 + c²·S0 over y0 > c
-        weights = (self.m2[:, None, :] * self.inv_den[None, :, None]).reshape(y0.shape[0], -1)
-        self.y_sorted, order = y0.reshape(y0.shape[0], -1).sort(-1)
-        ws = torch.gather(weights, 1, order).double()
-        ys = self.y_sorted.double()
-        suffix = lambda v: torch.cat([v.flip(-1).cumsum(-1).flip(-1), torch.zeros_like(v[:, :1])], -1)  # noqa: E731
-        self.s0, self.s1, self.s2 = suffix(ws), suffix(ws * ys), suffix(ws * ys * ys)
+        # ADC saturation for any threshold c (in y0 units): Σ ω (y0 − c)₊² = S2 − 2c·S1 + c²·S0 over the
+        # outputs above c, ω = m2[t, o]·w[n]. The sums come from a histogram of |y0| per tile on
+        # :data:`_BINS` log-spaced bins (suffix sums over bins; a sort would cost 5× more), so a bin's
+        # values count once the threshold is below the bin's lower edge: relative error < 1 bin width.
+        tiles = y0.shape[0]
+        flat = y0.reshape(tiles, -1)
+        weights = (self.m2[:, None, :] * self.inv_den[None, :, None]).reshape(tiles, -1)
+        top = float(flat.max().clamp(min=1e-30))
+        self.edges = top * torch.logspace(-_DECADES, 0, _BINS + 1, dtype=torch.float64)[:-1]  # lower edges
+        idx = torch.bucketize(flat.double(), self.edges, right=True).clamp_(min=1) - 1  # bins 0.._BINS-1
+        sums = []
+        for v in (weights, weights * flat, weights * flat * flat):
+            s = torch.zeros(tiles, _BINS, dtype=torch.float64).scatter_add_(1, idx, v.double())
+            sums.append(torch.cat([s.flip(-1).cumsum(-1).flip(-1), torch.zeros(tiles, 1, dtype=torch.float64)], -1))
+        self.s0, self.s1, self.s2 = sums
 
     def _saturation(self, c: torch.Tensor) -> torch.Tensor:
         """Σ_n w_n Σ_o m2 (y0 − c_t)₊² per tile, for thresholds ``c`` (T,) or (K, T) in y0 units."""
         c = c.double()
         flat = c.reshape(-1, c.shape[-1]).T.contiguous()  # T, K
-        idx = torch.searchsorted(self.y_sorted.double().contiguous(), flat, right=True)
+        idx = torch.searchsorted(self.edges, flat, right=False).clamp(max=_BINS)  # first bin above c
         s0, s1, s2 = (torch.gather(s, 1, idx) for s in (self.s0, self.s1, self.s2))
         out = (s2 - 2 * flat * s1 + flat * flat * s0).clamp(min=0).T  # K, T
         return out.reshape(c.shape).float()

@@ -109,8 +109,7 @@ def _apply(matrix: AnalogMatrix, expert: int | None, choice: RangeChoice) -> Non
     idx = () if expert is None else (expert,)
     if choice.dac_range is not None and hasattr(matrix, "input_range") and matrix.config.dac.range != "dynamic":
         matrix.input_range[idx] = choice.dac_range
-        if hasattr(matrix, "range_ready"):
-            matrix.range_ready.fill_(True)
+        matrix.mark_range_set()
     if choice.adc_ranges is not None:
         matrix.output_range[idx] = torch.tensor(choice.adc_ranges, dtype=matrix.output_range.dtype)
 

@@ -96,13 +96,13 @@ def rescale_(groups: list[Group], layers: dict[str, tuple[AnalogMatrix, torch.Te
                 best = (e, alpha, s, rot)
         err, alpha, s, rotated = best
         if s is not None:
-            _apply(g, s, layers, inputs)
+            apply_scale(g, s, layers, inputs)
         out[g.name] = ScaleChoice(alpha=alpha, folded=s is not None and g.fold is not None, rotated=rotated,
                                   error=err, error_unscaled=base)
     return out
 
 
-def _apply(g: Group, s: torch.Tensor, layers: dict[str, tuple[AnalogMatrix, torch.Tensor]],
+def apply_scale(g: Group, s: torch.Tensor, layers: dict[str, tuple[AnalogMatrix, torch.Tensor]],
            inputs: dict[Key, torch.Tensor]) -> None:
     se = g.expand(s)
     if g.fold is not None:
@@ -119,4 +119,4 @@ def _apply(g: Group, s: torch.Tensor, layers: dict[str, tuple[AnalogMatrix, torc
     w.copy_(transform.absorb(w))
 
 
-__all__ = ["ScaleChoice", "rescale_"]
+__all__ = ["ScaleChoice", "apply_scale", "rescale_"]

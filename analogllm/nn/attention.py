@@ -27,6 +27,7 @@ class AnalogProducts(nn.Module):
     def __init__(self, config: AnalogConfig) -> None:
         super().__init__()
         self.config = config
+        self.mode = "chip"  # as the model's matrices (analogllm.set_mode): "hwa" uses the training noise
 
     def _dac(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         r = x.detach().abs().amax(dim, keepdim=True).clamp(min=_EPS)
@@ -37,7 +38,9 @@ class AnalogProducts(nn.Module):
         an, ra = self._dac(a, -1)
         bn, rb = self._dac(b, -2)
         y = torch.matmul(an, bn)
-        noise = self.config.output.noise if not self.training else self.config.training.output_noise
+        if self.mode == "digital":
+            return torch.matmul(a, b)
+        noise = self.config.training.output_noise if self.mode == "hwa" else self.config.output.noise
         if noise > 0:
             y = y + torch.randn_like(y) * noise
         adc = self.config.adc

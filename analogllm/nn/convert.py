@@ -24,24 +24,24 @@ from analogllm.nn.linear import AnalogConv1D, AnalogLinear
 from analogllm.nn.matrix import AnalogMatrix
 from analogllm.nn.weight import to_weight_side
 
-Converter = Callable[[nn.Module, AnalogConfig, int], nn.Module]
+Converter = Callable[[nn.Module, AnalogConfig, str], nn.Module]
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """One row of the adapter table: which modules it takes and how many layer ids it consumes."""
+    """One row of the adapter table: which modules it takes and how it converts them (given the
+    module's name, which identifies its matrices on a chip)."""
 
     name: str
     matches: Callable[[nn.Module], bool]
     convert: Converter
-    ids: int = 1
 
 
 #: The one table of analogue adapters, tried in order. Extend it with :func:`register_adapter`.
 ADAPTERS: list[Adapter] = [
     Adapter("linear", lambda m: type(m) is nn.Linear, AnalogLinear.from_linear),
     Adapter("conv1d", lambda m: type(m) is Conv1D, AnalogConv1D.from_conv1d),
-    Adapter("experts", is_experts, to_analog_experts, ids=2),
+    Adapter("experts", is_experts, to_analog_experts),
 ]
 
 #: Per model type: modules whose weight the model reads directly (so a swapped forward is never
@@ -97,6 +97,7 @@ def analogize_(
     exclude: list[str] | tuple[str, ...] | None = None,
     calibration: torch.Tensor | None = None,
     progress: bool = False,
+    attach: bool = True,
 ) -> nn.Module:
     """Convert ``model`` in place so that its matmuls run on the analogue chip described by ``config``.
 
@@ -105,7 +106,9 @@ def analogize_(
     (token blocks, LongTensor [n, L]) the model is then mapped onto the chip's converters as
     ``config.mapping`` says (:func:`analogllm.mapping.map_`: rotations, rescaling, calibrated ranges).
     Returns the model, with the config on ``model.analog_config``, the report on
-    ``model.analog_report`` (and the mapping's on ``model.analog_report.mapping``).
+    ``model.analog_report`` (and the mapping's on ``model.analog_report.mapping``). A Hugging Face model
+    then saves and loads as an analogue checkpoint (:mod:`analogllm.hf.quantizer`); ``attach=False``
+    leaves that out (the quantizer itself converts with it while loading).
     """
     if config is None or isinstance(config, str):
         config = AnalogConfig.from_profile(config or "pcm")
@@ -119,7 +122,6 @@ def analogize_(
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     weight_side = [re.compile(p) for p in WEIGHT_SIDE_RULES.get(model_type, ())]
     report = ConversionReport()
-    layer_id = 0
     handled: set[str] = set()
     for name, module in list(model.named_modules()):
         if any(name.startswith(h + ".") for h in handled):
@@ -138,13 +140,12 @@ def analogize_(
             report.rows.append((name, kind, shape, "digital", "excluded by config"))
             continue
         if any(p.search(name) for p in weight_side) and hasattr(module, "weight"):
-            to_weight_side(module, config, layer_id)
+            to_weight_side(module, config, name)
             report.rows.append((name, kind, shape, "weight-side", "weight read directly by the model"))
         else:
-            adapter.convert(module, config, layer_id)
+            adapter.convert(module, config, name)
             report.rows.append((name, kind, shape, "analog", adapter.name))
         handled.add(name)
-        layer_id += adapter.ids
     model.analog_config = config  # type: ignore[assignment]
     model.analog_report = report  # type: ignore[assignment]
     if config.analog_attention:
@@ -155,6 +156,10 @@ def analogize_(
         from analogllm.mapping import map_
 
         report.mapping = map_(model, calibration, config.mapping, progress)
+    if attach:
+        from analogllm.hf.quantizer import attach as attach_quantizer
+
+        attach_quantizer(model)
     return model
 
 

@@ -69,13 +69,13 @@ def _gate(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return module.act_fn(gate) * up
 
 
-def to_analog_experts(module: nn.Module, config: AnalogConfig, layer_id: int) -> nn.Module:
+def to_analog_experts(module: nn.Module, config: AnalogConfig, name: str) -> nn.Module:
     """Swap ``module``'s class for an analogue subclass of it, in place (parameters untouched)."""
     cls = type(module)
     module.__class__ = type(f"Analog{cls.__name__}", (AnalogExperts, cls), {"forward": AnalogExperts.forward})
     e, _, up_in = module._matrix(module._up_name()).shape
     down_in = module._matrix("down_proj").shape[-1]
     device = module.down_proj.device
-    module.analog_up = AnalogMatrix(config, layer_id, up_in, experts=e).to(device)
-    module.analog_down = AnalogMatrix(config, layer_id + 1, down_in, experts=e).to(device)
+    module.analog_up = AnalogMatrix(config, f"{name}.up", up_in, experts=e).to(device)
+    module.analog_down = AnalogMatrix(config, f"{name}.down", down_in, experts=e).to(device)
     return module

@@ -26,18 +26,19 @@ class AnalogLinear(nn.Linear):
         bias: bool = True,
         *,
         config: AnalogConfig | None = None,
-        layer_id: int = 0,
+        name: str = "linear",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.analog = AnalogMatrix(config or AnalogConfig(), layer_id, in_features)
+        self.analog = AnalogMatrix(config or AnalogConfig(), name, in_features).to(self.weight.device)
 
     @classmethod
-    def from_linear(cls, module: nn.Linear, config: AnalogConfig, layer_id: int) -> AnalogLinear:
-        """Turn ``module`` into an AnalogLinear in place (same parameter objects, same hooks)."""
+    def from_linear(cls, module: nn.Linear, config: AnalogConfig, name: str) -> AnalogLinear:
+        """Turn ``module`` (called ``name`` in its model) into an AnalogLinear in place (same parameter
+        objects, same hooks)."""
         module.__class__ = cls
-        module.analog = AnalogMatrix(config, layer_id, module.in_features).to(module.weight.device)
+        module.analog = AnalogMatrix(config, name, module.in_features).to(module.weight.device)
         return module  # type: ignore[return-value]
 
     def analog_weight(self) -> torch.Tensor:
@@ -53,9 +54,9 @@ class AnalogConv1D(Conv1D):
     analog: AnalogMatrix
 
     @classmethod
-    def from_conv1d(cls, module: Conv1D, config: AnalogConfig, layer_id: int) -> AnalogConv1D:
+    def from_conv1d(cls, module: Conv1D, config: AnalogConfig, name: str) -> AnalogConv1D:
         module.__class__ = cls
-        module.analog = AnalogMatrix(config, layer_id, module.weight.shape[0]).to(module.weight.device)
+        module.analog = AnalogMatrix(config, name, module.weight.shape[0]).to(module.weight.device)
         return module  # type: ignore[return-value]
 
     def analog_weight(self) -> torch.Tensor:

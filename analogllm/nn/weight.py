@@ -19,20 +19,22 @@ from analogllm.ops.quant import clip_bound
 class AnalogWeight(nn.Module):
     """Parametrization: ``weight ↦`` the weight as the chip holds it.
 
-    train: clipped, with fresh Gaussian weight noise (σ × channel abs-max) at every read;
-    eval:  the realised matrix of the programmed (and drifted) chip instance.
+    chip (the matrix's mode): the realised matrix of the programmed (and drifted) chip instance;
+    hwa: clipped, with fresh Gaussian weight noise (σ × channel abs-max) at every read;
+    digital: the weight itself.
     """
 
-    def __init__(self, config: AnalogConfig, layer_id: int, in_features: int) -> None:
+    def __init__(self, config: AnalogConfig, name: str, in_features: int) -> None:
         super().__init__()
-        self.analog = AnalogMatrix(config, layer_id, in_features)
+        self.analog = AnalogMatrix(config, name, in_features)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.analog.mode == "digital":
+        mode = self.analog.mode
+        if mode == "digital" or weight.is_meta:  # (a model being built on the meta device has no chip yet)
             return weight
-        if not self.training:
-            return self.analog.realised_weight(weight)
-        self.analog._require_digital()
+        if mode == "chip":
+            return self.analog.realised_weight(weight).to(weight.dtype)
+        self.analog.require_digital()
         tr = self.analog.config.training
         bound = clip_bound(weight, tr.clip_sigma)
         if bound is not None:
@@ -43,10 +45,10 @@ class AnalogWeight(nn.Module):
         return weight
 
 
-def to_weight_side(module: nn.Module, config: AnalogConfig, layer_id: int, name: str = "weight") -> nn.Module:
-    """Register :class:`AnalogWeight` on ``module.<name>``."""
+def to_weight_side(module: nn.Module, config: AnalogConfig, module_name: str, name: str = "weight") -> nn.Module:
+    """Register :class:`AnalogWeight` on ``module.<name>`` (``module_name``: the module's name in its model)."""
     from torch.nn.utils import parametrize
 
     weight = getattr(module, name)
-    parametrize.register_parametrization(module, name, AnalogWeight(config, layer_id, weight.shape[-1]))
+    parametrize.register_parametrization(module, name, AnalogWeight(config, f"{module_name}.{name}", weight.shape[-1]))
     return module

@@ -1,16 +1,17 @@
-"""The fused CPU read kernel (``read_kernel.c``): noise, nonlinearity, ADC and the sum over tiles of
-one analogue read in a single pass, with its own parallel Gaussian generator.
+"""The fused CPU kernel of the chip read (``read_kernel.c``): building it, loading it, calling it.
 
-Why C: after the matmul an eager read makes about ten passes over the (tiles × tokens × outputs)
-tile outputs, and torch's CPU normal generator is serial (3.6 ns per sample). For SmolLM2 that
-was half of the eval time. The kernel does it all in one vectorised pass and draws its normals
-from a counter-based generator (0.7 ns per sample per core), on torch's OpenMP threads.
+Why C: after the tile matmuls a read makes about ten passes over the (tiles × tokens × outputs) tile
+outputs in eager torch, and drawing the read noise is as costly as the rest together. The kernel does
+noise (Philox-4x32-10, the same numbers as :mod:`analogllm.ops.philox`), nonlinearity, ADC and the sum
+over tiles in one vectorised pass on torch's own OpenMP threads.
 
-The kernel is compiled on first use with the system C compiler (``cc`` or ``$CC``) into a cache
-directory (``$ANALOGLLM_CACHE``, default ``~/.cache/analogllm``), keyed by the source, the compiler
-and the CPU, and loaded with ctypes. Without a compiler, or with ``ANALOGLLM_KERNEL=0``, reads run
-on the eager torch path: the same distributions, other samples. Only reads use it: programming a
-chip stays on torch's generator, so a seed gives the same chip on every machine.
+It is compiled on first use with the system C compiler (``$CC``, which may carry arguments such as
+``ccache gcc``, else ``cc``/``gcc``/``clang``) into ``$ANALOGLLM_CACHE/kernels`` (default
+``~/.cache/analogllm``), keyed by the source, the flags, the compiler and the CPU, written atomically and
+loaded with ctypes. Every way this can fail (no compiler, a compiler that errors or hangs, an unwritable
+cache, a library that does not load) is caught and reported once as a warning; reads then run the
+torch reference of :mod:`analogllm.ops.read`, which gives the same results. ``ANALOGLLM_KERNEL=0``
+switches the kernel off.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,6 +32,7 @@ import torch
 
 _SOURCE = Path(__file__).with_name("read_kernel.c")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+_TIMEOUT = 120  # seconds for one compiler run; a hung compiler must not hang the first forward
 _ROWS_PER_THREAD = 16  # fewer rows per thread: the hand-off costs more than it saves
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 
@@ -49,72 +52,108 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build() -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        return None
+def compiler() -> list[str] | None:
+    """The C compiler command: ``$CC`` split like a shell would (``ccache gcc`` is two words), else the
+    first of cc, gcc, clang on the PATH; None when there is none."""
+    env = os.environ.get("CC")
+    if env:
+        words = shlex.split(env)
+        return words if words and shutil.which(words[0]) else None
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [found] if found else None
+
+
+class BuildError(RuntimeError):
+    """The kernel could not be built or loaded; the message says why."""
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise BuildError(f"{' '.join(cmd[:2])} did not finish within {_TIMEOUT} s") from None
+    except OSError as exc:
+        raise BuildError(f"cannot run {cmd[0]}: {exc}") from None
+
+
+def build() -> Path:
+    """Compile the kernel into the cache (if not there yet) and return the library's path."""
+    cc = compiler()
+    if cc is None:
+        raise BuildError("no C compiler (set CC or install cc/gcc/clang)")
+    version = _run([*cc, "--version"]).stdout
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(), _cpu_id().encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), " ".join(cc).encode(), version.encode(),
+                                     _cpu_id().encode(), platform.machine().encode()])).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"read-{key}{'.dll' if sys.platform == 'win32' else '.so'}"
-    if not target.exists():
+    if target.exists():
+        return target
+    try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".read-", suffix=target.suffix)
-        os.close(fd)
-        try:
-            # with OpenMP (torch's own libgomp is already loaded, so the kernel shares its threads), else without
-            for flags in ([*_FLAGS, "-fopenmp"], [*_FLAGS, "-fopenmp-simd"]):
-                done = subprocess.run([compiler, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True,
-                                      text=True, timeout=300)
-                if done.returncode == 0:
-                    break
-            else:
-                warnings.warn(f"analogllm: could not compile the fused read kernel ({compiler}); reads use the "
-                              f"slower torch path.\n{done.stderr[-1500:]}", RuntimeWarning, stacklevel=3)
-                return None
-            os.replace(tmp, target)  # atomic: concurrent processes never load a half-written library
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
-    f32, i64, u64, vp = ctypes.c_float, ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p
-    lib.analogllm_read.argtypes = [vp, vp, i64, i64, i64, ctypes.c_int, vp, vp, f32, f32, ctypes.c_int, u64,
-                                   f32, vp, vp, vp, vp, vp]
+    except OSError as exc:
+        raise BuildError(f"cannot write the kernel cache {target.parent}: {exc}") from None
+    os.close(fd)
+    try:
+        # with OpenMP (torch's own libgomp is already loaded, so the kernel shares its threads), else without
+        errors = []
+        for flags in ([*_FLAGS, "-fopenmp"], [*_FLAGS, "-fopenmp-simd"]):
+            done = _run([*cc, *flags, str(_SOURCE), "-o", tmp, "-lm"])
+            if done.returncode == 0:
+                break
+            errors.append(done.stderr[-1500:])
+        else:
+            raise BuildError(f"{' '.join(cc)} failed:\n{errors[-1]}")
+        os.replace(tmp, target)  # atomic: concurrent processes never load a half-written library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise BuildError(f"cannot load {path}: {exc}") from None
+    f32, i64, u64, vp, ci = ctypes.c_float, ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int
+    lib.analogllm_read.argtypes = [vp, vp, i64, i64, i64, ci, vp, vp, f32, f32, ci, u64, f32, vp, vp, vp, vp, vp, vp]
     lib.analogllm_read.restype = i64
-    lib.analogllm_dac.argtypes = [vp, vp, vp, i64, i64, i64, i64, vp, ctypes.c_int, f32, ctypes.c_int]
+    lib.analogllm_dac.argtypes = [vp, vp, vp, i64, i64, i64, i64, vp, ci, f32, ci]
     lib.analogllm_dac.restype = None
-    lib.analogllm_normals.argtypes = [vp, i64, u64, u64]
+    lib.analogllm_normals.argtypes = [vp, i64, i64, i64, u64]
     lib.analogllm_normals.restype = None
     return lib
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel, or None when it is switched off, there is no C compiler, or it cannot be
-    built (warned once)."""
+    """The loaded kernel, or None when it is switched off or cannot be had (warned once, with why)."""
     global _lib
     if os.environ.get("ANALOGLLM_KERNEL", "1") == "0":
         return None
     if _lib is None:
         try:
-            _lib = _build() or False
-        except (OSError, RuntimeError) as e:  # unwritable cache or no home directory, unloadable library
-            warnings.warn(f"analogllm: fused read kernel unavailable ({e}); reads use the torch path.",
+            _lib = _load(build())
+        except BuildError as exc:
+            warnings.warn(f"analogllm: fused read kernel unavailable ({exc}); reads use the torch reference.",
                           RuntimeWarning, stacklevel=2)
             _lib = False
     return _lib or None
 
 
-def normals(n: int, row: int = 0, key: int = 0) -> torch.Tensor:
-    """The first n standard normals of tile output row ``row`` under ``key``, as a read draws them."""
+def reset() -> None:
+    """Forget the loaded kernel (the next read tries again): for tests and changed environments."""
+    global _lib
+    _lib = None
+
+
+def normals(tiles: int, rows: int, outputs: int, key: int) -> torch.Tensor:
+    """The kernel's (tiles, rows, outputs) read normals under ``key`` (for tests and statistics)."""
     lib = library()
     if lib is None:
         raise RuntimeError("the fused read kernel is not available (no C compiler, or ANALOGLLM_KERNEL=0)")
-    out = torch.empty(n)
-    lib.analogllm_normals(out.data_ptr(), n, row, key)
+    out = torch.empty(tiles, rows, outputs)
+    lib.analogllm_normals(out.data_ptr(), tiles, rows, outputs, key & ((1 << 64) - 1))
     return out
 
 
@@ -125,49 +164,49 @@ def _threads(rows: int) -> int:
 def dac(x: torch.Tensor, r: torch.Tensor, step: float | None, tiles: int, rows: int,
         need_usq: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The DAC of a read for ``x`` (N, in): normalised, clipped, quantised inputs as (T, N, rows) tiles
-    (zero-padded), and Σ u² per tile and row (T, N) when ``need_usq``; eager ``_dac`` in one pass."""
+    (zero-padded), and Σ u² per tile and row (T, N) when ``need_usq``."""
     lib = library()
     assert lib is not None
     x = x.detach().contiguous()
-    N, n_in = x.shape
-    r = r.detach().reshape(-1).contiguous()
-    u = torch.empty(N, tiles * rows, dtype=x.dtype)
-    usq = torch.empty(tiles, N, dtype=x.dtype) if need_usq else None
-    lib.analogllm_dac(x.data_ptr(), u.data_ptr(), None if usq is None else usq.data_ptr(), N, n_in, tiles, rows,
-                      r.data_ptr(), int(r.numel() > 1), step or 0.0, _threads(N))
-    return u.view(N, tiles, rows).transpose(0, 1), usq
+    n, n_in = x.shape
+    r = r.detach().reshape(-1).contiguous().float()
+    u = torch.empty(n, tiles * rows, dtype=x.dtype)
+    usq = torch.empty(tiles, n, dtype=x.dtype) if need_usq else None
+    lib.analogllm_dac(x.data_ptr(), u.data_ptr(), None if usq is None else usq.data_ptr(), n, n_in, tiles, rows,
+                      r.data_ptr(), int(r.numel() > 1), step or 0.0, _threads(n))
+    return u.view(n, tiles, rows).transpose(0, 1), usq
 
 
 def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: torch.Tensor | None,
-         shot2: float, const_var: float, sat: float | None, adc: tuple[torch.Tensor, torch.Tensor] | None,
-         bias: torch.Tensor | None, need_gate: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Σ_t ADC(nonlinearity(y_t + noise)) · scale_t (+ bias) for tile outputs ``y`` (T, N, O), and the
-    straight-through gate (T, N, O) when ``need_gate`` and some output saturated or ``sat`` is set
-    (None when it would be all ones, as in eager ``_converters``).
-
-    scale (T, O): per tile-column multiplier after the ADC (step × tile scale × range × gain);
-    usq (T, N) and rv (T, O): read-noise variance usq·rv; shot2: variance per unit |y| (detector shot
-    noise); const_var: output and thermal noise variance; adc: (bound, 1 / step) per tile, (T,) each, or None. All float32. The
-    read's key comes from torch's global generator, so ``torch.manual_seed`` reproduces a read."""
+         shot2: float, const_var: float, key: int, sat: float | None,
+         adc: tuple[torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None, need_gate: bool,
+         need_resid: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
+    """Σ_t ADC(nonlinearity(y_t + noise)) · scale_t (+ bias) for tile outputs ``y`` (T, N, O); returns
+    (out, gate, resid, clipped): the straight-through gate (T, N, O) when ``need_gate`` and a
+    nonlinearity or ADC is on, the ADC-range derivative when ``need_resid``, and the number of
+    saturated outputs. scale (T, O); usq (T, N) and rv (T, O) give the read-noise variance usq·rv;
+    shot2 the variance per unit |y|; const_var the output and thermal variance; adc (bound, 1/step)
+    per tile or None. All float32."""
     lib = library()
     assert lib is not None
-    T, N, O = y.shape
+    t, n, o = y.shape
     y = y.contiguous()
-    scale = scale.reshape(T, O).contiguous()
+    scale = scale.reshape(t, o).contiguous()
     if usq is not None:
-        usq, rv = usq.reshape(T, N).contiguous(), rv.reshape(T, O).contiguous()
+        usq, rv = usq.reshape(t, n).contiguous(), rv.reshape(t, o).contiguous()
     bias = None if bias is None else bias.detach().contiguous()
     noise = usq is not None or shot2 > 0 or const_var > 0
-    key = int(torch.randint(0, 2**63 - 1, (1,)).item()) if noise else 0  # from the global RNG: seeds reproduce
-    out = torch.empty(N, O, dtype=y.dtype)
+    out = torch.empty(n, o, dtype=y.dtype)
     gate = torch.empty_like(y) if need_gate and (sat or adc is not None) else None
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    resid = torch.empty_like(y) if need_resid and adc is not None else None
+    ptr = lambda v: None if v is None else v.data_ptr()  # noqa: E731
     bound, inv_step = (adc[0].contiguous(), adc[1].contiguous()) if adc is not None else (None, None)
-    threads = _threads(N)
-    clipped = lib.analogllm_read(ptr(y), ptr(out), T, N, O, threads, ptr(usq), ptr(rv), shot2, const_var, int(noise),
-                                 key, sat or 0.0, ptr(bound), ptr(inv_step), ptr(scale), ptr(bias), ptr(gate))
+    clipped = lib.analogllm_read(ptr(y), ptr(out), t, n, o, _threads(n), ptr(usq), ptr(rv), shot2, const_var,
+                                 int(noise), key & ((1 << 64) - 1), sat or 0.0, ptr(bound), ptr(inv_step),
+                                 ptr(scale), ptr(bias), ptr(gate), ptr(resid))
     if clipped < 0:
         raise MemoryError("the fused read kernel could not allocate its scratch rows")
-    if gate is not None and not sat and clipped == 0:
-        gate = None  # nothing saturated: every tile passes the gradient unchanged
-    return out, gate
+    return out, gate, resid, int(clipped)
+
+
+__all__ = ["BuildError", "build", "compiler", "dac", "library", "normals", "read", "reset"]

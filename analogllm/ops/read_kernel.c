@@ -1,4 +1,4 @@
-/* One analogue read after the matmul, fused into a single pass over the tile outputs (CPU).
+/* One analogue read after the tile matmuls, fused into a single pass over the tile outputs (CPU).
  *
  * For every output row n and tile t:
  *     v   = y[t, n, o]                                   matmul result, normalised units
@@ -6,12 +6,13 @@
  *     v   = sat · tanh(v / sat)                          optional output nonlinearity
  *     v   = round(clamp(v, ±bound[t]) · inv_step[t])     optional ADC (codes), range per tile
  *     out[n, o] = Σ_t v · scale[t, o]  (+ bias[o])
- * which is what analogllm.nn.matrix does in eager torch with about ten passes over y.
+ * which is the reference read of analogllm.ops.read in one vectorised pass instead of about ten.
  *
- * z is a standard normal from a counter-based generator: 32-bit integer hashes ("lowbias32",
- * C. Wellons) of the row t·N + n and the pair o/2 under a 64-bit key, turned into two normals by
- * Box-Muller with float polynomials for log2, sin and cos. A sample depends only on the key and its
- * index, so any split of the rows over threads gives the same numbers, and every loop vectorises.
+ * z is the Philox-4x32-10 normal of analogllm.ops.philox, bit for bit in the integer part: word o % 4 of
+ * Box–Muller over Philox(counter = (o / 4, n, t, stream 0), key). The float part (log, sin, cos) uses
+ * polynomials accurate to a few 1e-7, so the kernel's normals agree with torch's to about 1e-6. A
+ * sample depends only on the key and its position, so any split of the rows over threads gives the
+ * same numbers, and every loop vectorises.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -19,14 +20,22 @@
 #include <math.h>
 #ifdef _OPENMP
 #include <omp.h>
-static inline int thread_index(void) { return omp_get_thread_num(); }
-#else
-static inline int thread_index(void) { return 0; }
 #endif
 
-static inline uint32_t mix32(uint32_t x) {
-    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
-    return x;
+#define PHILOX_M0 0xD2511F53U
+#define PHILOX_M1 0xCD9E8D57U
+#define PHILOX_W0 0x9E3779B9U
+#define PHILOX_W1 0xBB67AE85U
+
+/* Philox-4x32-10 (Random123): four 32-bit words of counter c under key k, in place. */
+static inline void philox(uint32_t c[4], uint32_t k0, uint32_t k1) {
+    for (int r = 0; r < 10; r++) {
+        if (r) { k0 += PHILOX_W0; k1 += PHILOX_W1; }
+        uint64_t p0 = (uint64_t)PHILOX_M0 * c[0], p1 = (uint64_t)PHILOX_M1 * c[2];
+        uint32_t hi0 = (uint32_t)(p0 >> 32), lo0 = (uint32_t)p0, hi1 = (uint32_t)(p1 >> 32), lo1 = (uint32_t)p1;
+        uint32_t n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
+        c[0] = n0; c[1] = lo1; c[2] = n2; c[3] = lo0;
+    }
 }
 
 /* log2(m) for m in [0.75, 1.5): m − 1 times a degree-7 polynomial, least-squares fitted on Chebyshev
@@ -37,44 +46,58 @@ static inline float log2_near_one(float m) {
            + f * (0.2911365041f + f * (-0.2517110152f + f * (0.1986008206f + f * -0.08797915244f)))))));
 }
 
-/* The O standard normals of row `row` (a tile output row), two per pair counter p: a row key from the
- * 64-bit row index, then h = mix(p ^ row key) and two further hashes give the uniforms u1, u2 of
- * Box-Muller: r = √(−2 ln u1), angle 2π·u2 (quadrant from the top two bits, sin/cos polynomials on
- * [0, π/2), abs. error < 2e-6). */
-static void normals(float* z, int64_t O, uint64_t row, uint32_t k0, uint32_t k1, uint32_t k2) {
-    int64_t pairs = (O + 1) / 2;
-    uint32_t row_key = mix32(mix32((uint32_t)row ^ k0) + (uint32_t)(row >> 32));
+/* √(−2 ln u) for u in (0, 1]: u = m·2^e with m in [0.75, 1.5). */
+static inline float bm_radius(float u) {
+    uint32_t bits;
+    memcpy(&bits, &u, 4);
+    int32_t e = (int32_t)((bits >> 23) & 0xff) - 127;
+    bits = (bits & 0x007fffffU) | 0x3f800000U;
+    float m;
+    memcpy(&m, &bits, 4);
+    if (m >= 1.5f) { m *= 0.5f; e += 1; }
+    float r2 = -1.38629436f * (log2_near_one(m) + (float)e);  /* −2 ln u = −2 ln2 · log2 u */
+    return sqrtf(r2 > 0.0f ? r2 : 0.0f);
+}
+
+/* (cos, sin)(2π·u) for u = b·2^-24, b a 24-bit integer: quadrant from the top two bits, polynomials on
+ * [0, π/2) (abs. error < 2e-7). */
+static inline void bm_angle(uint32_t b, float* cs, float* sn) {
+    uint32_t q = b >> 22;
+    float x = (float)(b & 0x3fffffU) * (1.57079633f / 4194304.0f), x2 = x * x;
+    float s = x * (1.0f + x2 * (-1.6666667e-1f + x2 * (8.3333333e-3f + x2 * (-1.9841270e-4f + x2 * 2.7557319e-6f))));
+    float c = 1.0f + x2 * (-0.5f + x2 * (4.1666667e-2f + x2 * (-1.3888889e-3f + x2 * (2.4801587e-5f - x2 * 2.7557319e-7f))));
+    *cs = q == 0 ? c : q == 1 ? -s : q == 2 ? -c : s;
+    *sn = q == 0 ? s : q == 1 ? c : q == 2 ? -s : -c;
+}
+
+/* The O normals of tile t, row n (stream 0) into z (O rounded up to a multiple of 4). */
+static void normals(float* z, int64_t O, uint32_t n, uint32_t t, uint32_t k0, uint32_t k1) {
+    int64_t groups = (O + 3) / 4;
     #pragma omp simd
-    for (int64_t p = 0; p < pairs; p++) {
-        uint32_t h = mix32((uint32_t)p ^ row_key);
-        uint32_t a = mix32(h + k1), b = mix32(h ^ k2);
-        float u1 = ((float)(a >> 8) + 0.5f) * (1.0f / 16777216.0f);
-        uint32_t bits;
-        memcpy(&bits, &u1, 4);
-        int32_t e = (int32_t)((bits >> 23) & 0xff) - 127;
-        bits = (bits & 0x007fffffU) | 0x3f800000U;
-        float m;
-        memcpy(&m, &bits, 4);  /* u1 = m · 2^e, m in [1, 2) */
-        if (m >= 1.5f) { m *= 0.5f; e += 1; }
-        float r = sqrtf(-1.38629436f * (log2_near_one(m) + (float)e));  /* −2 ln u1 = −2 ln2 · log2 u1 */
-        uint32_t q = b >> 30;
-        float x = (float)(b & 0x3fffffffU) * (1.57079633f / 1073741824.0f), x2 = x * x;
-        float s = x * (1.0f + x2 * (-1.6666667e-1f + x2 * (8.3333333e-3f + x2 * (-1.9841270e-4f + x2 * 2.7557319e-6f))));
-        float c = 1.0f + x2 * (-0.5f + x2 * (4.1666667e-2f + x2 * (-1.3888889e-3f + x2 * (2.4801587e-5f - x2 * 2.7557319e-7f))));
-        float cs = q == 0 ? c : q == 1 ? -s : q == 2 ? -c : s;
-        float sn = q == 0 ? s : q == 1 ? c : q == 2 ? -s : -c;
-        z[2 * p] = r * cs;
-        z[2 * p + 1] = r * sn;
+    for (int64_t g = 0; g < groups; g++) {
+        uint32_t c[4] = {(uint32_t)g, n, t, 0U};
+        philox(c, k0, k1);
+        for (int pair = 0; pair < 2; pair++) {
+            float u1 = (float)((c[2 * pair] >> 8) + 1U) * (1.0f / 16777216.0f);
+            float r = bm_radius(u1), cs, sn;
+            bm_angle(c[2 * pair + 1] >> 8, &cs, &sn);
+            z[4 * g + 2 * pair] = r * cs;
+            z[4 * g + 2 * pair + 1] = r * sn;
+        }
     }
 }
 
-/* The n standard normals of row `row` under `key` (for tests and statistics). */
-void analogllm_normals(float* out, int64_t n, uint64_t row, uint64_t key) {
-    uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32), k2 = mix32(k0 ^ 0x9e3779b9U) ^ k1;
-    float* z = (float*)malloc(sizeof(float) * (size_t)(n + 1));
+/* The normals of tile t, rows 0..N-1, outputs 0..O-1 under key (for tests). */
+void analogllm_normals(float* out, int64_t T, int64_t N, int64_t O, uint64_t key) {
+    uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
+    int64_t padded = (O + 3) / 4 * 4;
+    float* z = (float*)malloc(sizeof(float) * (size_t)padded);
     if (!z) return;
-    normals(z, n, row, k0, k1, k2);
-    memcpy(out, z, sizeof(float) * (size_t)n);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t n = 0; n < N; n++) {
+            normals(z, O, (uint32_t)n, (uint32_t)t, k0, k1);
+            memcpy(out + (t * N + n) * O, z, sizeof(float) * (size_t)O);
+        }
     free(z);
 }
 
@@ -94,11 +117,14 @@ static inline float tanh_poly(float x) {
 }
 
 /* One row of one tile. The flags are compile-time constants at every call site below, so each
- * combination becomes its own branch-free vectorised loop. */
+ * combination becomes its own branch-free vectorised loop. `resid`, when written, is the derivative of
+ * the ADC output (in units of the step × code) with respect to the ADC range: sign(v) where v
+ * saturated, (Q − v)/bound inside (the LSQ estimate), for learned ADC ranges. */
 static inline __attribute__((always_inline)) int64_t tile_row(
         const float* restrict yr, float* restrict acc, const float* restrict sc, const float* restrict rvt,
-        const float* restrict z, float* restrict gr, int64_t O, float un, float shot2, float c,
-        float sat, float bound, float inv_step, const int noise, const int saturate, const int adc, const int gate) {
+        const float* restrict z, float* restrict gr, float* restrict rr, int64_t O, float un, float shot2,
+        float c, float sat, float bound, float inv_step, const int noise, const int saturate, const int adc,
+        const int gate, const int resid) {
     int64_t clipped = 0;
     #pragma omp simd reduction(+:clipped)
     for (int64_t o = 0; o < O; o++) {
@@ -113,7 +139,9 @@ static inline __attribute__((always_inline)) int64_t tile_row(
             int outside = v < -bound || v > bound;
             clipped += outside;
             g = outside ? 0.0f : g;
-            v = rintf((v < -bound ? -bound : v > bound ? bound : v) * inv_step);
+            float code = rintf((v < -bound ? -bound : v > bound ? bound : v) * inv_step);
+            if (resid) rr[o] = outside ? (v < 0.0f ? -1.0f : 1.0f) : (code / inv_step - v) / bound;
+            v = code;
         }
         if (gate) gr[o] = g;
         acc[o] += v * sc[o];
@@ -121,27 +149,32 @@ static inline __attribute__((always_inline)) int64_t tile_row(
     return clipped;
 }
 
-#define TILE_ROW(k) case k: clipped += tile_row(yr, acc, sc, rvt, z, gr, O, un, shot2, c, sat, bt, it, \
-                                                (k >> 3) & 1, (k >> 2) & 1, (k >> 1) & 1, k & 1); break;
+#define TILE_ROW(k) case k: clipped += tile_row(yr, acc, sc, rvt, z, gr, rr, O, un, shot2, c, sat, bt, it, \
+                                                (k >> 4) & 1, (k >> 3) & 1, (k >> 2) & 1, (k >> 1) & 1, k & 1); break;
 
 /* Returns the number of outputs the ADC clipped, or -1 when scratch rows could not be allocated.
- * rv == NULL means no read noise; gate, when not NULL, receives the straight-through gradient gate
- * per tile output, (T, N, O): the nonlinearity's derivative times 1[inside the ADC bound]. Rows are
- * split over `threads` OpenMP threads (one without OpenMP): torch's own team when torch is loaded (same libgomp), whose
- * threads are still hot from the matmul that produced y. */
+ * rv == NULL means no read noise; bound == NULL no ADC; gate, when not NULL, receives the straight-
+ * through gradient gate per tile output, (T, N, O): the nonlinearity's derivative times 1[inside the
+ * ADC bound]; resid likewise the ADC-range derivative (see tile_row). Rows are split over `threads`
+ * OpenMP threads: torch's own team when torch is loaded (same libgomp), whose threads are still hot
+ * from the matmul that produced y. */
 int64_t analogllm_read(const float* y, float* out, int64_t T, int64_t N, int64_t O, int threads,
                        const float* usq, const float* rv, float shot2, float c, int noise, uint64_t key,
                        float sat, const float* bound, const float* inv_step, const float* scale, const float* bias,
-                       float* gate) {
-    uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32), k2 = mix32(k0 ^ 0x9e3779b9U) ^ k1;
-    int64_t pairs = (O + 1) / 2, clipped = 0;
-    int mode = (noise ? 8 : 0) | (sat > 0.0f ? 4 : 0) | (bound ? 2 : 0) | (gate ? 1 : 0);
-    float* scratch = (float*)malloc(sizeof(float) * (size_t)(2 * pairs) * (size_t)threads);
+                       float* gate, float* resid) {
+    uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
+    int64_t padded = (O + 3) / 4 * 4, clipped = 0;
+    int mode = (noise ? 16 : 0) | (sat > 0.0f ? 8 : 0) | (bound ? 4 : 0) | (gate ? 2 : 0) | (resid && bound ? 1 : 0);
+    float* scratch = (float*)malloc(sizeof(float) * (size_t)padded * (size_t)threads);
     float* zeros = (float*)calloc((size_t)O, sizeof(float));
     if (!scratch || !zeros) { free(scratch); free(zeros); return -1; }
     #pragma omp parallel for num_threads(threads) schedule(static) reduction(+:clipped)
     for (int64_t n = 0; n < N; n++) {
-        float* z = scratch + (size_t)(2 * pairs) * (size_t)thread_index();
+#ifdef _OPENMP
+        float* z = scratch + (size_t)padded * (size_t)omp_get_thread_num();
+#else
+        float* z = scratch;
+#endif
         float* acc = out + n * O;
         memset(acc, 0, sizeof(float) * (size_t)O);
         for (int64_t t = 0; t < T; t++) {
@@ -149,12 +182,15 @@ int64_t analogllm_read(const float* y, float* out, int64_t T, int64_t N, int64_t
             const float* sc = scale + t * O;
             const float* rvt = rv ? rv + t * O : zeros;
             float* gr = gate ? gate + (t * N + n) * O : NULL;
+            float* rr = resid ? resid + (t * N + n) * O : NULL;
             float un = usq ? usq[t * N + n] : 0.0f;
             float bt = bound ? bound[t] : 0.0f, it = bound ? inv_step[t] : 0.0f;
-            if (noise) normals(z, O, (uint64_t)(t * N + n), k0, k1, k2);
+            if (noise) normals(z, O, (uint32_t)n, (uint32_t)t, k0, k1);
             switch (mode) {
                 TILE_ROW(0) TILE_ROW(1) TILE_ROW(2) TILE_ROW(3) TILE_ROW(4) TILE_ROW(5) TILE_ROW(6) TILE_ROW(7)
                 TILE_ROW(8) TILE_ROW(9) TILE_ROW(10) TILE_ROW(11) TILE_ROW(12) TILE_ROW(13) TILE_ROW(14) TILE_ROW(15)
+                TILE_ROW(16) TILE_ROW(17) TILE_ROW(18) TILE_ROW(19) TILE_ROW(20) TILE_ROW(21) TILE_ROW(22) TILE_ROW(23)
+                TILE_ROW(24) TILE_ROW(25) TILE_ROW(26) TILE_ROW(27) TILE_ROW(28) TILE_ROW(29) TILE_ROW(30) TILE_ROW(31)
             }
         }
         if (bias) {

@@ -46,24 +46,21 @@ class PretrainSection:
 @dataclass(frozen=True)
 class AnalogSection:
     """The chip: a device profile (built-in name or YAML path) with dotted overrides such as
-    ``{training.weight_noise: 0.05}``, and how the DAC input ranges are initialised from data.
+    ``{training.weight_noise: 0.05}`` or ``{mapping.rotate: false}``, and how much text maps the model
+    onto it.
 
-    calibration_batches: batches of training text run (without gradients) before training to set
-        every learned DAC range; the same data on every process, so data-parallel replicas agree.
-    calibration: ``max`` sets the range to the largest |input| seen (no clipping), ``std`` to
-        ``std_alpha`` standard deviations of the inputs (aihwkit's ``init_std_alpha``), which clips
-        outliers but resolves the bulk of the activations more finely.
+    calibration_blocks: training blocks given to ``analogize_`` as calibration text: the model is mapped
+        onto the converters (rotations, rescaling, DAC and ADC ranges, as the profile's ``mapping``
+        section says; :mod:`analogllm.mapping`). The same blocks on every process, so data-parallel
+        replicas agree. 0: no mapping; learned DAC ranges then start from the first batch's abs-max.
     """
 
     profile: str = "pcm"
     overrides: dict[str, Any] = field(default_factory=dict)
-    calibration_batches: int = 4
-    calibration: Literal["max", "std"] = "max"
-    std_alpha: float = 3.0
+    calibration_blocks: int = 16
 
     def __post_init__(self) -> None:
-        check(self.calibration_batches >= 0, "analog.calibration_batches", "must be >= 0")
-        check(self.std_alpha > 0, "analog.std_alpha", f"must be > 0, got {self.std_alpha}")
+        check(self.calibration_blocks >= 0, "analog.calibration_blocks", "must be >= 0")
         self.config()  # a bad profile or override is a recipe error, reported now with its key
 
     def config(self) -> AnalogConfig:

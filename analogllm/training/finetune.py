@@ -43,6 +43,7 @@ from analogllm.data import token_blocks
 from analogllm.eval.perplexity import LMScore, evaluate_lm
 from analogllm.hf.models import load_model
 from analogllm.hf.checkpoint import save_pretrained
+from analogllm.ops.noise import seeded
 from analogllm.config.schema import ConfigError, check, to_dict
 from analogllm.tuners.lora import (
     ADAPTERS_DIR,
@@ -293,8 +294,15 @@ def train_adapters(
     """Train the adapters of a chip-LoRA ``model`` (from :func:`attach_lora`) in ``mode``.
 
     Returns the counts (steps, forwards, backwards), the first/last training loss and mode notes. The
-    base chip is checked to be the deployed, frozen chip before and after.
+    base chip is checked to be the deployed, frozen chip before and after. The chip's read noise comes
+    from a stream seeded by ``train.seed``, equal for every mode; the caller's random streams are left
+    as they were.
     """
+    with seeded(train.seed + 1):
+        return _train_adapters(model, mode, blocks, train, zeroth_order, backend, progress)
+
+
+def _train_adapters(model, mode, blocks, train, zeroth_order, backend, progress) -> dict[str, Any]:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     params = [p for _, p in adapter_parameters(model)]
@@ -304,7 +312,6 @@ def train_adapters(
     losses: list[float] = []
     notes: dict[str, float] = {}
     forwards = backwards = 0
-    torch.manual_seed(train.seed + 1)  # the chip's read-noise stream, equal for every mode
 
     if mode == "zeroth-order":
         steps = zeroth_order.steps or train.steps
@@ -330,7 +337,7 @@ def train_adapters(
                 notes["snr"] = notes["mean_abs_projected_grad"] / notes["grad_noise"]
     else:
         steps = train.steps
-        model.train()  # adapters only: the base stays the deployed chip (see analogllm.tuners.lora)
+        model.train()  # dropout only: the base stays the programmed chip (its mode is "chip")
         check_deployed(model)
         optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
         context = on_hardware(model, backend) if mode == "physics-aware" else nullcontext()
@@ -357,8 +364,7 @@ def train_adapters(
 
 
 def _score(model: torch.nn.Module, blocks: torch.Tensor, recipe: FinetuneRecipe, desc: str, progress: bool) -> LMScore:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.eval.seed)  # the same read-noise stream for every score
+    with seeded(recipe.eval.seed):  # the same read-noise stream for every score
         return evaluate_lm(model, blocks, batch_size=recipe.eval.batch_size, progress=progress, desc=desc)
 
 
@@ -382,9 +388,7 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
     t0 = time.perf_counter()
     analogize_(model, config)
     program_(model, recipe.chip.seed, recipe.chip.seconds)
-    with torch.random.fork_rng(devices=[]):  # later layers' ranges see earlier layers' read noise
-        torch.manual_seed(recipe.chip.seed)
-        calibrate_(model, train_blocks[: recipe.train.batch_size])
+    calibrate_(model, train_blocks[: recipe.train.batch_size], seed=recipe.chip.seed)
     log(f"programmed chip {recipe.chip.seed} ({config.name}) at t = {recipe.chip.seconds:g} s "
         f"in {time.perf_counter() - t0:.0f} s")
     chip = _score(model, val_blocks, recipe, "chip", progress)

@@ -5,8 +5,11 @@ The noise itself lives in the analogue layers: a converted model in ``train()`` 
 straight-through gradients (:mod:`analogllm.nn.matrix`). This module adds what a training *run* needs
 on top, following Analog Foundation Models (Büchel et al., NeurIPS 2025):
 
-* data-initialised DAC input ranges (:func:`calibrate_input_ranges_`), learned afterwards with their
-  own learning rate;
+* converter ranges set from data by the mapping's one calibrator (:mod:`analogllm.mapping.ranges`),
+  learned afterwards with their own learning rate (DAC ranges, and ADC ranges with
+  ``training.learn_adc``);
+* drift-aware training noise: with ``training.noise: device`` every step draws the deployment time whose
+  device statistics the noise follows from ``training.drift_times`` (:func:`sample_deployment_time_`);
 * weights clamped in place to ±clip_sigma·σ per output channel after every optimiser step
   (:func:`clamp_weights_`), so the matrix programmed on the chip is the matrix that was trained;
 * knowledge distillation from the frozen digital model (:class:`Teacher`, :func:`distillation_loss`);
@@ -35,6 +38,7 @@ from tqdm.auto import tqdm
 
 from analogllm.nn.convert import analog_matrices
 from analogllm.nn.matrix import AnalogMatrix
+from analogllm.chip.program import mode
 from analogllm.ops.noise import seeded
 from analogllm.ops.quant import clip_bound
 from analogllm.training.config import FREEZE_GROUPS, TrainSection
@@ -93,73 +97,6 @@ def clamp_weights_(model: nn.Module) -> int:
         weight.clamp_(min=-bound, max=bound)  # ``weight`` may be a view (Conv1D, experts): writes through
         count += 1
     return count
-
-
-@torch.no_grad()
-def calibrate_input_ranges_(
-    model: nn.Module,
-    blocks: torch.Tensor,
-    batches: int,
-    batch_size: int = 8,
-    method: str = "max",
-    std_alpha: float = 3.0,
-    progress: bool = False,
-) -> int:
-    """Initialise every learned DAC input range from ``batches`` batches of ``blocks``.
-
-    The forward passes run in ``train()`` mode (as aihwkit's ``init_from_data`` does), so each layer sees
-    the inputs the analogue layers before it produce, without programming a chip. While calibrating, a
-    layer's range is the running max of |x| (nothing is clipped, so later layers see undistorted
-    inputs); at the end it is that max (``method="max"``) or ``std_alpha`` × the mean per-batch std of
-    its inputs (``"std"``). The global RNG is left as it was. Returns the number of ranges set.
-    """
-    if method not in ("max", "std"):
-        raise ValueError(f"calibration method must be 'max' or 'std', got {method!r}")
-    matrices = [m for m in model.modules() if isinstance(m, AnalogMatrix) and m.config.dac.range == "learned"]
-    if not matrices or batches == 0:
-        return 0
-    peak: dict[int, torch.Tensor] = {}
-    std_sum: dict[int, torch.Tensor] = {}
-    calls: dict[int, torch.Tensor] = {}
-
-    def hook(module: AnalogMatrix, args: tuple, kwargs: dict) -> None:
-        x = args[0].detach().float()
-        expert = args[3] if len(args) > 3 else kwargs.get("expert")
-        key = id(module)
-        shape = module.input_range.shape
-        if key not in peak:
-            peak[key] = torch.zeros(shape, device=x.device)
-            std_sum[key] = torch.zeros(shape, device=x.device)
-            calls[key] = torch.zeros(shape, device=x.device)
-        idx = () if expert is None else (expert,)
-        peak[key][idx] = torch.maximum(peak[key][idx], x.abs().max())
-        std_sum[key][idx] += x.std() if x.numel() > 1 else 0.0
-        calls[key][idx] += 1
-        module.input_range.copy_(peak[key].clamp(min=1e-8))
-        module.range_ready.fill_(True)
-
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in matrices]
-    was_training = model.training
-    model.train()
-    device = next(model.parameters()).device
-    try:
-        with seeded(0, device):
-            n = min(batches, math.ceil(len(blocks) / batch_size))
-            for i in tqdm(range(n), desc="calibrating DAC ranges", disable=not progress, leave=False):
-                model(input_ids=blocks[i * batch_size : (i + 1) * batch_size].to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    for m in matrices:
-        key = id(m)
-        if key not in peak:
-            continue  # never called (e.g. a layer the data never reaches): keeps lazy initialisation
-        hit = calls[key] > 0
-        value = std_alpha * std_sum[key] / calls[key].clamp(min=1) if method == "std" else peak[key]
-        value = torch.where(hit, value, value[hit].max())  # experts no token was routed to: the widest range
-        m.input_range.copy_(value.clamp(min=1e-8))
-    return len(peak)
 
 
 # ----- distillation -----------------------------------------------------------------------------------------
@@ -284,6 +221,81 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def _optimizer(model: nn.Module, spec: TrainSection):
+    """AdamW over the trainable parameters (after ``spec.freeze``), converter ranges in a group of their
+    own (rate ``input_range_lr``, no weight decay), and the LR schedule. ADC ranges train only with
+    ``training.learn_adc``."""
+    from transformers import get_scheduler
+
+    freeze_(model, spec.freeze)
+    for m in model.modules():
+        if isinstance(m, AnalogMatrix) and hasattr(m, "output_range"):
+            m.output_range.requires_grad_(m.config.training.learn_adc and not m.chip.deployed)
+    is_range = lambda n: n.endswith(("input_range", "output_range"))  # noqa: E731
+    ranges = [p for n, p in model.named_parameters() if p.requires_grad and is_range(n)]
+    weights = [p for n, p in model.named_parameters() if p.requires_grad and not is_range(n)]
+    groups = [{"params": weights, "lr": spec.lr, "weight_decay": spec.weight_decay}]
+    if ranges:
+        groups.append({"params": ranges, "lr": spec.lr if spec.input_range_lr is None else spec.input_range_lr,
+                       "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=spec.lr)
+    schedule = "constant_with_warmup" if spec.schedule == "constant" else spec.schedule
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=max(spec.steps, 1))
+    return optimizer, scheduler
+
+
+def sample_deployment_time_(model: nn.Module, step: int, seed: int = 0) -> float | None:
+    """Drift-aware training: set the deployment time whose device statistics this step's training noise
+    follows (``training.noise: device``), one of ``training.drift_times`` drawn per step from a stream
+    seeded by (seed, step), the same on every process. Returns the time, or None when no matrix uses it."""
+    matrices = [m for m in model.modules() if isinstance(m, AnalogMatrix) and m.config.training.noise == "device"]
+    if not matrices:
+        return None
+    times = matrices[0].config.training.drift_times or (0.0,)
+    pick = int(torch.randint(len(times), (1,), generator=torch.Generator().manual_seed(seed * 1_000_003 + step)))
+    for m in matrices:
+        m.train_seconds = float(times[pick])
+    return float(times[pick])
+
+
+def _resume(accelerator, output_dir) -> tuple[int, list[float]]:
+    ckpt = latest_checkpoint(output_dir)
+    if ckpt is None:
+        return 0, []
+    accelerator.load_state(str(ckpt))
+    state = json.loads((ckpt / TRAINER_STATE).read_text())
+    accelerator.wait_for_everyone()
+    return int(state["step"]), list(state["losses"])
+
+
+def _step(model, raw, blocks, spec: TrainSection, step: int, teacher, accelerator, optimizer, scheduler) -> float:
+    """One optimiser step (``grad_accum`` micro-batches); returns its loss averaged over processes."""
+    distill = spec.distill
+    world, rank = accelerator.num_processes, accelerator.process_index
+    total = torch.zeros((), device=accelerator.device)
+    for micro in range(spec.grad_accum):
+        idx = batch_indices(len(blocks), step * spec.grad_accum + micro, spec.batch_size, rank, world, spec.seed)
+        ids = blocks[idx].to(accelerator.device)
+        sync = nullcontext() if micro == spec.grad_accum - 1 else accelerator.no_sync(model)
+        with sync:
+            with autocast(accelerator.device, spec.precision):
+                logits = model(input_ids=ids).logits
+            loss = lm_loss(logits, ids) if not distill.enabled or distill.weight < 1 else None
+            if distill.enabled:
+                kd = distillation_loss(logits, teacher.logits(ids), distill.temperature)
+                loss = kd if loss is None else distill.weight * kd + (1 - distill.weight) * loss
+            accelerator.backward(loss / spec.grad_accum)
+        total += loss.detach() / spec.grad_accum
+    if spec.max_grad_norm is not None:
+        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], spec.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if spec.clamp_weights:
+        clamp_weights_(raw)
+    return float(accelerator.reduce(total, reduction="mean"))
+
+
 def hwa_train(
     model: nn.Module,
     blocks: torch.Tensor,
@@ -317,25 +329,14 @@ def hwa_train(
     moe = any(hasattr(m, "analog_matrices") or getattr(m, "num_experts", 0) for m in model.modules())
     accelerator = accelerator or make_accelerator(find_unused_parameters=moe)
     world, rank = accelerator.num_processes, accelerator.process_index
-    not_ready = [m for m in model.modules() if isinstance(m, AnalogMatrix) and hasattr(m, "range_ready") and not bool(m.range_ready)]
+    not_ready = [m for m in model.modules() if isinstance(m, AnalogMatrix) and m.config.dac.range == "learned"
+                 and not m.range_set]
     if world > 1 and not_ready:
         raise ValueError(
             "learned DAC ranges are not initialised: with several processes each would initialise them from "
             "its own first batch; calibrate them first (analog.calibration_batches >= 1)"
         )
-    from transformers import get_scheduler
-
-    freeze_(model, spec.freeze)
-    ranges = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("input_range")]
-    weights = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("input_range")]
-    groups = [{"params": weights, "lr": spec.lr, "weight_decay": spec.weight_decay}]
-    if ranges:
-        groups.append({"params": ranges, "lr": spec.lr if spec.input_range_lr is None else spec.input_range_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=spec.lr)
-    schedule = "constant_with_warmup" if spec.schedule == "constant" else spec.schedule
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=max(spec.steps, 1))
-    if spec.clamp_weights:
-        clamp_weights_(model)
+    optimizer, scheduler = _optimizer(model, spec)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it once per process
     raw = accelerator.unwrap_model(model)
@@ -345,45 +346,16 @@ def hwa_train(
     # Training noise, dropout and the rest draw from the global RNG: seeded per run and process, and
     # restored afterwards, so a run is reproducible and leaves the caller's random streams as they were.
     # A resumed run replaces this state with the checkpoint's.
-    with seeded(spec.seed * 1009 + rank, accelerator.device):
-        start, losses = 0, []
-        if resume:
-            ckpt = latest_checkpoint(output_dir)  # type: ignore[arg-type]
-            if ckpt is not None:
-                accelerator.load_state(str(ckpt))
-                state = json.loads((ckpt / TRAINER_STATE).read_text())
-                start, losses = int(state["step"]), list(state["losses"])
-                accelerator.wait_for_everyone()
-
-        params = [p for g in groups for p in g["params"]]
+    analog = getattr(raw, "analog_config", None) is not None
+    with seeded(spec.seed * 1009 + rank, accelerator.device), (mode(raw, "hwa") if analog else nullcontext()):
+        start, losses = _resume(accelerator, output_dir) if resume else (0, [])
         model.train()
         begin = time.perf_counter()
-        analog = getattr(raw, "analog_config", None) is not None
         bar = tqdm(range(start, until), desc="HWA training" if analog else "training",
                    disable=not (progress and accelerator.is_main_process), initial=start, total=until)
         for step in bar:
-            total = torch.zeros((), device=accelerator.device)
-            for micro in range(spec.grad_accum):
-                idx = batch_indices(len(blocks), step * spec.grad_accum + micro, spec.batch_size, rank, world, spec.seed)
-                ids = blocks[idx].to(accelerator.device)
-                sync = nullcontext() if micro == spec.grad_accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    with autocast(accelerator.device, spec.precision):
-                        logits = model(input_ids=ids).logits
-                    loss = lm_loss(logits, ids) if not distill.enabled or distill.weight < 1 else None
-                    if distill.enabled:
-                        kd = distillation_loss(logits, teacher.logits(ids), distill.temperature)  # type: ignore[union-attr]
-                        loss = kd if loss is None else distill.weight * kd + (1 - distill.weight) * loss
-                    accelerator.backward(loss / spec.grad_accum)
-                total += loss.detach() / spec.grad_accum
-            if spec.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(params, spec.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if spec.clamp_weights:
-                clamp_weights_(raw)
-            losses.append(float(accelerator.reduce(total, reduction="mean")))
+            sample_deployment_time_(raw, step, spec.seed)
+            losses.append(_step(model, raw, blocks, spec, step, teacher, accelerator, optimizer, scheduler))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"training loss is {losses[-1]} at step {step + 1}; lower train.lr")
@@ -399,6 +371,6 @@ def hwa_train(
 
 
 __all__ = [
-    "Teacher", "TrainResult", "batch_indices", "calibrate_input_ranges_", "clamp_weights_", "distillation_loss",
-    "freeze_", "frozen_parameter_names", "hwa_train", "latest_checkpoint", "lm_loss", "make_accelerator", "autocast",
+    "Teacher", "TrainResult", "autocast", "batch_indices", "clamp_weights_", "distillation_loss", "freeze_",
+    "frozen_parameter_names", "hwa_train", "latest_checkpoint", "lm_loss", "make_accelerator", "sample_deployment_time_",
 ]

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from analogllm.nn.convert import analogize_
+from analogllm.ops.noise import seeded
 from analogllm.data import cache_dir, token_blocks
 from analogllm.eval.perplexity import evaluate_lm
 from analogllm.eval.report import EvalReport, write_report
@@ -36,7 +37,7 @@ from analogllm.hf.models import load_model
 from analogllm.hf.checkpoint import from_pretrained, save_pretrained
 from analogllm.config.schema import to_dict
 from analogllm.training.config import HWARecipe
-from analogllm.training.hwa import Teacher, TrainResult, calibrate_input_ranges_, hwa_train
+from analogllm.training.hwa import Teacher, TrainResult, hwa_train
 
 FINAL = "final"
 BEFORE = "analogue"
@@ -90,8 +91,7 @@ def _pretrain(model: nn.Module, train: torch.Tensor, steps: int, lr: float, batc
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=steps // 20, num_training_steps=steps)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         for step in tqdm(range(steps), desc="digital pre-training", disable=not progress):
             ids = train[batch_indices(len(train), step, batch_size, seed=seed)]
             loss = lm_loss(model(input_ids=ids).logits, ids)
@@ -104,10 +104,11 @@ def _pretrain(model: nn.Module, train: torch.Tensor, steps: int, lr: float, batc
 
 
 def to_analog(model: nn.Module, recipe: HWARecipe, train: torch.Tensor, progress: bool = True) -> nn.Module:
-    """Convert ``model`` in place to the recipe's chip and data-initialise its DAC ranges."""
-    a = recipe.analog
-    analogize_(model, a.config())
-    calibrate_input_ranges_(model, train, a.calibration_batches, recipe.train.batch_size, a.calibration, a.std_alpha, progress)
+    """Convert ``model`` in place to the recipe's chip, mapped onto it with ``analog.calibration_blocks``
+    evenly spaced training blocks."""
+    n = recipe.analog.calibration_blocks
+    calibration = train[torch.linspace(0, len(train) - 1, min(n, len(train))).long()] if n else None
+    analogize_(model, recipe.analog.config(), calibration=calibration, progress=progress)
     return model.eval()
 
 

@@ -6,17 +6,14 @@ can still be trained cheaply is a small adapter beside each analogue layer. This
 workflow first-class on top of peft:
 
 * :func:`attach_lora` wraps an analogised, programmed model in a peft ``PeftModel``. The base layers
-  are the deployed chip instance (``AnalogMatrix`` in eval mode: cached programmed weights, drift, read
+  are the deployed chip instance (``AnalogMatrix`` in ``chip`` mode: programmed weights, drift, read
   noise) with ``requires_grad=False``; the adapters are digital ``nn.Linear`` by default, or analogue
   (``analog=True``: ``lora_A``/``lora_B`` become :class:`~analogllm.nn.linear.AnalogLinear` on the same
-  device model, programmed after training, so their drift clock starts at 0).
-* **train/eval flags.** ``AnalogMatrix`` uses the module's ``training`` flag to pick between
-  hardware-aware *training noise on the digital weights* (train) and *the deployed chip* (eval). A plain
-  ``model.train()`` would therefore swap the programmed chip for a noisy digital model. On a chip-LoRA
-  model ``train()`` is replaced by :func:`adapter_train_`: everything is put in eval mode (the base is
-  always the deployed chip, base dropout off) and only the adapters' own modules (LoRA dropout, and the
-  ``AnalogMatrix`` of analogue adapters, which need their differentiable HWA path to receive gradients)
-  are switched to training. ``eval()`` switches those back. :func:`check_deployed` asserts the invariant.
+  device model and chip seed, trained with the chip in the loop: straight-through gradients of their
+  chip reads, rewritten to the chip after every step).
+* **modes, not flags.** The hardware mode of every analogue matrix is explicit (``analogllm.set_mode``)
+  and independent of ``nn.Module.training``, so ``model.train()`` — from an HF ``Trainer``, accelerate or
+  a plain loop — only turns on dropout: the base stays the chip. :func:`check_deployed` asserts it.
 * **save / load**: adapters are stored in peft's own format (``adapter_config.json`` +
   ``adapter_model.safetensors``), beside the chip checkpoint of :mod:`analogllm.hf.checkpoint`:
   a deployment is ``DIR/chip/`` (the map: digital weights, analogue config, chip seed and drift time,
@@ -33,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -158,11 +154,11 @@ def _require_chip(model: nn.Module) -> AnalogConfig:
     matrices = _base_matrices(model)
     if not matrices:
         raise ValueError("model has no analogue layers: nothing for LoRA to sit beside")
-    if any(m.seed is None for _, m, _ in matrices):
+    if any(m.chip.seed is None for _, m, _ in matrices):
         raise ValueError("the chip is not programmed: call analogllm.program_(model, seed) (and drift_) first")
     weight_side = {id(m.analog) for m in model.modules() if isinstance(m, AnalogWeight)}  # no DAC on raw reads
     unready = [n for n, m, _ in matrices
-               if id(m) not in weight_side and hasattr(m, "range_ready") and not bool(m.range_ready)]
+               if id(m) not in weight_side and m.config.dac.range == "learned" and not m.range_set]
     if unready:
         raise ValueError(
             f"the chip's learned DAC ranges are not set ({unready[0]} and {len(unready) - 1} more): run "
@@ -176,8 +172,8 @@ def attach_lora(model: nn.Module, settings: LoraSettings = LoraSettings()) -> Pe
     """Wrap the programmed analogue ``model`` in peft LoRA adapters; the base stays the deployed chip.
 
     The base must be analogised, programmed (``program_``/``drift_``) and calibrated (:func:`calibrate_`).
-    Returns the ``PeftModel``: only adapter parameters require gradients, the base is in eval mode,
-    ``train()`` trains the adapters only, and merging is guarded (see the module docstring).
+    Returns the ``PeftModel``: only adapter parameters require gradients, the base stays in ``chip``
+    mode, and merging is guarded (see the module docstring).
     """
     config = _require_chip(model)
     targets = settings.target_modules or default_target_modules(model)
@@ -190,7 +186,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings = LoraSettings()) -> Pe
         peft_model = get_peft_model(model, lora_config)
     if settings.analog:
         analogize_adapters_(peft_model, config)
-    _install_chip_methods(peft_model)
+    _guard_merges(peft_model)
     peft_model.eval()
     return peft_model
 
@@ -198,22 +194,19 @@ def attach_lora(model: nn.Module, settings: LoraSettings = LoraSettings()) -> Pe
 def analogize_adapters_(model: PeftModel, config: AnalogConfig | None = None) -> PeftModel:
     """Put every ``lora_A``/``lora_B`` on the chip (``AnalogLinear`` with ``config``, default the base's).
 
-    Layer ids continue after the base's, in module order, so a reload converts them identically.
-    Adapter matrices are programmed on the base chip's seed with their own drift clock at 0: they are
-    written after training, long after the base was.
+    Each adapter matrix is identified on the chip by its module name (without peft's wrapping), so a
+    reload converts them identically. It is programmed on the base chip's seed with its own drift clock
+    at 0: adapters are written after training, long after the base was.
     """
     config = config or model.analog_config
-    base = _base_matrices(model)
-    seed = base[0][1].seed
-    next_id = max(m.layer_id for _, m, _ in base) + 2  # +2: an expert adapter consumes two ids
+    seed = _base_matrices(model)[0][1].chip.seed
     for name, module in model.named_modules():
         if isinstance(module, BaseTunerLayer):
-            for holder in (module.lora_A, module.lora_B):
-                for lin in holder.values():
+            for holder_name in ("lora_A", "lora_B"):
+                for adapter, lin in getattr(module, holder_name).items():
                     if type(lin) is nn.Linear:
-                        AnalogLinear.from_linear(lin, config, next_id)
-                        lin.analog.seed = seed
-                        next_id += 1
+                        AnalogLinear.from_linear(lin, config, layer_name(f"{name}.{holder_name}.{adapter}"))
+                        lin.analog.chip.seed = seed
     return model
 
 
@@ -221,31 +214,13 @@ def has_analog_adapters(model: nn.Module) -> bool:
     return bool(_adapter_matrices(model))
 
 
-# ----- train / eval ---------------------------------------------------------------------------------------
-def adapter_train_(model: nn.Module, mode: bool = True) -> nn.Module:
-    """Train the adapters, keep the base the deployed chip: the ``train()`` of a chip-LoRA model.
-
-    Everything goes to eval mode first (programmed base, dropout off); with ``mode`` the LoRA dropout
-    modules and the analogue adapters' ``AnalogMatrix`` (whose train mode is the differentiable HWA path
-    that gives their digital weights a gradient) go back to training. The top-level ``training`` flag
-    follows ``mode`` so that code which saves and restores it (``evaluate_lm``) round-trips correctly.
-    """
-    nn.Module.train(model, False)
-    if mode:
-        for module in model.modules():
-            if isinstance(module, BaseTunerLayer):
-                for sub in (getattr(module, "lora_dropout", {}), getattr(module, "lora_A", {}), getattr(module, "lora_B", {})):
-                    for m in sub.values():
-                        m.train(True)
-        model.training = True
-    return model
-
-
+# ----- the invariant -----------------------------------------------------------------------------------
 def check_deployed(model: nn.Module) -> None:
-    """Raise unless every base analogue matrix is in eval mode (the deployed chip) and frozen."""
+    """Raise unless every base analogue matrix reads the programmed chip (``chip`` mode) and is frozen."""
     for name, matrix, weight in _base_matrices(model):
-        if matrix.training:
-            raise RuntimeError(f"{name}: the base chip is in training (HWA) mode; use adapter_train_(model)")
+        if matrix.mode != "chip":
+            raise RuntimeError(f"{name}: the base is in {matrix.mode!r} mode, not the programmed chip; "
+                               "call analogllm.set_mode(model, 'chip')")
         if weight.requires_grad:
             raise RuntimeError(f"{name}: the base chip's weight requires grad; only adapters may train")
 
@@ -255,9 +230,8 @@ def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _install_chip_methods(model: PeftModel) -> None:
-    """Make ``train()`` adapter-only and refuse peft's merges on this instance (and its LoraModel)."""
-    model.train = types.MethodType(adapter_train_, model)  # type: ignore[method-assign]
+def _guard_merges(model: PeftModel) -> None:
+    """Refuse peft's merges on this instance (and its LoraModel): merging means reprogramming."""
 
     def refuse(*_: Any, **__: Any) -> None:
         raise ChipMergeError(
@@ -287,7 +261,7 @@ def chip_fingerprint(model: nn.Module) -> str:
         h.update(key.encode())
         h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     for name, matrix, weight in _base_matrices(model):
-        h.update(f"{layer_name(name)}:{matrix.seed}:{matrix.seconds}".encode())
+        h.update(f"{layer_name(name)}:{matrix.chip.seed}:{matrix.chip.seconds}".encode())
         h.update(matrix.realised_weight(weight).float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -304,7 +278,7 @@ def merge_and_reprogram(model: PeftModel, seed: int, seconds: float = 0.0) -> nn
     """
     if not isinstance(model, PeftModel):
         raise ValueError("merge_and_reprogram expects the PeftModel returned by attach_lora / load_adapters")
-    old = _base_matrices(model)[0][1].seed
+    old = _base_matrices(model)[0][1].chip.seed
     if seed == old:
         raise ChipMergeError(
             f"seed {seed} is the current chip's: reprogramming draws fresh programming noise, so pass a new "
@@ -357,7 +331,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, trainable: bool = F
     _require_chip(model)
     lora_config = LoraConfig.from_pretrained(str(path))
     lora_config.inference_mode = False
-    with torch.random.fork_rng(devices=[]):
+    with seeded(0):  # the adapters' initialisation is overwritten by the saved weights; keep the caller's RNG
         peft_model = get_peft_model(model, lora_config)
     meta_file = path / ADAPTER_META
     if meta_file.is_file():
@@ -375,7 +349,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, trainable: bool = F
         )
     for _, p in peft_model.named_parameters():
         p.requires_grad_(trainable and p.requires_grad)
-    _install_chip_methods(peft_model)
+    _guard_merges(peft_model)
     peft_model.eval()
     return peft_model
 
@@ -435,7 +409,7 @@ def load_deployment(path: str | os.PathLike, name: str | None = None) -> PeftMod
 
 
 __all__ = [
-    "DEFAULT_TARGETS", "ChipMergeError", "LoraSettings", "adapter_names", "adapter_parameters", "adapter_train_",
+    "DEFAULT_TARGETS", "ChipMergeError", "LoraSettings", "adapter_names", "adapter_parameters",
     "analog_layer_names", "analogize_adapters_", "attach_lora", "bare_base", "calibrate_", "check_deployed",
     "chip_fingerprint", "default_target_modules", "has_analog_adapters", "load_adapters", "load_deployment",
     "merge_and_reprogram", "save_adapters", "save_deployment",

@@ -70,7 +70,7 @@ def hardware_layers(model: nn.Module) -> dict[str, AnalogLinear | AnalogConv1D]:
 
 
 class SimulatedChip:
-    """The built-in backend: the model's own programmed ``AnalogMatrix`` of each layer, in eval mode.
+    """The built-in backend: the model's own programmed ``AnalogMatrix`` of each layer, in chip mode.
 
     ``program`` makes sure the layer's chip state is the programming of ``weight`` (same chip seed and
     drift time; a changed weight is written anew, as ``AnalogMatrix.chip`` does); ``matmul`` is the
@@ -93,19 +93,19 @@ class SimulatedChip:
         layer = self._layer(name)
         if weight.data_ptr() != layer.analog_weight().data_ptr():
             raise ValueError(f"{name}: the simulated chip programs the layer's own weight tensor")
-        layer.analog.chip(layer.analog_weight())
+        layer.analog.ensure_programmed(layer.analog_weight())
         self.programs += 1
 
     @torch.no_grad()
     def matmul(self, name: str, x: torch.Tensor) -> torch.Tensor:
         layer = self._layer(name)
         analog = layer.analog
-        was = analog.training
-        analog.training = False  # the chip, even for an analogue adapter that trains through its HWA path
+        was = analog.mode
+        analog.mode = "chip"  # the chip, whatever mode the layer trains in
         try:
             return analog(x, layer.analog_weight(), None)
         finally:
-            analog.training = was
+            analog.mode = was
 
 
 class _HardwareMatmul(torch.autograd.Function):
@@ -149,7 +149,7 @@ class HardwareSession:
             return self.backend.matmul(name, flat).reshape(*inp.shape[:-1], weight.shape[0]).to(inp.dtype)
 
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            if module.analog.deployed:
+            if module.analog.chip.deployed:
                 raise ValueError("physics-aware training needs the digital twin's weights, which analogllm.deploy_ "
                                  "freed; train by backprop or zeroth-order, or use a model programmed with program_")
             y = _HardwareMatmul.apply(x, weight, run)

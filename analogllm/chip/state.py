@@ -1,0 +1,204 @@
+"""A chip instance as module state: what one weight matrix (or stack of expert matrices) is programmed to.
+
+Programming is random but fixed once written: programming noise, device-to-device variation, drift
+exponents, mesh phase errors. :class:`Chip` holds the result as buffers — the realised normalised tiles,
+their column scales, the per-read noise variance and the digital gain — so ``.to()``, ``deepcopy``,
+pickling and device moves carry the chip along. The buffers are not part of ``state_dict``: a chip is a
+deterministic function of (weights, seed, time), and a checkpoint stores those instead.
+
+A chip is always realised on a CPU generator seeded from (chip seed, the matrix's module name), so a seed
+gives the same chip on every device and in every conversion order; the tensors then move to the
+weight's device.
+
+Drift compensation is the chip's own calibration: a fixed input (documented below) is read through the
+arrays right after programming and again at time t, both reads with the chip's read and output noise,
+and one digital gain per layer restores the mean output magnitude (aihwkit GlobalDriftCompensation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from analogllm.config import AnalogConfig
+from analogllm.devices.base import Device
+
+_EPS = 1e-12
+#: the drift-compensation calibration input: ``vectors`` rows of ±1, from this generator seed
+CALIBRATION_SEED = 20
+
+
+def stable_id(name: str) -> int:
+    """A 63-bit id of a module name: chips differ by layer through their names, not conversion order."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
+
+
+def chip_generator(seed: int, uid: int) -> torch.Generator:
+    """The CPU generator of one matrix of chip instance ``seed``."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + uid) % (2**63 - 1))
+
+
+@dataclass
+class Programmed:
+    """The arrays of one programming (CPU, float32): tiles (E, T, rows, out), scale (E, T, out),
+    read_var (E, T, out) or exact (E, T, rows, out) or None, gain (E,)."""
+
+    tiles: torch.Tensor
+    scale: torch.Tensor
+    read_var: torch.Tensor | None
+    gain: torch.Tensor
+
+
+class Chip(nn.Module):
+    """The programmed state of one :class:`~analogllm.nn.matrix.AnalogMatrix` (all its experts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("tiles", "scale", "read_var", "gain"):
+            self.register_buffer(name, None, persistent=False)
+        self.seed: int | None = None
+        self.seconds = 0.0
+        self.source: tuple[int, int] | None = None  # (weight._version, data_ptr) it was programmed from
+        self.deployed = False
+
+    @property
+    def programmed(self) -> bool:
+        return self.tiles is not None
+
+    def extra_repr(self) -> str:
+        if not self.programmed:
+            return "not programmed"
+        return f"seed={self.seed}, seconds={self.seconds:g}{', deployed' if self.deployed else ''}"
+
+    def store(self, state: Programmed, like: torch.Tensor, seed: int, seconds: float, source: tuple[int, int]) -> None:
+        """Keep ``state`` on ``like``'s device and dtype."""
+        kw = dict(device=like.device, dtype=like.dtype if like.is_floating_point() else torch.float32)
+        self.tiles = state.tiles.to(**kw)
+        self.scale = state.scale.to(**kw)
+        self.read_var = None if state.read_var is None else state.read_var.to(**kw)
+        self.gain = state.gain.to(**kw)
+        self.seed, self.seconds, self.source = seed, float(seconds), source
+
+    def dense(self) -> torch.Tensor:
+        """The (E, out, in·padded) matrix the chip computes, scale and gain folded in (no converters)."""
+        w = (self.tiles.transpose(-1, -2) * self.scale.unsqueeze(-1)) * self.gain.view(-1, 1, 1, 1)
+        return w.movedim(-3, -2).reshape(w.shape[0], w.shape[-2], -1)
+
+
+def normalised_tiles(weight: torch.Tensor, tiles: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, out, in) → per tile-column normalised tiles (E, T, out, rows) in [−1, 1] and their scales
+    (E, T, out, 1): what the arrays hold and what is multiplied back after the ADC."""
+    from analogllm.ops.read import tile_weight
+
+    wt = tile_weight(weight, tiles, rows)
+    scale = wt.abs().amax(-1, keepdim=True).clamp(min=_EPS)
+    return wt / scale, scale
+
+
+@torch.no_grad()
+def realise(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, seed: int, uid: int,
+            seconds: float, device: Device | None = None, targets: torch.Tensor | None = None) -> Programmed:
+    """Program chip instance ``seed`` of the matrix ``uid`` with ``weight`` ((out, in) or (E, out, in))
+    and read it ``seconds`` later. ``device`` replaces the profile's device (e.g. a map being replayed);
+    ``targets`` (E, T, out, rows) replaces the normalised tiles computed from the weight."""
+    device = device or config.device
+    w = weight.detach().to("cpu", torch.float32)
+    if w.dim() == 2:
+        w = w.unsqueeze(0)
+    wn, scale = normalised_tiles(w, tiles, rows)  # (E, T, out, rows), (E, T, out, 1)
+    if targets is not None:
+        wn = targets
+    flat = wn.reshape(-1, *wn.shape[-2:])
+    real = device.realise(flat, seconds, chip_generator(seed, uid))
+    gain = torch.full((w.shape[0],), float(real.gain))
+    if config.drift.compensation and device.drifts and seconds > 0:
+        ref = real.reference
+        ref_read = None
+        if ref is None:
+            at0 = device.realise(flat, 0.0, chip_generator(seed, uid))
+            ref, ref_read = at0.weight, at0.read_std
+        gain = gain * drift_compensation(config, ref, ref_read, real.weight, real.read_std, seed, uid)
+    eff = real.weight.view_as(wn).transpose(-1, -2).contiguous()  # (E, T, rows, out)
+    read_var = None
+    if real.read_std is not None:
+        rv = real.read_std.view_as(wn).square()  # (E, T, out, rows)
+        read_var = rv.transpose(-1, -2).contiguous() if config.exact_read_noise else rv.mean(-1)
+    return Programmed(tiles=eff, scale=scale.squeeze(-1), read_var=read_var, gain=gain)
+
+
+def drift_compensation(config: AnalogConfig, ref: torch.Tensor, ref_read: torch.Tensor | None, now: torch.Tensor,
+                       now_read: torch.Tensor | None, seed: int, uid: int) -> float:
+    """Global drift compensation α = Σ|X·W_ref| / Σ|X·W_now| from two reads of the fixed calibration
+    input X (``drift.calibration_vectors`` rows of ±1 from generator seed :data:`CALIBRATION_SEED`),
+    each read with the chip's read noise and output noise as every other read (noise from a stream of
+    this chip and layer, so the calibration is part of the chip instance)."""
+    vectors = config.drift.calibration_vectors
+    x = torch.randint(0, 2, (vectors, ref.shape[-1]), generator=torch.Generator().manual_seed(CALIBRATION_SEED))
+    x = x.to(ref.dtype) * 2 - 1
+    gen = chip_generator(seed + 7_777, uid)
+    out_var = config.output.noise**2 + config.device.output_var_terms()[1]
+
+    def read(w: torch.Tensor, std: torch.Tensor | None) -> torch.Tensor:
+        y = torch.matmul(w, x.T)  # (tiles, out, vectors)
+        var = torch.full_like(y, out_var)
+        if std is not None:
+            var = var + torch.matmul(std.square(), x.T.square())
+        return y + torch.randn(y.shape, generator=gen, dtype=y.dtype) * var.sqrt()
+
+    num = read(ref, ref_read).abs().sum()
+    den = read(now, now_read).abs().sum().clamp(min=_EPS)
+    return float(num / den)
+
+
+class FreedWeight(torch.Tensor):
+    """The placeholder of a weight that :func:`analogllm.deploy_` freed: it keeps the shape, dtype and
+    device (so peft, ``.to()``, ``deepcopy`` and ``state_dict`` work) but holds no data, and any
+    computation with it raises a clear error instead of silently computing with zeros."""
+
+    @staticmethod
+    def __new__(cls, shape: torch.Size, dtype: torch.dtype, device: torch.device, requires_grad: bool = False):
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=requires_grad)
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"FreedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+    def __reduce_ex__(self, protocol):  # type: ignore[override]
+        return FreedWeight, (self.shape, self.dtype, self.device, self.requires_grad)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func in (aten.detach.default, aten.alias.default, aten.clone.default, aten._to_copy.default,
+                    aten.lift_fresh.default):
+            src = args[0]
+            return FreedWeight(src.shape, kwargs.get("dtype") or src.dtype, kwargs.get("device") or src.device)
+        if func in _VIEWS:  # views keep no data either: the same op on meta tensors gives the shape
+            src = args[0]
+            meta = [torch.empty(a.shape, dtype=a.dtype, device="meta") if isinstance(a, FreedWeight) else a for a in args]
+            out = func(*meta, **kwargs)
+            return FreedWeight(out.shape, out.dtype, src.device)
+        raise RuntimeError(
+            f"this weight was freed by analogllm.deploy_ ({func}): a deployed chip keeps only its programmed "
+            "arrays. Reload the model to train, reprogram, drift, export or save it.")
+
+
+_VIEWS = {getattr(torch.ops.aten, op).default for op in ("t", "view", "_unsafe_view", "expand", "unsqueeze", "alias")} | {
+    torch.ops.aten.transpose.int, torch.ops.aten.select.int, torch.ops.aten.slice.Tensor, torch.ops.aten.permute.default,
+    torch.ops.aten.squeeze.dim}
+
+
+def free(param: nn.Parameter) -> nn.Parameter:
+    """A :class:`FreedWeight` parameter in place of ``param``."""
+    return nn.Parameter(FreedWeight(param.shape, param.dtype, param.device), requires_grad=False)
+
+
+def is_freed(t: torch.Tensor) -> bool:
+    return isinstance(t, FreedWeight) or isinstance(getattr(t, "data", None), FreedWeight)
+
+
+__all__ = ["CALIBRATION_SEED", "Chip", "FreedWeight", "Programmed", "chip_generator", "drift_compensation", "free",
+           "is_freed", "normalised_tiles", "realise", "stable_id"]

@@ -1,0 +1,278 @@
+"""The chip read: one analogue matmul as one ``torch.library`` custom op, ``analogllm::read``.
+
+    x ─DAC(range r)─► T input tiles u_t ─► y_t = u_t · tiles_t        (normalised units, a tile matmul)
+      ─► + noise ─► nonlinearity ─► ADC (range B_t) ─► Σ_t code_t · s_t · step_t · r · gain + bias
+
+``tiles`` are the normalised weights the arrays hold (T, rows, out): the programmed chip's realised
+weights, or, in hardware-aware training, the clipped digital weights (with the device's drift bias).
+``scale`` are the tile-column scales s_t. Noise has the variance ``Σu²·read_var + shot·|y| + out_var``
+per output (weight noise of variance v on every device is output noise of variance v·Σu², exactly),
+drawn from Philox-4x32-10 under a per-read ``key`` (:mod:`analogllm.ops.philox`).
+
+One definition, three implementations of it:
+
+* the **reference** in torch, for every device (GPU included: no host syncs, no data-dependent control
+  flow, so it runs under ``torch.compile`` and in CUDA graphs) and as the CPU fallback;
+* the **CPU kernel** (:mod:`analogllm.ops.cpu`), the same arithmetic and the same Philox numbers fused
+  into one vectorised pass (normals agree to ~1e-6, so codes agree except at rounding ties);
+* a **fake** kernel giving output shapes, for ``torch.compile`` and meta tensors.
+
+Gradients are straight-through (registered on the op): every rounding step passes the gradient, every
+saturation stops it (the ``gate``), so backward is ``nn.Linear``'s two matmuls when nothing saturated.
+The DAC range r gets the LSQ derivative Σ g_u·(Q(x/r) − (x/r)·1[|x| ≤ r]) / r, an ADC range B_t the
+derivative of its codes (``resid``: sign(y) where saturated, (Q − y)/B inside). In training the op also
+takes the digital ``weight`` (and its clipping bound) purely to give it its gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from analogllm.ops import cpu
+from analogllm.ops.philox import normals
+
+_EMPTY = ()
+
+
+def dac_step(bits: int) -> float | None:
+    """Step of a signed DAC on [−1, 1] (2^(bits−1) − 1 levels per sign); ``bits`` 0 = no quantisation."""
+    return 1.0 / (2 ** (bits - 1) - 1) if bits else None
+
+
+def adc_steps(adc_range: Tensor, bits: int) -> Tensor:
+    """The ADC step of every tile: 2·B / (2^bits − 2) (aihwkit's convention)."""
+    return adc_range * (2.0 / (2**bits - 2))
+
+
+def tile_mm(a: Tensor, b: Tensor) -> Tensor:
+    """(T, N, K) @ (T, K, M) → (T, N, M). torch's CPU bmm hands whole tiles to threads, so a tile count
+    the threads do not divide leaves cores idle (3 tiles on 2 threads: 25 % slower than three
+    multithreaded mm); those run as T multithreaded mm into one buffer instead."""
+    tiles = a.shape[0]
+    if tiles == 1:
+        return torch.mm(a[0], b[0]).unsqueeze(0)
+    if a.device.type != "cpu" or tiles % torch.get_num_threads() == 0:
+        return torch.bmm(a, b)
+    out = torch.empty(tiles, a.shape[1], b.shape[2], dtype=a.dtype, device=a.device)
+    for t in range(tiles):
+        torch.mm(a[t], b[t], out=out[t])
+    return out
+
+
+def tile_input(u: Tensor, tiles: int, rows: int) -> Tensor:
+    """(N, in) → (T, N, rows): zero-padded and viewed per input tile."""
+    pad = tiles * rows - u.shape[-1]
+    if pad:
+        u = F.pad(u, (0, pad))
+    return u.view(u.shape[0], tiles, rows).transpose(0, 1)
+
+
+def untile_input(g: Tensor, features: int) -> Tensor:
+    """(T, N, rows) → (N, in): the inverse of :func:`tile_input` (padding dropped)."""
+    return g.transpose(0, 1).reshape(g.shape[1], -1)[:, :features]
+
+
+def tile_weight(weight: Tensor, tiles: int, rows: int) -> Tensor:
+    """(..., out, in) → (..., T, out, rows), zero-padded."""
+    pad = tiles * rows - weight.shape[-1]
+    if pad:
+        weight = F.pad(weight, (0, pad))
+    return weight.reshape(*weight.shape[:-1], tiles, rows).movedim(-2, -3)
+
+
+def untile_weight(w: Tensor, features: int) -> Tensor:
+    """(..., T, out, rows) → (..., out, in): the inverse of :func:`tile_weight`."""
+    return w.movedim(-3, -2).reshape(*w.shape[:-3], w.shape[-2], -1)[..., :features]
+
+
+def dac(x: Tensor, r: Tensor, bits: int) -> Tensor:
+    """Normalised DAC output Q(x/r) ∈ [−1, 1] (``r`` a scalar or one range per row, (N, 1))."""
+    u = (x.detach() / r.detach()).clamp(-1.0, 1.0)
+    step = dac_step(bits)
+    if step is not None:
+        u = torch.round(u / step) * step
+    return u
+
+
+def _multiplier(scale: Tensor, r: Tensor, gain: Tensor, adc_range: Optional[Tensor], adc_bits: int) -> Tensor:
+    """Per tile-column factor after the ADC, (T, out): scale × step (the ADC returns codes) × r × gain;
+    a per-row range r multiplies the summed output instead."""
+    m = scale * gain
+    if adc_range is not None:
+        m = m * adc_steps(adc_range, adc_bits).view(-1, 1)
+    if r.numel() == 1:
+        m = m * r.reshape(())
+    return m
+
+
+def _variance(y: Tensor, u: Tensor, read_var: Optional[Tensor], out_var: float, shot: float) -> Optional[Tensor]:
+    """The noise variance of every tile output (T, N, out), or None when the read is noiseless."""
+    var = None
+    if read_var is not None:
+        if read_var.dim() == 2:  # per tile column: Σu² of the row × the column's mean device variance
+            var = u.square().sum(-1, keepdim=True) * read_var.unsqueeze(1)
+        else:  # exact, per device (T, rows, out)
+            var = torch.bmm(u.square(), read_var)
+    if shot > 0:
+        var = y.abs() * shot if var is None else var + y.abs() * shot
+    if out_var > 0:
+        var = torch.full_like(y, out_var) if var is None else var + out_var
+    return var
+
+
+def reference(x: Tensor, tiles: Tensor, scale: Tensor, dac_range: Tensor, gain: Tensor, adc_range: Optional[Tensor],
+              read_var: Optional[Tensor], bias: Optional[Tensor], key: Tensor, dac_bits: int, adc_bits: int,
+              out_var: float, shot: float, saturation: float, need_gate: bool,
+              need_resid: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The read in torch (any device): see the module docstring. Returns (out, gate, resid, clipped):
+    gate and resid empty when not needed; ``clipped`` (a 0-d tensor) counts saturated outputs, or is −1
+    where counting would cost a host sync (the reference does not count)."""
+    t_count, rows, outs = tiles.shape
+    r = dac_range.reshape(-1, 1) if dac_range.numel() > 1 else dac_range
+    u = tile_input(dac(x, r, dac_bits), t_count, rows)
+    y = tile_mm(u, tiles)
+    var = _variance(y, u, read_var, out_var, shot)
+    if var is not None:
+        y = y + normals(key, t_count, x.shape[0], outs, device=x.device, dtype=y.dtype) * var.sqrt()
+    gate = None
+    if saturation > 0:
+        y = torch.tanh(y / saturation)
+        gate = 1.0 - y.square()
+        y = y * saturation
+    resid = None
+    if adc_range is not None:
+        bound = adc_range.to(y.dtype).view(-1, 1, 1)
+        inside = y.abs() <= bound
+        gate = inside.to(y.dtype) if gate is None else gate * inside
+        step = adc_steps(adc_range, adc_bits).to(y.dtype).view(-1, 1, 1)
+        codes = torch.round(torch.minimum(torch.maximum(y, -bound), bound) * (1.0 / step))
+        if need_resid:
+            resid = torch.where(inside, (codes * step - y) / bound, torch.sign(y))
+        y = codes
+    out = (y * _multiplier(scale, dac_range, gain, adc_range, adc_bits).unsqueeze(1).to(y.dtype)).sum(0)
+    if dac_range.numel() > 1:
+        out = out * r
+    if bias is not None:
+        out = out + bias
+    unknown = torch.full((), -1, dtype=torch.int64, device=x.device)
+    gate = gate if need_gate and gate is not None else x.new_empty(0)
+    return out, gate, resid if resid is not None else x.new_empty(0), unknown
+
+
+def _kernel(x: Tensor, tiles: Tensor, scale: Tensor, dac_range: Tensor, gain: Tensor, adc_range: Optional[Tensor],
+            read_var: Optional[Tensor], bias: Optional[Tensor], key: Tensor, dac_bits: int, adc_bits: int,
+            out_var: float, shot: float, saturation: float, need_gate: bool,
+            need_resid: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The read on the fused CPU kernel (float32; per-column read noise)."""
+    t_count, rows, outs = tiles.shape
+    need_usq = read_var is not None
+    u, usq = cpu.dac(x, dac_range, dac_step(dac_bits), t_count, rows, need_usq)
+    y = tile_mm(u, tiles)
+    mult = _multiplier(scale, dac_range, gain, adc_range, adc_bits).float()
+    adc = None
+    if adc_range is not None:
+        adc = (adc_range.detach().float(), (1.0 / adc_steps(adc_range.detach(), adc_bits)).float())
+    row_range = dac_range.numel() > 1
+    k = key.tolist()
+    out, gate, resid, clipped = cpu.read(
+        y, mult, usq=usq, rv=read_var, shot2=shot, const_var=out_var, key=(k[1] << 32) | k[0],
+        sat=saturation or None, adc=adc, bias=None if row_range else bias, need_gate=need_gate, need_resid=need_resid)
+    if row_range:
+        out = out * dac_range.reshape(-1, 1)
+        if bias is not None:
+            out = out + bias
+    return (out, gate if gate is not None else x.new_empty(0), resid if resid is not None else x.new_empty(0),
+            torch.tensor(clipped, dtype=torch.int64))
+
+
+def fusable(x: Tensor, read_var: Optional[Tensor]) -> bool:
+    """Whether the CPU kernel can run this read: float32 on CPU, per-column read noise."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and (read_var is None or read_var.dim() == 2)
+            and cpu.library() is not None)
+
+
+@torch.library.custom_op("analogllm::read", mutates_args=())
+def read(x: Tensor, tiles: Tensor, scale: Tensor, dac_range: Tensor, gain: Tensor, adc_range: Optional[Tensor],
+         read_var: Optional[Tensor], bias: Optional[Tensor], weight: Optional[Tensor], clip: Optional[Tensor],
+         key: Tensor, dac_bits: int, adc_bits: int, out_var: float, shot: float, saturation: float, need_gate: bool,
+         need_resid: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One chip read (see the module docstring): (out, gate, resid, clipped). ``weight``/``clip`` are
+    only used by the backward (hardware-aware training: the digital weight that the tiles were made
+    from, and its clipping bound)."""
+    args = (x, tiles, scale, dac_range, gain, adc_range, read_var, bias, key, dac_bits, adc_bits, out_var, shot,
+            saturation, need_gate, need_resid)
+    return _kernel(*args) if fusable(x, read_var) else reference(*args)
+
+
+@read.register_fake
+def _(x, tiles, scale, dac_range, gain, adc_range, read_var, bias, weight, clip, key, dac_bits, adc_bits, out_var,
+      shot, saturation, need_gate, need_resid):
+    t_count, _, outs = tiles.shape
+    gated = need_gate and (saturation > 0 or adc_range is not None)
+    gate = x.new_empty(t_count, x.shape[0], outs) if gated else x.new_empty(0)
+    resid = x.new_empty(t_count, x.shape[0], outs) if need_resid and adc_range is not None else x.new_empty(0)
+    return x.new_empty(x.shape[0], outs), gate, resid, x.new_empty((), dtype=torch.int64)
+
+
+def _setup(ctx, inputs, output) -> None:
+    (x, tiles, scale, dac_range, gain, adc_range, _, _, weight, clip, _, dac_bits, adc_bits, _, _, saturation,
+     *_rest) = inputs
+    _, gate, resid, clipped = output
+    if gate.numel() and not saturation:
+        # the gate is only the ADC's inside mask: none at all when the kernel saw nothing saturate (every
+        # tile then passes the same gradient), else kept as booleans (a quarter of the memory)
+        gate = gate.new_empty(0) if clipped.device.type == "cpu" and int(clipped) == 0 else gate.bool()
+    ctx.save_for_backward(x, tiles, scale, dac_range, gain, adc_range, weight, clip, gate, resid)
+    ctx.dac_bits, ctx.adc_bits = dac_bits, adc_bits
+
+
+def _backward(ctx, grad, _grad_gate, _grad_resid, _grad_clipped):
+    x, tiles, scale, dac_range, gain, adc_range, weight, clip, gate, resid = ctx.saved_tensors
+    t_count, rows, outs = tiles.shape
+    features = x.shape[-1]
+    row_range = dac_range.numel() > 1
+    r = dac_range.reshape(-1, 1) if row_range else dac_range
+    g = grad * r if row_range else grad  # the per-row range multiplied the summed output
+    rg = gain if row_range else dac_range.reshape(()) * gain
+    need_x, need_r, need_b, need_w, need_adc = (ctx.needs_input_grad[i] for i in (0, 3, 7, 8, 5))
+    realised = tiles.transpose(-1, -2) * scale.unsqueeze(-1)  # (T, out, rows), weight units
+    if gate.numel() == 0:  # every tile saw the same gradient: one dense matmul
+        gt = None
+        grad_u = g.mm(untile_weight(realised, features).to(g.dtype))
+    else:
+        gt = g.unsqueeze(0) * gate.to(g.dtype)
+        grad_u = untile_input(tile_mm(gt, realised), features)
+    grad_u = grad_u * rg
+    xr = x / r
+    inside = xr.abs() <= 1.0
+    grad_x = grad_u * inside / r if need_x else None
+    u = dac(x, r, ctx.dac_bits) if (need_w or need_r) else None
+    grad_r = None
+    if need_r:
+        d = grad_u * (u - xr * inside) / r
+        grad_r = d.sum(-1).reshape(dac_range.shape) if row_range else d.sum().reshape(dac_range.shape)
+    grad_w = None
+    if need_w and weight is not None:
+        ur = u * (r if row_range else dac_range.reshape(()))
+        grad_w = (g.t().mm(ur) if gt is None else
+                  untile_weight(tile_mm(gt.transpose(1, 2), tile_input(ur, t_count, rows)), features))
+        if clip is not None:
+            grad_w = grad_w * (weight.abs() <= clip)
+    grad_adc = None
+    if need_adc and adc_range is not None and resid.numel():
+        per = (scale * gain * (1.0 if row_range else dac_range.reshape(()))).unsqueeze(1)  # (T, 1, out)
+        grad_adc = (g.unsqueeze(0) * per * resid).sum((1, 2)).reshape(adc_range.shape)
+    grad_b = grad.sum(0) if need_b else None
+    return (grad_x, None, None, grad_r, None, grad_adc, None, grad_b, grad_w, None, None, None, None, None, None, None,
+            None, None)
+
+
+read.register_autograd(_backward, setup_context=_setup)
+
+
+__all__ = ["adc_steps", "dac", "dac_step", "fusable", "read", "reference", "tile_input", "tile_mm", "tile_weight",
+           "untile_input", "untile_weight"]
