@@ -125,7 +125,11 @@ def test_quickstart_command_prints_the_before_after_table(tmp_path, capsys):
     assert main(["quickstart", *RUN, "--set", f"output_dir={out}"]) == 0
     printed = capsys.readouterr().out
     lines = [line for line in printed.splitlines() if line.startswith("| ")]
-    assert [line.split("|")[1].strip() for line in lines] == ["model", "digital", "analogue", "analogue + HWA"] * 2
+    # perplexity and accuracy tables for the training corpus's held-out tail and for the held-out text of
+    # another kind (Shakespeare)
+    assert [line.split("|")[1].strip() for line in lines] == ["model", "digital", "analogue", "analogue + HWA"] * 4
     data = json.loads((out / "eval.json").read_text())
-    assert data["digital"]["tokens"] == 4 * 63
+    assert data["digital"]["tokens"] == 4 * 63 and data["meta"]["text"] == "builtin"
+    other = json.loads((out / "eval-shakespeare.json").read_text())
+    assert other["meta"]["text"] == "shakespeare" and other["digital"]["loss"] != data["digital"]["loss"]
     assert data["meta"]["training"]["steps"] == 6 and (out / "final").is_dir()

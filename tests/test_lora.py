@@ -17,7 +17,7 @@ from analogllm.nn.linear import AnalogLinear
 from analogllm.recipes import load_recipe
 from analogllm.tuners import lora
 from analogllm.hf.checkpoint import is_analog_checkpoint
-from analogllm.training.finetune import FinetuneRecipe, TrainSection, train_adapters
+from analogllm.training.finetune import FinetuneRecipe, TrainSection, finetune, train_adapters
 from analogllm.tuners.pat import HardwareBackend, SimulatedChip, hardware_layers, on_hardware
 from analogllm.tuners.zeroth_order import SPSA, ZerothOrderConfig
 
@@ -253,7 +253,8 @@ def test_adapters_round_trip_beside_the_chip(tmp_path, name, analog):
     assert is_analog_checkpoint(tmp_path / "dep/chip")
     assert (tmp_path / "dep/adapters/task/adapter_config.json").is_file()
     assert (tmp_path / "dep/adapters/task/adapter_model.safetensors").is_file()
-    assert (tmp_path / "dep/adapters/task/analog_adapters.json").is_file() == analog
+    meta = json.loads((tmp_path / "dep/adapters/task/analog_adapters.json").read_text())
+    assert meta["analog"] == analog and meta["chip"] == al.chip_info(peft_model)  # the chip the adapter corrects
     assert not [p for p in (tmp_path / "dep").rglob(".*")]  # no temporary leftovers
     ids = train[:4]
     with torch.random.fork_rng(devices=[]):
@@ -327,11 +328,10 @@ def test_merge_on_an_ideal_chip_reproduces_the_adapted_model():
 
 # ----- recipes and CLI ---------------------------------------------------------------------------------------
 def test_builtin_recipes_validate():
-    for name in ("finetune-tiny", "finetune-smollm2"):
-        recipe = load_recipe(FinetuneRecipe, name)
-        assert set(recipe.train.modes) == {"backprop", "physics-aware", "zeroth-order"}
-    assert load_recipe(FinetuneRecipe, "finetune-smollm2").model == "smollm2-135m"
-    assert load_recipe(FinetuneRecipe, "finetune-smollm2").chip.seconds == DAY
+    assert set(load_recipe(FinetuneRecipe, "finetune-tiny").train.modes) == {"backprop", "physics-aware", "zeroth-order"}
+    smol = load_recipe(FinetuneRecipe, "finetune-smollm2")
+    assert smol.baseline == "smollm2-135m" and smol.model.endswith("smollm2-pcm-hwa/final")  # LoRA on the HWA chip
+    assert smol.chip.ages == (DAY, 365 * DAY) and len(smol.chip.seeds) >= 3
 
 
 def test_cli_finetune_writes_chip_adapters_and_results(tmp_path, capsys):
@@ -340,17 +340,36 @@ def test_cli_finetune_writes_chip_adapters_and_results(tmp_path, capsys):
             "data.train_blocks=32", f"out={out}"]
     assert main(["finetune", "finetune-tiny", "--quiet", *sum((["--set", s] for s in sets), [])]) == 0
     printed = capsys.readouterr().out
-    for row in ("digital", "analogue chip", "chip + LoRA (backprop)", "chip + LoRA (physics-aware)",
-                "chip + LoRA (zeroth-order)"):
-        assert f"| {row}" in printed
+    for row in ("digital", "chip", "chip + LoRA (backprop)", "chip + LoRA (physics-aware)", "chip + LoRA (zeroth-order)"):
+        assert f"| {row} " in printed
+    assert "Perplexity on builtin" in printed and "Perplexity on shakespeare" in printed
     results = json.loads((out / "results.json").read_text())
     assert [m["mode"] for m in results["modes"]] == ["backprop", "physics-aware", "zeroth-order"]
     assert [m["forwards"] for m in results["modes"]] == [2, 2, 8]
     assert all(m["trainable"] == results["modes"][0]["trainable"] > 0 for m in results["modes"])
     for mode in ("backprop", "physics-aware", "zeroth-order"):
-        assert (out / "adapters" / mode / "adapter_model.safetensors").is_file()
-    loaded = lora.load_deployment(out, name="physics-aware")
-    assert lora.chip_fingerprint(loaded) == results["fingerprint"]
+        assert (out / "adapters" / f"{mode}-chip0-t86400" / "adapter_model.safetensors").is_file()
+    loaded = lora.load_deployment(out, name="physics-aware-chip0-t86400")
+    assert al.chip_info(loaded) == {"seed": 0, "seconds": 86400.0}
+    assert (out / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finetune_over_chips_and_ages_against_a_baseline(tmp_path):
+    # a 'trained' model (here: the tiny model itself, converted) and its baseline on the same two chips at two
+    # ages: every row has one score per (chip, age) on every held-out text, and the recovery is recorded
+    recipe = load_recipe(FinetuneRecipe, "finetune-tiny", {
+        "baseline": "tiny-llama", "label": "chip + HWA", "baseline_label": "chip", "chip.seeds": [0, 1],
+        "chip.ages": [0, 86400], "train.modes": ["backprop"], "train.steps": 2, "data.eval_blocks": 2,
+        "data.train_blocks": 32, "out": str(tmp_path / "r")})
+    result = finetune(recipe, progress=False, log=lambda _: None)
+    assert list(result.scores) == ["chip", "chip + HWA", "chip + HWA + LoRA (backprop)"]
+    for row in result.scores.values():
+        for text in ("builtin", "shakespeare"):
+            assert sorted((s, a) for s, a, _ in row[text]) == [(0, 0.0), (0, 86400.0), (1, 0.0), (1, 86400.0)]
+    mean, std = result.stats("chip + HWA", "builtin", 86400.0)
+    assert mean > 0 and std > 0  # two chips differ
+    assert result.recovered("chip + HWA + LoRA (backprop)", "builtin", 86400.0) is not None
+    assert "± " in result.table("shakespeare") and (tmp_path / "r" / "drift.png").is_file()
 
 
 def test_cli_finetune_bad_settings_are_one_line_errors(capsys):

@@ -45,8 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"analogllm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args.command, exc)
+    except ImportError as exc:  # an optional package the command needs (e.g. gguf for smollm2-135m)
+        return _fail(args.command, exc)
+    except OSError as exc:  # e.g. an --out folder that cannot be written
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        return _fail(args.command, f"{exc.strerror or exc}{where}")
+
+
+def _fail(command: str, exc: object) -> int:
+    """One line on stderr, exit status 2: the user's input was wrong or the machine lacks something."""
+    message = " ".join(str(exc).split())  # one line, whatever the exception put in it
+    print(f"analogllm {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -9,23 +9,8 @@ from typing import Any
 import yaml
 
 from analogllm.config import AnalogConfig, profile_names, profile_parameters
-
-
-def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
-    """``["adc.bits=6", "device.g_max=20"]`` → ``{"adc.bits": 6, "device.g_max": 20}``; values are
-    parsed as YAML scalars/lists, so types are checked by the config itself."""
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def add_set_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                        help="override a field, e.g. --set adc.bits=6 (repeatable)")
+from analogllm.cli.args import add_set_argument, parse_overrides
+from analogllm.tables import markdown_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,12 +47,6 @@ def profile_rows() -> list[tuple[str, ...]]:
         rows.append((name, c.device.kind, str(c.dac.bits), str(c.adc.bits), tiles, str(c.output.noise),
                      str(c.training.weight_noise), c.device.summary()))
     return rows
-
-
-def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
 
 
 def source_rows() -> list[tuple[str, ...]]:

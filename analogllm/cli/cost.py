@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from analogllm.cli.core import add_set_argument, parse_overrides
+from analogllm.cli.args import add_set_argument, parse_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:

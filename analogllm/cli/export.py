@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from analogllm.cli.core import add_set_argument, parse_overrides
+from analogllm.cli.args import add_set_argument, parse_overrides
 from analogllm.config import AnalogConfig
 
 CALIBRATION_SEED = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from analogllm.cli.core import parse_overrides
+from analogllm.cli.args import parse_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,9 +65,12 @@ def _load(args: argparse.Namespace):
     return load_hwa_recipe(args.recipe, parse_overrides(args.set))
 
 
-def _print_report(report, paths: dict[str, Path]) -> None:
-    print()
-    print(report.markdown())
+def _print_reports(reports, paths: dict[str, Path]) -> None:
+    for report in reports:
+        print()
+        print(f"## held-out text: {report.meta.get('text')}")
+        print()
+        print(report.markdown())
     print()
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
@@ -95,8 +98,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from analogllm.training.pipeline import run_eval
 
     recipe = _load(args)
-    report, paths = run_eval(recipe, checkpoint=args.checkpoint, progress=not args.quiet)
-    _print_report(report, paths)
+    reports, paths = run_eval(recipe, checkpoint=args.checkpoint, progress=not args.quiet)
+    _print_reports(reports, paths)
     return 0
 
 
@@ -104,6 +107,6 @@ def run_quickstart_command(args: argparse.Namespace) -> int:
     from analogllm.training.pipeline import run_quickstart
 
     recipe = _load(args)
-    report, paths = run_quickstart(recipe, progress=not args.quiet)
-    _print_report(report, paths)
+    reports, paths = run_quickstart(recipe, progress=not args.quiet)
+    _print_reports(reports, paths)
     return 0

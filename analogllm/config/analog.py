@@ -247,9 +247,7 @@ class AnalogConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        return cls.from_dict(data)
+        return cls.from_dict(_parse(path, path.read_text()))
 
     def to_dict(self) -> dict[str, Any]:
         data = to_dict(self)
@@ -333,11 +331,19 @@ def profile_parameters(name: str) -> list[tuple[str, Any, str | None]]:
     return rows
 
 
+def _parse(path: Path, text: str) -> Any:
+    """A profile or config file's contents; malformed JSON/YAML is a ConfigError naming the file."""
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({first})") from None
+
+
 def _read_profile(name: str) -> dict[str, Any]:
     path = Path(name)
     if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = _parse(path, path.read_text())
     else:
         names = profile_names()
         if name not in names:

@@ -122,6 +122,9 @@ def replace_path(obj: T, dotted: str, value: Any, _prefix: str = "") -> T:
     """Return a copy of dataclass ``obj`` with the field at ``dotted`` (e.g. ``"adc.bits"``) replaced.
 
     ``value`` is validated against the field's type, so ``--set adc.bits=abc`` fails with the key named.
+    A path that runs into a mapping field (a recipe's chip ``overrides``) sets the rest of the path as one
+    key of that mapping: ``analog.overrides.adc.bits`` → ``overrides["adc.bits"]``, validated by the
+    dataclass that owns the mapping.
     """
     head, _, rest = dotted.partition(".")
     where = _join(_prefix, head)
@@ -129,7 +132,9 @@ def replace_path(obj: T, dotted: str, value: Any, _prefix: str = "") -> T:
     if head not in fields:
         raise ConfigError(f"{where}: unknown field; valid fields are: {', '.join(sorted(fields))}")
     current = getattr(obj, head)
-    if rest:
+    if rest and isinstance(current, dict):  # an overrides mapping keyed by dotted paths of its own
+        new = {**current, rest: value}
+    elif rest:
         if not dataclasses.is_dataclass(current):
             raise ConfigError(f"{where}: has no sub-field {rest!r}")
         new = replace_path(current, rest, value, where)

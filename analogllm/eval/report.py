@@ -93,7 +93,7 @@ class EvalReport:
     # ----- tables ---------------------------------------------------------------------------------------
     def markdown(self) -> str:
         """Perplexity and token-accuracy tables: one row per model, one column per drift time."""
-        from analogllm.cli.core import markdown_table
+        from analogllm.tables import markdown_table
 
         header = ("model", *(format_seconds(t) for t in self.drift_times))
         chips = len(self.chip_seeds)

@@ -15,7 +15,6 @@ bitsandbytes and torchao do). analogllm registers ``quant_method: "analogllm"``:
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
@@ -36,8 +35,8 @@ class AnalogQuantizationConfig(QuantizationConfigMixin):
     chip:       ``{"seed": int | None, "seconds": float}``, the chip instance to program after loading;
     transforms: module name → input-transform spec (from the mapping; rebuilt before the weights load).
 
-    Bound to a live model (:meth:`bind`), ``to_dict`` reads the chip and transforms from it, so
-    ``save_pretrained`` always writes the model's current state.
+    ``save_pretrained`` refreshes it from the model first (:meth:`refresh`), so a checkpoint always holds
+    the model's current chip and transforms.
     """
 
     def __init__(self, analog: dict | None = None, profile: str | None = None, overrides: dict | None = None,
@@ -50,7 +49,6 @@ class AnalogQuantizationConfig(QuantizationConfigMixin):
         self.chip = dict(chip or {"seed": None, "seconds": 0.0})
         self.transforms = dict(transforms or {})
         self.format_version = format_version
-        self._model: weakref.ref | None = None
         if format_version != FORMAT_VERSION:
             raise ValueError(f"analogllm checkpoint format_version {format_version} is not supported "
                              f"(this analogllm reads {FORMAT_VERSION}); convert the model again")
@@ -64,22 +62,18 @@ class AnalogQuantizationConfig(QuantizationConfigMixin):
             return AnalogConfig.from_dict(self.analog)
         return AnalogConfig.from_profile(self.profile, **self.overrides)
 
-    def bind(self, model) -> AnalogQuantizationConfig:
-        self._model = weakref.ref(model)
+    def refresh(self, model) -> AnalogQuantizationConfig:
+        """Take the analogue config, chip instance and input transforms from the live ``model``."""
+        from analogllm.chip import chip_info
+        from analogllm.mapping import transform_specs
+
+        self.analog, self.profile, self.overrides = model.analog_config.to_dict(), None, {}
+        self.chip, self.transforms = chip_info(model), transform_specs(model)
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        model = self._model() if self._model is not None else None
-        chip, transforms, analog = self.chip, self.transforms, self.analog
-        if model is not None:
-            from analogllm.chip import chip_info
-            from analogllm.mapping import transform_specs
-
-            chip, transforms = chip_info(model), transform_specs(model)
-            analog = model.analog_config.to_dict()
-        return {"quant_method": METHOD, "format_version": self.format_version, "analog": analog,
-                "profile": self.profile if analog is None else None, "overrides": self.overrides if analog is None else {},
-                "chip": chip, "transforms": transforms}
+        return {"quant_method": METHOD, "format_version": self.format_version, "analog": self.analog,
+                "profile": self.profile, "overrides": self.overrides, "chip": self.chip, "transforms": self.transforms}
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
@@ -91,10 +85,6 @@ class AnalogHfQuantizer(HfQuantizer):
 
     requires_calibration = False
 
-    def __init__(self, quantization_config: AnalogQuantizationConfig, **kwargs: Any) -> None:
-        super().__init__(quantization_config, **kwargs)
-        self._model: weakref.ref | None = None
-
     def validate_environment(self, *args, **kwargs) -> None:
         return None
 
@@ -104,7 +94,6 @@ class AnalogHfQuantizer(HfQuantizer):
 
         analogize_(model, self.quantization_config.analog_config(), attach=False)
         restore_transforms_(model, self.quantization_config.transforms)
-        self._model = weakref.ref(model)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -121,15 +110,19 @@ class AnalogHfQuantizer(HfQuantizer):
         return model
 
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
-        model = self._model() if self._model is not None else None
-        if model is not None:
-            from analogllm.chip import deployed
-
-            if deployed(model):
-                raise ValueError("this analogue model was deployed with analogllm.deploy_: its digital weights were "
-                                 "freed, so there is nothing to save; save it before deploying (the chip is "
-                                 "reproduced from its seed and drift time)")
         return True
+
+    def get_state_dict_and_metadata(self, model):
+        """Called by ``save_pretrained`` before anything is written: refuses a deployed model (its digital
+        weights were freed) and refreshes the quantization config from the model."""
+        from analogllm.chip import deployed
+
+        if deployed(model):
+            raise ValueError("this analogue model was deployed with analogllm.deploy_: its digital weights were "
+                             "freed, so there is nothing to save; save it before deploying (the chip is "
+                             "reproduced from its seed and drift time)")
+        self.quantization_config.refresh(model)
+        return None, {}
 
     @property
     def is_trainable(self) -> bool:
@@ -150,9 +143,8 @@ def attach(model, quantizer: AnalogHfQuantizer | None = None) -> None:
         return
     qconfig = quantizer.quantization_config if quantizer is not None else AnalogQuantizationConfig(
         analog=model.analog_config.to_dict())
-    qconfig.bind(model)
+    qconfig.refresh(model)
     quantizer = quantizer or AnalogHfQuantizer(qconfig, pre_quantized=True)
-    quantizer._model = weakref.ref(model)
     model.config.quantization_config = qconfig
     model.hf_quantizer = quantizer
     model.is_quantized = True

@@ -69,10 +69,21 @@ def _gate(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return module.act_fn(gate) * up
 
 
+def _analog_class(cls: type) -> type:
+    """The analogue subclass of an experts class, made once and kept in this module under its name, so
+    that pickling finds it (a class made on the fly is otherwise not importable)."""
+    name = f"Analog{cls.__name__}"
+    made = globals().get(name)
+    if made is None or cls not in made.__mro__:
+        made = type(name, (AnalogExperts, cls), {"forward": AnalogExperts.forward, "__module__": __name__,
+                                                 "__qualname__": name})
+        globals()[name] = made
+    return made
+
+
 def to_analog_experts(module: nn.Module, config: AnalogConfig, name: str) -> nn.Module:
     """Swap ``module``'s class for an analogue subclass of it, in place (parameters untouched)."""
-    cls = type(module)
-    module.__class__ = type(f"Analog{cls.__name__}", (AnalogExperts, cls), {"forward": AnalogExperts.forward})
+    module.__class__ = _analog_class(type(module))
     e, _, up_in = module._matrix(module._up_name()).shape
     down_in = module._matrix("down_proj").shape[-1]
     device = module.down_proj.device

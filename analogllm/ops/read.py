@@ -225,7 +225,8 @@ def _setup(ctx, inputs, output) -> None:
     if gate.numel() and not saturation:
         # the gate is only the ADC's inside mask: none at all when the kernel saw nothing saturate (every
         # tile then passes the same gradient), else kept as booleans (a quarter of the memory)
-        gate = gate.new_empty(0) if clipped.device.type == "cpu" and int(clipped) == 0 else gate.bool()
+        known = type(clipped) is torch.Tensor and clipped.device.type == "cpu"  # not traced (fake / functional)
+        gate = gate.new_empty(0) if known and int(clipped) == 0 else gate.bool()
     ctx.save_for_backward(x, tiles, scale, dac_range, gain, adc_range, weight, clip, gate, resid)
     ctx.dac_bits, ctx.adc_bits = dac_bits, adc_bits
 

@@ -74,9 +74,11 @@ class AnalogSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    """Text for training and evaluation (see :func:`analogllm.data.token_blocks`): the built-in offline
-    corpus, a local text/json/parquet file or folder, or a Hub dataset name. Evaluation always uses the
-    held-out validation tail, training the rest."""
+    """Text for training and calibration (see :func:`analogllm.data.token_blocks`): the built-in offline
+    corpus, a local text/json/parquet file or folder, a Hub dataset name, or ``generated``: text the
+    digital model writes itself (``generated_blocks`` blocks sampled at ``temperature``; Analog Foundation
+    Models), so no corpus is needed. Evaluation uses the held-out validation tail of the source (of
+    the built-in corpus for ``generated``) and the held-out texts of ``eval.heldout``."""
 
     source: str = "builtin"
     text_column: str = "text"
@@ -84,9 +86,13 @@ class DataSection:
     block_size: int = 128
     validation_fraction: float = 0.1
     max_train_blocks: int | None = None
+    generated_blocks: int = 256
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         check(self.block_size >= 2, "data.block_size", f"must be >= 2, got {self.block_size}")
+        check(self.generated_blocks >= 1, "data.generated_blocks", f"must be >= 1, got {self.generated_blocks}")
+        check(self.temperature > 0, "data.temperature", f"must be > 0, got {self.temperature}")
         check(0 < self.validation_fraction < 1, "data.validation_fraction", "must lie in (0, 1)")
         check(self.max_train_blocks is None or self.max_train_blocks >= 1, "data.max_train_blocks", "must be >= 1 or null")
 
@@ -176,13 +182,17 @@ class TrainSection:
 @dataclass(frozen=True)
 class EvalSection:
     """Scoring: drift times (seconds after programming) × chip instances (seeds), on the first
-    ``max_blocks`` held-out blocks. Read noise is reseeded per (chip, time), so runs are repeatable."""
+    ``max_blocks`` held-out blocks of the training source's validation tail and of every text in
+    ``heldout`` (sources nothing is trained or calibrated on, scored whole; the built-in default is a
+    text of another kind, :data:`analogllm.data.HELDOUT`). Read noise is reseeded per (chip, time), so
+    runs are repeatable."""
 
     drift_times: tuple[float, ...] = DRIFT_TIMES
     chip_seeds: tuple[int, ...] = (0, 1, 2)
     max_blocks: int = 16
     batch_size: int = 8
     plot: bool = True
+    heldout: tuple[str, ...] = ("shakespeare",)
 
     def __post_init__(self) -> None:
         check(len(self.drift_times) > 0, "eval.drift_times", "must list at least one time")
@@ -231,24 +241,11 @@ class HWARecipe:
 
 
 def load_hwa_recipe(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> HWARecipe:
-    """Read and validate a recipe (built-in name or YAML path) and apply dotted overrides.
-
-    ``analog.overrides.<field>`` keys (e.g. ``analog.overrides.adc.bits``) go into the chip overrides,
-    whose own keys contain dots, and are validated against the analogue config like the rest.
-    """
+    """Read and validate an HWA recipe (built-in name or YAML path) and apply dotted overrides, e.g.
+    ``{"train.steps": 10, "analog.overrides.adc.bits": 6}`` (:func:`analogllm.recipes.load_recipe`)."""
     from analogllm.recipes import load_recipe
-    from analogllm.config.schema import replace_path
 
-    prefix = "analog.overrides."
-    overrides = overrides or {}
-    chip = {k[len(prefix):]: v for k, v in overrides.items() if k.startswith(prefix)}
-    recipe = load_recipe(HWARecipe, name_or_path, {k: v for k, v in overrides.items() if not k.startswith(prefix)})
-    if chip:
-        try:
-            recipe = replace_path(recipe, "analog.overrides", {**recipe.analog.overrides, **chip})
-        except ConfigError as exc:
-            raise ConfigError(f"--set {exc}") from None
-    return recipe
+    return load_recipe(HWARecipe, name_or_path, overrides)
 
 
 __all__ = [

@@ -1,8 +1,14 @@
-"""Fine-tuning LoRA adapters on a programmed chip: the recipe, the loop, and the measured result.
+"""LoRA adapters on programmed chips: the recipe, the loop, and the measured result.
 
-One run converts a model, programs one chip instance, ages it to the recipe's drift time, and then,
-for each gradient mode in the recipe, trains a fresh adapter (same initialisation, same batches, same
-chip) and scores it on held-out text:
+One run loads a model (a digital one, converted and mapped onto the recipe's chip, or an analogue
+checkpoint such as a hardware-aware trained model), then, for every chip instance (``chip.seeds``) and
+drift time (``chip.ages``), programs that chip, ages it, scores it, and for each gradient mode trains a
+fresh adapter (same initialisation, same batches) and scores the chip + adapter. An optional
+``baseline`` (a digital model converted to the same chip, e.g. the model before hardware-aware training)
+is scored on the same chips, so one table and one plot show chip, chip + HWA and chip + HWA + LoRA
+against drift time. Scores are on held-out text: the source's validation tail and ``data.heldout``.
+
+Gradient modes:
 
 * ``backprop``: autograd through the differentiable simulation of the deployed chip (its programmed,
   drifted weights; read noise; converters with straight-through gradients). In silico: it assumes the
@@ -11,7 +17,7 @@ chip) and scores it on held-out text:
   backward through the digital twin (:mod:`analogllm.tuners.pat`). Needs only the target weights.
 * ``zeroth-order``: SPSA / MeZO from forward passes on the backend alone (:mod:`analogllm.tuners.zeroth_order`).
 
-Every evaluation reseeds the read noise, so the chip and each chip + LoRA are scored on the same noise
+Every evaluation reseeds the read noise, so a chip and its chip + LoRA are scored on the same noise
 stream and their difference is the adapters', not the noise's. The base chip's fingerprint
 (:func:`~analogllm.tuners.lora.chip_fingerprint`) is checked after every mode: only adapters may change.
 Peak memory is the kernel's peak resident set size during each mode's training loop (CPU tensors have
@@ -65,25 +71,39 @@ MODES: tuple[str, ...] = ("backprop", "physics-aware", "zeroth-order")
 
 @dataclass(frozen=True)
 class ChipSection:
-    """The chip: a device profile (name or YAML path) with dotted overrides, one instance, one age."""
+    """The chips: a device profile (name or YAML path; ``null``: an analogue checkpoint's own config, pcm for
+    a digital model) with dotted overrides, the chip instances and the drift times to adapt at, and the
+    calibration blocks that map a digital model onto the chip."""
 
-    profile: str = "pcm"
+    profile: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    seconds: float = 86400.0
+    seeds: tuple[int, ...] = (0,)
+    ages: tuple[float, ...] = (86400.0,)
+    calibration_blocks: int = 16
 
     def __post_init__(self) -> None:
-        check(self.seconds >= 0, "chip.seconds", f"must be >= 0, got {self.seconds}")
+        check(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "chip.seeds",
+              "must list at least one seed, each once")
+        check(len(self.ages) > 0 and all(a >= 0 for a in self.ages), "chip.ages", "must list times >= 0 seconds")
+        check(self.calibration_blocks >= 0, "chip.calibration_blocks", "must be >= 0")
+        if self.profile is not None or self.overrides:  # a bad profile or override is reported now, with its key
+            try:
+                AnalogConfig.from_profile(self.profile or "pcm", **self.overrides)
+            except ConfigError as exc:
+                where = "chip.profile" if str(exc).startswith("unknown profile") else "chip.overrides"
+                raise ConfigError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True)
 class DataSection:
-    """Text: ``source`` as in :func:`analogllm.data.token_blocks`; ``eval_blocks`` held-out blocks."""
+    """Text: ``source`` as in :func:`analogllm.data.token_blocks` for training and calibration;
+    ``eval_blocks`` held-out blocks of its validation tail and of every text in ``heldout``."""
 
     source: str = "builtin"
     block_size: int = 128
     train_blocks: int | None = None
     eval_blocks: int = 16
+    heldout: tuple[str, ...] = ("shakespeare",)
 
     def __post_init__(self) -> None:
         check(self.block_size >= 2, "data.block_size", f"must be >= 2, got {self.block_size}")
@@ -114,11 +134,13 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class EvalSection:
-    """Scoring: batch size, whether to score the digital model first, the read-noise seed of every eval."""
+    """Scoring: batch size, whether to score the digital model, the read-noise seed of every eval, and
+    whether to draw the drift plot."""
 
     batch_size: int = 4
     digital: bool = True
     seed: int = 1234
+    plot: bool = True
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -126,9 +148,13 @@ class EvalSection:
 
 @dataclass(frozen=True)
 class FinetuneRecipe:
-    """``analogllm finetune RECIPE``: model, chip, adapters, data, training modes, evaluation, output."""
+    """``analogllm finetune RECIPE``: model (and its label in the tables), an optional baseline model
+    converted to the same chips, chips, adapters, data, training modes, evaluation, output folder."""
 
     model: str = "tiny-llama"
+    label: str = "chip"
+    baseline: str | None = None
+    baseline_label: str = "chip (baseline)"
     chip: ChipSection = field(default_factory=ChipSection)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSection = field(default_factory=DataSection)
@@ -140,7 +166,7 @@ class FinetuneRecipe:
 
 @dataclass(frozen=True)
 class ModeResult:
-    """One gradient mode: its score and what it cost.
+    """One adapter: its mode, chip instance and age, and what training it cost.
 
     forwards / backwards: passes over training batches (the chip runs every forward).
     peak_mib: peak resident memory during the training loop above the level right before it.
@@ -148,12 +174,13 @@ class ModeResult:
     """
 
     mode: str
-    score: LMScore
+    seed: int
+    seconds: float
     trainable: int
     steps: int
     forwards: int
     backwards: int
-    seconds: float
+    train_seconds: float
     peak_mib: float
     rss_mib: float
     first_loss: float
@@ -164,52 +191,76 @@ class ModeResult:
 
 @dataclass(frozen=True)
 class FinetuneResult:
+    """Scores of every row (digital, baseline chip, chip, chip + LoRA per mode) on every held-out text at
+    every age over every chip instance: ``scores[row][text]`` lists (seed, age, LMScore)."""
+
     recipe: FinetuneRecipe
-    digital: LMScore | None
-    chip: LMScore
+    texts: tuple[str, ...]
+    digital: dict[str, LMScore]
+    scores: dict[str, dict[str, list[tuple[int, float, LMScore]]]]
     modes: tuple[ModeResult, ...]
-    fingerprint: str
 
-    def recovered(self, result: ModeResult) -> tuple[float, float] | None:
-        """Fraction of the noise-induced gap that the adapters recover, in perplexity and in loss:
-        (chip − chip+LoRA) / (chip − digital). ``None`` without a digital score."""
-        if self.digital is None:
+    def stats(self, row: str, text: str, age: float, metric: str = "perplexity") -> tuple[float, float]:
+        """(mean, sample std over chips) of ``metric`` for ``row`` on ``text`` at ``age``."""
+        values = [getattr(s, metric) for _, a, s in self.scores[row][text] if a == age]
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+        return mean, math.sqrt(var)
+
+    def recovered(self, mode_row: str, text: str, age: float) -> float | None:
+        """Share of the chip's loss gap to digital that the adapters recover: (chip − LoRA)/(chip − digital)."""
+        if text not in self.digital:
             return None
-        gap_ppl = self.chip.perplexity - self.digital.perplexity
-        gap_loss = self.chip.loss - self.digital.loss
-        ppl = (self.chip.perplexity - result.score.perplexity) / gap_ppl if gap_ppl else math.nan
-        loss = (self.chip.loss - result.score.loss) / gap_loss if gap_loss else math.nan
-        return ppl, loss
+        chip = self.stats(self.recipe.label, text, age, "loss")[0]
+        gap = chip - self.digital[text].loss
+        return (chip - self.stats(mode_row, text, age, "loss")[0]) / gap if gap else math.nan
 
-    def table(self) -> str:
-        """The measured table in Markdown."""
-        from analogllm.cli.core import markdown_table
+    def table(self, text: str) -> str:
+        """Perplexity (mean ± std over chip instances) of every row on ``text``, one column per age."""
+        from analogllm.eval.report import format_perplexity, format_seconds
+        from analogllm.tables import markdown_table
 
-        header = ("model", "perplexity", "loss", "token acc.", "gap recovered (ppl / loss)", "trainable params", "steps",
-                  "forward passes", "backward passes", "peak memory (MiB)", "time (s)")
-        rows: list[tuple[str, ...]] = []
-        if self.digital is not None:
-            rows.append(("digital", _num(self.digital.perplexity), f"{self.digital.loss:.3f}",
-                         _pct(self.digital.token_accuracy), "-", "-", "-", "-", "-", "-", "-"))
-        rows.append(("analogue chip", _num(self.chip.perplexity), f"{self.chip.loss:.3f}",
-                     _pct(self.chip.token_accuracy), "0 %", "-", "-", "-", "-", "-", "-"))
-        for r in self.modes:
-            rec = self.recovered(r)
-            frac = "-" if rec is None else f"{_pct(rec[0])} / {_pct(rec[1])}"
-            rows.append((f"chip + LoRA ({r.mode})", _num(r.score.perplexity), f"{r.score.loss:.3f}",
-                         _pct(r.score.token_accuracy), frac,
-                         f"{r.trainable:,}", str(r.steps), str(r.forwards), str(r.backwards), f"{r.peak_mib:.0f}",
-                         f"{r.seconds:.0f}"))
+        ages = self.recipe.chip.ages
+        header = ("model", *(format_seconds(a) for a in ages))
+        rows = []
+        if text in self.digital:
+            rows.append(("digital", *(format_perplexity(self.digital[text].perplexity) for _ in ages)))
+        for row in self.scores:
+            cells = []
+            for a in ages:
+                mean, std = self.stats(row, text, a)
+                cells.append(format_perplexity(mean) + (f" ± {format_perplexity(std, like=mean)}"
+                                                        if len(self.recipe.chip.seeds) > 1 else ""))
+            rows.append((row, *cells))
+        return markdown_table(header, rows)
+
+    def cost_table(self) -> str:
+        """What each gradient mode cost per adapter (means over chips and ages) and the loss gap it closed."""
+        from analogllm.tables import markdown_table
+
+        header = ("mode", "trainable params", "steps", "forward passes", "backward passes", "time (s)",
+                  "peak memory (MiB)", "loss gap recovered")
+        rows = []
+        for mode in self.recipe.train.modes:
+            rs = [r for r in self.modes if r.mode == mode]
+            rec = [self.recovered(_mode_row(self.recipe, mode), self.texts[0], a) for a in self.recipe.chip.ages]
+            rec_s = "-" if any(r is None for r in rec) else " / ".join(_pct(r) for r in rec)
+            rows.append((mode, f"{rs[0].trainable:,}", str(rs[0].steps), str(rs[0].forwards), str(rs[0].backwards),
+                         f"{sum(r.train_seconds for r in rs) / len(rs):.0f}", f"{max(r.peak_mib for r in rs):.0f}", rec_s))
         return markdown_table(header, rows)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "recipe": to_dict(self.recipe),
-            "digital": None if self.digital is None else asdict(self.digital),
-            "chip": asdict(self.chip),
-            "fingerprint": self.fingerprint,
-            "modes": [{**asdict(r), "recovered": self.recovered(r)} for r in self.modes],
+            "recipe": to_dict(self.recipe), "texts": list(self.texts),
+            "digital": {k: asdict(v) for k, v in self.digital.items()},
+            "scores": {row: {text: [{"seed": s, "seconds": a, **asdict(score)} for s, a, score in items]
+                             for text, items in by_text.items()} for row, by_text in self.scores.items()},
+            "modes": [asdict(r) for r in self.modes],
         }
+
+
+def _mode_row(recipe: FinetuneRecipe, mode: str) -> str:
+    return f"{recipe.label} + LoRA ({mode})"
 
 
 def _pct(x: float) -> str:
@@ -368,64 +419,151 @@ def _score(model: torch.nn.Module, blocks: torch.Tensor, recipe: FinetuneRecipe,
         return evaluate_lm(model, blocks, batch_size=recipe.eval.batch_size, progress=progress, desc=desc)
 
 
+def _texts(recipe: FinetuneRecipe, tokenizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(training blocks, held-out text name → blocks)."""
+    d = recipe.data
+    train = token_blocks(tokenizer, d.source, block_size=d.block_size, split="train", max_blocks=d.train_blocks)
+    texts = {d.source: token_blocks(tokenizer, d.source, block_size=d.block_size, split="validation",
+                                    max_blocks=d.eval_blocks)}
+    for name in d.heldout:
+        texts[name] = token_blocks(tokenizer, name, block_size=d.block_size, split="all", max_blocks=d.eval_blocks)
+    return train, texts
+
+
+def _analogue(name: str, recipe: FinetuneRecipe, train: torch.Tensor, progress: bool) -> torch.nn.Module:
+    """``name`` as an analogue model: an analogue checkpoint as saved (its own config), or a digital model
+    converted to the recipe's chip and mapped onto it with ``chip.calibration_blocks`` training blocks."""
+    model, _ = load_model(name)
+    if getattr(model, "analog_config", None) is not None:
+        if recipe.chip.profile is not None or recipe.chip.overrides:
+            raise ConfigError(f"chip.profile: {name} is an analogue checkpoint with its own config; "
+                              "leave chip.profile and chip.overrides empty")
+        return model
+    config = AnalogConfig.from_profile(recipe.chip.profile or "pcm", **recipe.chip.overrides)
+    n = recipe.chip.calibration_blocks
+    calibration = train[torch.linspace(0, len(train) - 1, min(n, len(train))).long()] if n else None
+    return analogize_(model, config, calibration=calibration, progress=progress)
+
+
+def _program(model: torch.nn.Module, seed: int, age: float, calibration: torch.Tensor) -> None:
+    program_(model, seed, age)
+    calibrate_(model, calibration, seed=seed)  # unset learned DAC ranges (no mapping) from one read
+
+
 def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str], None] = print) -> FinetuneResult:
-    """Run ``recipe``: digital score, chip score, then one adapter per mode (see the module docstring)."""
+    """Run ``recipe`` (see the module docstring)."""
     unknown = [m for m in recipe.train.modes if m not in MODES]
     if unknown:
         raise ConfigError(f"train.modes: unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
-    config = AnalogConfig.from_profile(recipe.chip.profile, **recipe.chip.overrides)
-    model, tokenizer = load_model(recipe.model)
-    data = recipe.data
-    train_blocks = token_blocks(tokenizer, data.source, block_size=data.block_size, split="train",
-                                max_blocks=data.train_blocks)
-    val_blocks = token_blocks(tokenizer, data.source, block_size=data.block_size, split="validation",
-                              max_blocks=data.eval_blocks)
-    log(f"{recipe.model}: {len(train_blocks)} training and {len(val_blocks)} evaluation blocks of {data.block_size} tokens")
-    digital = _score(model, val_blocks, recipe, "digital", progress) if recipe.eval.digital else None
-    if digital is not None:
-        log(f"digital: perplexity {_num(digital.perplexity)}")
-
-    t0 = time.perf_counter()
-    analogize_(model, config)
-    program_(model, recipe.chip.seed, recipe.chip.seconds)
-    calibrate_(model, train_blocks[: recipe.train.batch_size], seed=recipe.chip.seed)
-    log(f"programmed chip {recipe.chip.seed} ({config.name}) at t = {recipe.chip.seconds:g} s "
-        f"in {time.perf_counter() - t0:.0f} s")
-    chip = _score(model, val_blocks, recipe, "chip", progress)
-    log(f"analogue chip: perplexity {_num(chip.perplexity)}")
-    fingerprint = chip_fingerprint(model)
-
     out = Path(recipe.out) if recipe.out else None
-    if out is not None:
-        save_pretrained(model, out / CHIP_DIR, tokenizer=tokenizer)
-
+    model, tokenizer = load_model(recipe.model)
+    train, texts = _texts(recipe, tokenizer)
+    log(f"{recipe.model}: {len(train)} training blocks; held-out: "
+        + ", ".join(f"{k} ({len(v)} blocks)" for k, v in texts.items()))
+    digital_model = load_model(recipe.baseline)[0] if recipe.baseline else (
+        None if getattr(model, "analog_config", None) is not None else model)
+    digital = {k: _score(digital_model, v, recipe, f"digital ({k})", progress)
+               for k, v in texts.items()} if recipe.eval.digital and digital_model is not None else {}
+    chip = _analogue(recipe.model, recipe, train, progress)
+    baseline = _analogue(recipe.baseline, recipe, train, progress) if recipe.baseline else None
+    if out is not None:  # the base the adapters sit beside (their folders name chip seed and age)
+        save_pretrained(chip, out / CHIP_DIR, tokenizer=tokenizer)
+    rows = ([recipe.baseline_label] if baseline is not None else []) + [recipe.label]
+    rows += [_mode_row(recipe, m) for m in recipe.train.modes]
+    scores: dict[str, dict[str, list]] = {r: {k: [] for k in texts} for r in rows}
     results = []
-    for mode in recipe.train.modes:
-        peft_model = attach_lora(model, recipe.lora)
-        trainable = sum(p.numel() for _, p in adapter_parameters(peft_model))
-        backend = SimulatedChip(peft_model) if mode != "backprop" else None
-        start = time.perf_counter()
-        with _PeakMemory() as memory:
-            info = train_adapters(peft_model, mode, train_blocks, recipe.train, recipe.zeroth_order, backend, progress)
-        seconds = time.perf_counter() - start
-        if chip_fingerprint(peft_model) != fingerprint:
-            raise RuntimeError(f"{mode}: the base chip changed during adapter training")
-        score = _score(peft_model, val_blocks, recipe, f"chip + LoRA ({mode})", progress)
-        saved = None
-        if out is not None:
-            saved = str(save_adapters(peft_model, out / ADAPTERS_DIR / mode))
-        results.append(ModeResult(
-            mode=mode, score=score, trainable=trainable, seconds=seconds, peak_mib=memory.peak - memory.start,
-            rss_mib=memory.peak, adapters=saved, **info,
-        ))
-        log(f"chip + LoRA ({mode}): perplexity {_num(score.perplexity)}, train loss {info['first_loss']:.3f} → "
-            f"{info['last_loss']:.3f}, {info['forwards']} forward passes, {seconds:.0f} s")
-        model = peft_model.unload()  # the bare base again (no merge: the chip is untouched)
-
-    result = FinetuneResult(recipe=recipe, digital=digital, chip=chip, modes=tuple(results), fingerprint=fingerprint)
+    calibration = train[: recipe.train.batch_size]
+    for seed in recipe.chip.seeds:
+        for age in recipe.chip.ages:
+            for label, m in ((recipe.baseline_label, baseline), (recipe.label, chip)):
+                if m is None:
+                    continue
+                _program(m, seed, age, calibration)
+                for k, v in texts.items():
+                    scores[label][k].append((seed, age, _score(m, v, recipe, f"{label} ({k})", progress)))
+            log(f"chip {seed} at {age:g} s: {recipe.label} perplexity "
+                f"{_num(scores[recipe.label][next(iter(texts))][-1][2].perplexity)}")
+            for mode in recipe.train.modes:
+                results.append(_adapt(chip, mode, seed, age, train, texts, scores, recipe, out, progress, log))
+    result = FinetuneResult(recipe=recipe, texts=tuple(texts), digital=digital, scores=scores, modes=tuple(results))
     if out is not None:
         _write_json(out / "results.json", result.to_dict())
+        (out / "results.md").write_text(report_markdown(result) + "\n")
+        if recipe.eval.plot:
+            plot_recovery(result, out / "drift.png")
     return result
+
+
+def _adapt(chip, mode, seed, age, train, texts, scores, recipe, out, progress, log) -> ModeResult:
+    """Train and score one fresh adapter in ``mode`` beside ``chip`` (programmed at seed, age)."""
+    fingerprint = chip_fingerprint(chip)
+    peft_model = attach_lora(chip, recipe.lora)
+    trainable = sum(p.numel() for _, p in adapter_parameters(peft_model))
+    backend = SimulatedChip(peft_model) if mode != "backprop" else None
+    start = time.perf_counter()
+    with _PeakMemory() as memory:
+        info = train_adapters(peft_model, mode, train, recipe.train, recipe.zeroth_order, backend, progress)
+    seconds = time.perf_counter() - start
+    if chip_fingerprint(peft_model) != fingerprint:
+        raise RuntimeError(f"{mode}: the base chip changed during adapter training")
+    row = _mode_row(recipe, mode)
+    for k, v in texts.items():
+        scores[row][k].append((seed, age, _score(peft_model, v, recipe, f"{row} ({k})", progress)))
+    saved = None
+    if out is not None:
+        saved = str(save_adapters(peft_model, out / ADAPTERS_DIR / f"{mode}-chip{seed}-t{age:g}"))
+    log(f"chip {seed} at {age:g} s + LoRA ({mode}): perplexity {_num(scores[row][next(iter(texts))][-1][2].perplexity)}, "
+        f"train loss {info['first_loss']:.3f} → {info['last_loss']:.3f}, {seconds:.0f} s")
+    peft_model.unload()  # the bare base again (no merge: the chip is untouched)
+    return ModeResult(mode=mode, seed=seed, seconds=age, trainable=trainable, train_seconds=seconds,
+                      peak_mib=memory.peak - memory.start, rss_mib=memory.peak, adapters=saved, **info)
+
+
+def report_markdown(result: FinetuneResult) -> str:
+    """The result's tables: perplexity against drift time on every held-out text, then the costs."""
+    seeds = len(result.recipe.chip.seeds)
+    spread = f"mean ± std over {seeds} chip instances" if seeds > 1 else "one chip instance"
+    out = []
+    for text in result.texts:
+        out += [f"Perplexity on {text} ({spread})", "", result.table(text), ""]
+    return "\n".join(out + ["Adapters", "", result.cost_table()])
+
+
+def plot_recovery(result: FinetuneResult, path: Path) -> Path:
+    """Perplexity against drift time, one panel per held-out text, one line per row (mean ± std)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analogllm.eval.report import format_seconds
+    from analogllm.fileio import atomic_write_bytes
+
+    ages = result.recipe.chip.ages
+    x = list(range(len(ages)))
+    fig, axes = plt.subplots(1, len(result.texts), figsize=(5.5 * len(result.texts), 4.2), constrained_layout=True,
+                             squeeze=False)
+    for ax, text in zip(axes[0], result.texts):
+        if text in result.digital:
+            ax.axhline(result.digital[text].perplexity, color="black", linestyle="--", label="digital")
+        for row in result.scores:
+            stats = [result.stats(row, text, a) for a in ages]
+            mean = [m for m, _ in stats]
+            std = [s for _, s in stats]
+            ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=row)
+        ax.set_yscale("log")
+        ax.set_xticks(x, [format_seconds(a) for a in ages])
+        ax.set_xlabel("time since programming")
+        ax.set_title(f"perplexity on {text}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -442,5 +580,5 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 __all__ = [
     "MODES", "ChipSection", "DataSection", "EvalSection", "FinetuneRecipe", "FinetuneResult", "ModeResult",
-    "TrainSection", "finetune", "train_adapters",
+    "TrainSection", "finetune", "plot_recovery", "report_markdown", "train_adapters",
 ]

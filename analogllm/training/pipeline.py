@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from analogllm.nn.convert import analogize_
 from analogllm.ops.noise import seeded
-from analogllm.data import cache_dir, token_blocks
+from analogllm.data import BUILTIN, cache_dir, token_blocks
 from analogllm.eval.perplexity import evaluate_lm
 from analogllm.eval.report import EvalReport, write_report
 from analogllm.fileio import atomic_dir
@@ -38,6 +38,10 @@ from analogllm.hf.checkpoint import from_pretrained, save_pretrained
 from analogllm.config.schema import to_dict
 from analogllm.training.config import HWARecipe
 from analogllm.training.hwa import Teacher, TrainResult, hwa_train
+from analogllm.training.selfgen import generated_blocks
+
+#: ``data.source`` of text the digital model writes itself (see :mod:`analogllm.training.selfgen`)
+GENERATED = "generated"
 
 FINAL = "final"
 BEFORE = "analogue"
@@ -45,14 +49,33 @@ AFTER = "analogue + HWA"
 
 
 # ----- data and models --------------------------------------------------------------------------------------
-def blocks(recipe: HWARecipe, tokenizer: PreTrainedTokenizerBase, split: str) -> torch.Tensor:
-    """Training blocks, or the first ``eval.max_blocks`` held-out blocks."""
+def blocks(recipe: HWARecipe, tokenizer: PreTrainedTokenizerBase, split: str,
+           model: nn.Module | None = None, progress: bool = False) -> torch.Tensor:
+    """Training blocks (for ``data.source: generated``, written by the digital ``model``), or the first
+    ``eval.max_blocks`` validation blocks of the source (of the built-in corpus for ``generated``)."""
     d = recipe.data
+    if d.source == GENERATED and split == "train":
+        if model is None:
+            raise ValueError("data.source: generated needs the digital model to write the training text")
+        return generated_blocks(model, tokenizer, d.generated_blocks, d.block_size, d.temperature, recipe.train.seed,
+                                progress)
+    source = BUILTIN if d.source == GENERATED else d.source
     return token_blocks(
-        tokenizer, d.source, block_size=d.block_size, split=split, validation_fraction=d.validation_fraction,
+        tokenizer, source, block_size=d.block_size, split=split, validation_fraction=d.validation_fraction,
         text_column=d.text_column, hub_split=d.hub_split,
         max_blocks=recipe.eval.max_blocks if split == "validation" else d.max_train_blocks,
     )
+
+
+def eval_texts(recipe: HWARecipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+    """Every held-out text a recipe is scored on: the validation tail of its source, then each of
+    ``eval.heldout`` whole; name → the first ``eval.max_blocks`` blocks."""
+    d = recipe.data
+    texts = {(BUILTIN if d.source == GENERATED else d.source): blocks(recipe, tokenizer, "validation")}
+    for name in recipe.eval.heldout:
+        texts[name] = token_blocks(tokenizer, name, block_size=d.block_size, split="all", text_column=d.text_column,
+                                   hub_split=d.hub_split, max_blocks=recipe.eval.max_blocks)
+    return texts
 
 
 def load_base(recipe: HWARecipe, progress: bool = True) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -135,7 +158,7 @@ def run_train(
     ``base`` passes an already loaded base model (it is not modified).
     """
     model, tokenizer = load_base(recipe, progress) if base is None else (copy.deepcopy(base[0]), base[1])
-    train = blocks(recipe, tokenizer, "train")
+    train = blocks(recipe, tokenizer, "train", model, progress)
     spec = recipe.train
     teacher = Teacher(copy.deepcopy(model)) if spec.distill.enabled else None
     if spec.hardware_aware:
@@ -173,29 +196,43 @@ def evaluate_recipe(
     before: bool = True,
     progress: bool = True,
     extra: dict | None = None,
-) -> EvalReport:
-    """Score the digital base model, the converted base model (``before``) and ``trained``."""
+) -> list[EvalReport]:
+    """Score the digital base model, the converted base model (``before``) and ``trained`` on every
+    held-out text (:func:`eval_texts`); one report per text, the training source's first."""
     model, tokenizer = base
     ev = recipe.eval
-    val = blocks(recipe, tokenizer, "validation")
-    digital = evaluate_lm(model, val, ev.batch_size, progress=progress, desc="digital")
-    series = []
-    if before:
-        analog = to_analog(copy.deepcopy(model), recipe, blocks(recipe, tokenizer, "train"), progress)
-        series.append(drift_sweep(analog, val, ev.drift_times, ev.chip_seeds, ev.batch_size, label=BEFORE, progress=progress))
-        del analog
-    if trained is not None:
-        series.append(drift_sweep(trained, val, ev.drift_times, ev.chip_seeds, ev.batch_size, label=AFTER, progress=progress))
-    return EvalReport(
-        model=recipe.model, profile=recipe.analog.profile, blocks=len(val), tokens=digital.tokens,
-        drift_times=ev.drift_times, chip_seeds=ev.chip_seeds, digital=digital, series=tuple(series),
-        meta={"recipe": to_dict(recipe), **(extra or {})},
-    )
+    texts = eval_texts(recipe, tokenizer)
+    analog = to_analog(copy.deepcopy(model), recipe, blocks(recipe, tokenizer, "train", model), progress) if before else None
+    reports = []
+    for name, val in texts.items():
+        digital = evaluate_lm(model, val, ev.batch_size, progress=progress, desc=f"digital ({name})")
+        series = []
+        for label, m in ((BEFORE, analog), (AFTER, trained)):
+            if m is not None:
+                series.append(drift_sweep(m, val, ev.drift_times, ev.chip_seeds, ev.batch_size, label=label,
+                                          progress=progress))
+        reports.append(EvalReport(
+            model=recipe.model, profile=recipe.analog.profile, blocks=len(val), tokens=digital.tokens,
+            drift_times=ev.drift_times, chip_seeds=ev.chip_seeds, digital=digital, series=tuple(series),
+            meta={"text": name, "recipe": to_dict(recipe), **(extra or {})},
+        ))
+    return reports
 
 
-def run_eval(recipe: HWARecipe, checkpoint: str | os.PathLike | None = None, progress: bool = True) -> tuple[EvalReport, dict[str, Path]]:
-    """``analogllm eval``: before (and after, from ``checkpoint`` or ``OUTPUT/final`` when present);
-    writes ``eval.json``, ``eval.md`` and ``eval.png`` to the output directory."""
+def _write(reports: list[EvalReport], recipe: HWARecipe) -> dict[str, Path]:
+    """``eval.{json,md,png}`` for the training source's text, ``eval-<text>.*`` for each held-out text."""
+    paths: dict[str, Path] = {}
+    for i, report in enumerate(reports):
+        stem = "eval" if i == 0 else f"eval-{Path(report.meta['text']).stem}"
+        for kind, path in write_report(report, Path(recipe.output_dir), stem, plot=recipe.eval.plot).items():
+            paths[kind if i == 0 else f"{kind} ({report.meta['text']})"] = path
+    return paths
+
+
+def run_eval(recipe: HWARecipe, checkpoint: str | os.PathLike | None = None,
+             progress: bool = True) -> tuple[list[EvalReport], dict[str, Path]]:
+    """``analogllm eval``: before (and after, from ``checkpoint`` or ``OUTPUT/final`` when present), on
+    every held-out text; writes the reports (:func:`_write`) to the output directory."""
     base = load_base(recipe, progress)
     path = Path(checkpoint) if checkpoint is not None else Path(recipe.output_dir) / FINAL
     if checkpoint is not None and not path.is_dir():
@@ -205,12 +242,12 @@ def run_eval(recipe: HWARecipe, checkpoint: str | os.PathLike | None = None, pro
         trained = from_pretrained(path)
         info = path / "training.json"
         extra = {"training": json.loads(info.read_text())} if info.is_file() else {}
-    report = evaluate_recipe(recipe, base, trained, progress=progress, extra=extra)
-    return report, write_report(report, Path(recipe.output_dir), plot=recipe.eval.plot)
+    reports = evaluate_recipe(recipe, base, trained, progress=progress, extra=extra)
+    return reports, _write(reports, recipe)
 
 
-def run_quickstart(recipe: HWARecipe, progress: bool = True) -> tuple[EvalReport, dict[str, Path]]:
-    """Evaluate → HWA-train → evaluate, in one process; the report holds the before/after table."""
+def run_quickstart(recipe: HWARecipe, progress: bool = True) -> tuple[list[EvalReport], dict[str, Path]]:
+    """Evaluate → HWA-train → evaluate, in one process; the reports hold the before/after tables."""
     start = time.perf_counter()
     base = load_base(recipe, progress)
     before = evaluate_recipe(recipe, base, progress=progress)
@@ -220,13 +257,12 @@ def run_quickstart(recipe: HWARecipe, progress: bool = True) -> tuple[EvalReport
     extra = {"training": {"steps": r.steps, "seconds": r.seconds, "processes": r.processes, "tokens": r.tokens,
                           "final_loss": r.losses[-1] if r.losses else None},
              "total_seconds": time.perf_counter() - start}
-    report = EvalReport(
-        model=before.model, profile=before.profile, blocks=before.blocks, tokens=before.tokens,
-        drift_times=before.drift_times, chip_seeds=before.chip_seeds, digital=before.digital,
-        series=before.series + after.series, meta={**before.meta, **extra},
-    )
-    return report, write_report(report, Path(recipe.output_dir), plot=recipe.eval.plot)
+    reports = [EvalReport(
+        model=b.model, profile=b.profile, blocks=b.blocks, tokens=b.tokens, drift_times=b.drift_times,
+        chip_seeds=b.chip_seeds, digital=b.digital, series=b.series + a.series, meta={**b.meta, **extra},
+    ) for b, a in zip(before, after)]
+    return reports, _write(reports, recipe)
 
 
-__all__ = ["AFTER", "BEFORE", "FINAL", "TrainOutcome", "blocks", "evaluate_recipe", "load_base", "run_eval",
-           "run_quickstart", "run_train", "to_analog"]
+__all__ = ["AFTER", "BEFORE", "FINAL", "GENERATED", "TrainOutcome", "blocks", "eval_texts", "evaluate_recipe",
+           "load_base", "run_eval", "run_quickstart", "run_train", "to_analog"]

@@ -42,7 +42,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
-from analogllm.chip import calibrate_, program_
+from analogllm.chip import calibrate_, chip_info, program_
 from analogllm.config import AnalogConfig
 from analogllm.nn.convert import analog_matrices
 from analogllm.fileio import atomic_dir
@@ -305,22 +305,26 @@ def _digitize_adapters_(model: nn.Module) -> None:
 
 # ----- save / load ----------------------------------------------------------------------------------------
 def save_adapters(model: PeftModel, path: str | os.PathLike) -> Path:
-    """Write the active adapter in peft's format to ``path`` (atomically); analogue adapters add
-    ``analog_adapters.json`` (their config) so that loading puts them back on the chip."""
+    """Write the active adapter in peft's format to ``path`` (atomically), with ``analog_adapters.json``:
+    the chip instance and age the adapter was trained beside (an adapter corrects *that* chip), and for
+    analogue adapters their config, so that loading puts them back on the chip."""
     if not isinstance(model, PeftModel):
         raise ValueError("save_adapters expects the PeftModel returned by attach_lora / load_adapters")
     path = Path(path)
+    base = _base_matrices(model)[0][1].chip
+    meta: dict[str, Any] = {"format_version": _FORMAT_VERSION, "chip": {"seed": base.seed, "seconds": base.seconds},
+                            "analog": has_analog_adapters(model)}
+    if meta["analog"]:
+        meta["config"] = _adapter_matrices(model)[0][1].config.to_dict()
     with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp))
-        if has_analog_adapters(model):
-            config = _adapter_matrices(model)[0][1].config
-            meta = {"format_version": _FORMAT_VERSION, "analog": True, "config": config.to_dict()}
-            (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
     return path
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike, trainable: bool = False) -> PeftModel:
-    """Put the adapters saved at ``path`` beside the programmed analogue ``model``.
+    """Put the adapters saved at ``path`` beside the analogue ``model``, programmed first as the chip
+    instance and age they were trained beside when it is not that chip yet.
 
     Uses peft's own config and weight files; analogue adapters are converted before their weights (and
     DAC ranges) are loaded. Adapters are frozen unless ``trainable``.
@@ -328,16 +332,19 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, trainable: bool = F
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{path}: no adapter_config.json; expected a folder written by save_adapters")
+    meta_file = path / ADAPTER_META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta and meta.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r} is not supported")
+    chip = meta.get("chip") or {}
+    if chip.get("seed") is not None and chip_info(model) != chip:
+        program_(model, int(chip["seed"]), float(chip["seconds"]))
     _require_chip(model)
     lora_config = LoraConfig.from_pretrained(str(path))
     lora_config.inference_mode = False
     with seeded(0):  # the adapters' initialisation is overwritten by the saved weights; keep the caller's RNG
         peft_model = get_peft_model(model, lora_config)
-    meta_file = path / ADAPTER_META
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r} is not supported")
+    if meta.get("analog"):
         analogize_adapters_(peft_model, AnalogConfig.from_dict(meta["config"]))
     weights = load_peft_weights(str(path), device="cpu")
     result = set_peft_model_state_dict(peft_model, weights)
