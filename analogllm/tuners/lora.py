@@ -286,6 +286,12 @@ def merge_and_reprogram(model: PeftModel, seed: int, seconds: float = 0.0) -> nn
         )
     if seconds < 0:
         raise ValueError(f"seconds must be >= 0, got {seconds}")
+    if any(m.chip.read_back is not None for _, m, _ in _base_matrices(model)):
+        raise ChipMergeError(
+            "the base chip was read back from measurements of a physical chip: merging means programming that "
+            "chip again, which only the chip itself can do. Keep the adapters beside it, or program the merged "
+            "weights on the hardware and read it back again"
+        )
     if has_analog_adapters(model):
         _digitize_adapters_(model)
     lora_model = model.base_model
@@ -304,9 +310,11 @@ def _digitize_adapters_(model: nn.Module) -> None:
 
 
 # ----- save / load ----------------------------------------------------------------------------------------
-def save_adapters(model: PeftModel, path: str | os.PathLike) -> Path:
+def save_adapters(model: PeftModel, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write the active adapter in peft's format to ``path`` (atomically); analogue adapters add
-    ``analog_adapters.json`` (their config) so that loading puts them back on the chip."""
+    ``analog_adapters.json`` (their config) so that loading puts them back on the chip. ``extra``
+    (file name → JSON content) is written into the same folder in the same atomic step, e.g. the
+    provenance of adapters trained on a read-back chip; peft ignores such files."""
     if not isinstance(model, PeftModel):
         raise ValueError("save_adapters expects the PeftModel returned by attach_lora / load_adapters")
     path = Path(path)
@@ -316,6 +324,8 @@ def save_adapters(model: PeftModel, path: str | os.PathLike) -> Path:
             config = _adapter_matrices(model)[0][1].config
             meta = {"format_version": _FORMAT_VERSION, "analog": True, "config": config.to_dict()}
             (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+        for name, content in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
     return path
 
 
