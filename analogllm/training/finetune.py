@@ -181,17 +181,17 @@ class FinetuneResult:
         loss = (self.chip.loss - result.score.loss) / gap_loss if gap_loss else math.nan
         return ppl, loss
 
-    def table(self) -> str:
-        """The measured table in Markdown."""
+    def table(self, digital_label: str = "digital", chip_label: str = "analogue chip") -> str:
+        """The measured table in Markdown (a read-back run names its rows after the map and the chip)."""
         from analogllm.cli.core import markdown_table
 
         header = ("model", "perplexity", "loss", "token acc.", "gap recovered (ppl / loss)", "trainable params", "steps",
                   "forward passes", "backward passes", "peak memory (MiB)", "time (s)")
         rows: list[tuple[str, ...]] = []
         if self.digital is not None:
-            rows.append(("digital", _num(self.digital.perplexity), f"{self.digital.loss:.3f}",
+            rows.append((digital_label, _num(self.digital.perplexity), f"{self.digital.loss:.3f}",
                          _pct(self.digital.token_accuracy), "-", "-", "-", "-", "-", "-", "-"))
-        rows.append(("analogue chip", _num(self.chip.perplexity), f"{self.chip.loss:.3f}",
+        rows.append((chip_label, _num(self.chip.perplexity), f"{self.chip.loss:.3f}",
                      _pct(self.chip.token_accuracy), "0 %", "-", "-", "-", "-", "-", "-"))
         for r in self.modes:
             rec = self.recovered(r)
@@ -363,7 +363,9 @@ def _train_adapters(model, mode, blocks, train, zeroth_order, backend, progress)
             "last_loss": losses[-1], "notes": notes}
 
 
-def _score(model: torch.nn.Module, blocks: torch.Tensor, recipe: FinetuneRecipe, desc: str, progress: bool) -> LMScore:
+def score(model: torch.nn.Module, blocks: torch.Tensor, recipe: FinetuneRecipe, desc: str, progress: bool) -> LMScore:
+    """Perplexity, loss and token accuracy on ``blocks`` under the recipe's read-noise seed, so every
+    score of a run (chip, chip + each adapter) sees the same noise stream."""
     with seeded(recipe.eval.seed):  # the same read-noise stream for every score
         return evaluate_lm(model, blocks, batch_size=recipe.eval.batch_size, progress=progress, desc=desc)
 
@@ -375,13 +377,8 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
         raise ConfigError(f"train.modes: unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
     config = AnalogConfig.from_profile(recipe.chip.profile, **recipe.chip.overrides)
     model, tokenizer = load_model(recipe.model)
-    data = recipe.data
-    train_blocks = token_blocks(tokenizer, data.source, block_size=data.block_size, split="train",
-                                max_blocks=data.train_blocks)
-    val_blocks = token_blocks(tokenizer, data.source, block_size=data.block_size, split="validation",
-                              max_blocks=data.eval_blocks)
-    log(f"{recipe.model}: {len(train_blocks)} training and {len(val_blocks)} evaluation blocks of {data.block_size} tokens")
-    digital = _score(model, val_blocks, recipe, "digital", progress) if recipe.eval.digital else None
+    train_blocks, val_blocks = recipe_blocks(recipe, tokenizer, log)
+    digital = score(model, val_blocks, recipe, "digital", progress) if recipe.eval.digital else None
     if digital is not None:
         log(f"digital: perplexity {_num(digital.perplexity)}")
 
@@ -391,7 +388,7 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
     calibrate_(model, train_blocks[: recipe.train.batch_size], seed=recipe.chip.seed)
     log(f"programmed chip {recipe.chip.seed} ({config.name}) at t = {recipe.chip.seconds:g} s "
         f"in {time.perf_counter() - t0:.0f} s")
-    chip = _score(model, val_blocks, recipe, "chip", progress)
+    chip = score(model, val_blocks, recipe, "chip", progress)
     log(f"analogue chip: perplexity {_num(chip.perplexity)}")
     fingerprint = chip_fingerprint(model)
 
@@ -399,6 +396,46 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
     if out is not None:
         save_pretrained(model, out / CHIP_DIR, tokenizer=tokenizer)
 
+    def save(peft_model: torch.nn.Module, mode: str, result: dict[str, Any]) -> str:
+        assert out is not None
+        return str(save_adapters(peft_model, out / ADAPTERS_DIR / mode))
+
+    _, results = run_modes(model, recipe, train_blocks, val_blocks, fingerprint, save if out else None, progress, log)
+    result = FinetuneResult(recipe=recipe, digital=digital, chip=chip, modes=tuple(results), fingerprint=fingerprint)
+    if out is not None:
+        _write_json(out / "results.json", result.to_dict())
+    return result
+
+
+def recipe_blocks(recipe: FinetuneRecipe, tokenizer: Any,
+                  log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) token blocks of the recipe's data section."""
+    data = recipe.data
+    train_blocks = token_blocks(tokenizer, data.source, block_size=data.block_size, split="train",
+                                max_blocks=data.train_blocks)
+    val_blocks = token_blocks(tokenizer, data.source, block_size=data.block_size, split="validation",
+                              max_blocks=data.eval_blocks)
+    log(f"{recipe.model}: {len(train_blocks)} training and {len(val_blocks)} evaluation blocks of "
+        f"{data.block_size} tokens")
+    return train_blocks, val_blocks
+
+
+def run_modes(
+    model: torch.nn.Module,
+    recipe: FinetuneRecipe,
+    train_blocks: torch.Tensor,
+    val_blocks: torch.Tensor,
+    fingerprint: str,
+    save: Callable[[torch.nn.Module, str, dict[str, Any]], str] | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> tuple[torch.nn.Module, list[ModeResult]]:
+    """Train one fresh adapter per mode of the recipe beside the chip of ``model`` (programmed or read
+    back), score each, and hand it to ``save(peft_model, mode, info)`` (returning where it went).
+
+    Returns the bare base model again (adapters unloaded, never merged) and the per-mode results; the
+    base chip's ``fingerprint`` is checked after every mode, since only adapters may change.
+    """
     results = []
     for mode in recipe.train.modes:
         peft_model = attach_lora(model, recipe.lora)
@@ -410,22 +447,18 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
         seconds = time.perf_counter() - start
         if chip_fingerprint(peft_model) != fingerprint:
             raise RuntimeError(f"{mode}: the base chip changed during adapter training")
-        score = _score(peft_model, val_blocks, recipe, f"chip + LoRA ({mode})", progress)
+        result_score = score(peft_model, val_blocks, recipe, f"chip + LoRA ({mode})", progress)
         saved = None
-        if out is not None:
-            saved = str(save_adapters(peft_model, out / ADAPTERS_DIR / mode))
+        if save is not None:
+            saved = save(peft_model, mode, {"score": asdict(result_score), **info, "seconds": seconds})
         results.append(ModeResult(
-            mode=mode, score=score, trainable=trainable, seconds=seconds, peak_mib=memory.peak - memory.start,
+            mode=mode, score=result_score, trainable=trainable, seconds=seconds, peak_mib=memory.peak - memory.start,
             rss_mib=memory.peak, adapters=saved, **info,
         ))
-        log(f"chip + LoRA ({mode}): perplexity {_num(score.perplexity)}, train loss {info['first_loss']:.3f} → "
+        log(f"chip + LoRA ({mode}): perplexity {_num(result_score.perplexity)}, train loss {info['first_loss']:.3f} → "
             f"{info['last_loss']:.3f}, {info['forwards']} forward passes, {seconds:.0f} s")
         model = peft_model.unload()  # the bare base again (no merge: the chip is untouched)
-
-    result = FinetuneResult(recipe=recipe, digital=digital, chip=chip, modes=tuple(results), fingerprint=fingerprint)
-    if out is not None:
-        _write_json(out / "results.json", result.to_dict())
-    return result
+    return model, results
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -442,5 +475,5 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 __all__ = [
     "MODES", "ChipSection", "DataSection", "EvalSection", "FinetuneRecipe", "FinetuneResult", "ModeResult",
-    "TrainSection", "finetune", "train_adapters",
+    "TrainSection", "finetune", "recipe_blocks", "run_modes", "score", "train_adapters",
 ]
