@@ -134,7 +134,7 @@ def run_readback(args: argparse.Namespace) -> int:
     progress = not args.quiet
     recipe = _recipe(args)
     amap = load_map(args.map)  # bad maps and measurements fail here, before the model is loaded
-    measured = load_measured(amap, args.measured, progress=progress)
+    measured = load_measured(amap, args.measured)
     out = args.out or args.map
     modes = () if args.eval_only else tuple(recipe.train.modes)
     dirs = _adapter_dirs(out, args.name, modes)

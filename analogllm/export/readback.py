@@ -29,6 +29,8 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,8 @@ MEASUREMENT_NAME = "measurement.json"
 READBACK_META = "readback.json"
 #: where the read noise of a read-back chip comes from
 READ_NOISE = ("auto", "measured", "model", "none")
-#: a measured layer whose weights correlate less than this with its targets is not that layer's chip
+#: a measured layer whose weights correlate less than this with its targets is not that layer's chip (one
+#: correlating below minus this has the opposite sign); a real chip, drifted for years, stays far above it
 MIN_CORRELATION = 0.5
 _DTYPES = {torch.float32: "F32", torch.float64: "F64"}
 
@@ -186,7 +189,19 @@ def _check_layer(arrays: dict[str, torch.Tensor], record: dict[str, Any], amap: 
         present = [n for n in group if n in arrays]
         if present and len(present) != len(group):
             raise MeasurementError(f"{where}: {' and '.join(group)} go together; only {present[0]} is present")
-    module.check_measured(arrays, amap.layers[record["name"]].arrays(), record, amap.device_record, where)
+    with _as_measurement_error():
+        module.check_measured(arrays, amap.layers[record["name"]].arrays(), record, amap.device_record, where)
+
+
+@contextmanager
+def _as_measurement_error() -> Iterator[None]:
+    """The target modules' checks raise MapError; for a measurement they are MeasurementErrors."""
+    try:
+        yield
+    except MeasurementError:
+        raise
+    except MapError as exc:
+        raise MeasurementError(str(exc)) from None
 
 
 def load_measured(amap: AnalogMap | str | os.PathLike, measured_dir: str | os.PathLike,
@@ -248,16 +263,17 @@ def measured_states(amap: AnalogMap, measured: Measurement, config: Any,
         record = lmap.record
         where = f"{measured.path} (layer {name})"
         map_arrays = lmap.arrays()
-        state = module.measured_state(measured.layers[name], map_arrays, record, amap.device_record, config,
-                                      measured.seconds, read_noise, where)
+        with _as_measurement_error():
+            state = module.measured_state(measured.layers[name], map_arrays, record, amap.device_record, config,
+                                          measured.seconds, read_noise, where)
         target = module.target_weight(map_arrays, record, amap.device_record)
         c = _correlation(_dense(state, record["shape"][-1]), target)
-        if c < 0:
+        if c <= -MIN_CORRELATION:
             raise MeasurementError(f"{where}: the measured weights anti-correlate with the map's targets "
                                    f"(correlation {c:.3f}): {module.SIGN_HINT} (wrong sign)")
         if c < MIN_CORRELATION:
             raise MeasurementError(f"{where}: the measured weights do not resemble the map's targets (correlation "
-                                   f"{c:.3f} < {MIN_CORRELATION}): a file of another layer or another map?")
+                                   f"{c:.3f}, |c| < {MIN_CORRELATION}): a file of another layer or another map?")
         states[name] = state
     return states
 
