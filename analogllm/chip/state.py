@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,15 +64,36 @@ class Chip(nn.Module):
         self.seconds = 0.0
         self.source: tuple[int, int] | None = None  # (weight._version, data_ptr) it was programmed from
         self.deployed = False
+        #: set when the state was read back from a measured chip (analogllm.export.readback): what was
+        #: measured (map and measurement checksums, folder, time). Such a state is not a function of
+        #: (weights, seed, time), so nothing may recompute it.
+        self.read_back: dict[str, Any] | None = None
 
     @property
     def programmed(self) -> bool:
         return self.tiles is not None
 
+    @property
+    def fixed(self) -> bool:
+        """True when the state must never be recomputed from the weight: a deployed chip (its digital
+        weights are gone) or one read back from measurements (it is whatever the hardware holds)."""
+        return self.deployed or self.read_back is not None
+
+    def check_writable(self, name: str) -> None:
+        """Raise unless this state may be (re)programmed: a read-back chip is a measurement of a physical
+        chip, and programming or ageing the simulation would silently replace it with a simulated one."""
+        if self.read_back is not None:
+            raise RuntimeError(
+                f"analogue layer {name} holds a chip read back from measurements "
+                f"({self.read_back.get('measured', 'a measurement')}): it cannot be reprogrammed, drifted or "
+                "merged in simulation. Measure the chip again and read it back to follow it, or load the "
+                "model from the map to simulate a fresh chip instance.")
+
     def extra_repr(self) -> str:
         if not self.programmed:
             return "not programmed"
-        return f"seed={self.seed}, seconds={self.seconds:g}{', deployed' if self.deployed else ''}"
+        where = ", read back" if self.read_back is not None else ", deployed" if self.deployed else ""
+        return f"seed={self.seed}, seconds={self.seconds:g}{where}"
 
     def store(self, state: Programmed, like: torch.Tensor, seed: int, seconds: float, source: tuple[int, int]) -> None:
         """Keep ``state`` on ``like``'s device and dtype."""
@@ -129,15 +151,30 @@ def realise(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, s
     return Programmed(tiles=eff, scale=scale.squeeze(-1), read_var=read_var, gain=gain)
 
 
+def calibration_input(config: AnalogConfig, rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The fixed ±1 drift-compensation input, (``drift.calibration_vectors``, rows), from generator seed
+    :data:`CALIBRATION_SEED`: the same vectors for every chip and layer, as a chip's periphery stores them."""
+    vectors = config.drift.calibration_vectors
+    x = torch.randint(0, 2, (vectors, rows), generator=torch.Generator().manual_seed(CALIBRATION_SEED))
+    return x.to(dtype) * 2 - 1
+
+
+def reference_gain(config: AnalogConfig, ref: torch.Tensor, now: torch.Tensor) -> float:
+    """Global drift compensation α = Σ|X·W_ref| / Σ|X·W_now| without read noise, for tiles (…, out, rows)
+    whose reference is known rather than read (a read-back chip calibrated against the map's targets)."""
+    x = calibration_input(config, ref.shape[-1], ref.dtype)
+    num = torch.matmul(ref, x.T).abs().sum()
+    den = torch.matmul(now.to(ref.dtype), x.T).abs().sum().clamp(min=_EPS)
+    return float(num / den)
+
+
 def drift_compensation(config: AnalogConfig, ref: torch.Tensor, ref_read: torch.Tensor | None, now: torch.Tensor,
                        now_read: torch.Tensor | None, seed: int, uid: int) -> float:
     """Global drift compensation α = Σ|X·W_ref| / Σ|X·W_now| from two reads of the fixed calibration
     input X (``drift.calibration_vectors`` rows of ±1 from generator seed :data:`CALIBRATION_SEED`),
     each read with the chip's read noise and output noise as every other read (noise from a stream of
     this chip and layer, so the calibration is part of the chip instance)."""
-    vectors = config.drift.calibration_vectors
-    x = torch.randint(0, 2, (vectors, ref.shape[-1]), generator=torch.Generator().manual_seed(CALIBRATION_SEED))
-    x = x.to(ref.dtype) * 2 - 1
+    x = calibration_input(config, ref.shape[-1], ref.dtype)
     gen = chip_generator(seed + 7_777, uid)
     out_var = config.output.noise**2 + config.device.output_var_terms()[1]
 
@@ -200,5 +237,5 @@ def is_freed(t: torch.Tensor) -> bool:
     return isinstance(t, FreedWeight) or isinstance(getattr(t, "data", None), FreedWeight)
 
 
-__all__ = ["CALIBRATION_SEED", "Chip", "FreedWeight", "Programmed", "chip_generator", "drift_compensation", "free",
-           "is_freed", "normalised_tiles", "realise", "stable_id"]
+__all__ = ["CALIBRATION_SEED", "Chip", "FreedWeight", "Programmed", "calibration_input", "chip_generator",
+           "drift_compensation", "free", "is_freed", "normalised_tiles", "realise", "reference_gain", "stable_id"]

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "analogllm.cli.core",
     "analogllm.cli.export",
     "analogllm.cli.interchange",
+    "analogllm.cli.readback",
     "analogllm.cli.cost",
     "analogllm.cli.finetune",
     "analogllm.cli.train",

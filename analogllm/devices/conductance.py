@@ -9,11 +9,36 @@ programming error of a 0 µS target), drifts and is read like the other one.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from statistics import NormalDist
 
 import torch
 
 from analogllm.ops.noise import gaussian
+
+
+@dataclass
+class PairState:
+    """Both devices of every differential pair of one chip instance, in µS, shaped like the weight.
+
+    The device models compute the pair's weight (G+ − G−)/g_max from this; a simulated measurement of
+    the chip (:mod:`analogllm.export.readback`) reads the two devices themselves, as a lab reads a
+    real chip's conductances one device at a time.
+
+    g_plus, g_minus: conductances now (programming noise, drift or relaxation, stuck devices).
+    ref_plus, ref_minus: the same devices right after programming (what global drift compensation
+                     calibrates against), or None when the device did not age.
+    read_plus, read_minus: std (µS) of one read of each device, or None without read noise.
+    read_std:        std of one read of the pair's normalised weight, as :class:`Realisation` carries it.
+    """
+
+    g_plus: torch.Tensor
+    g_minus: torch.Tensor
+    ref_plus: torch.Tensor | None
+    ref_minus: torch.Tensor | None
+    read_plus: torch.Tensor | None
+    read_minus: torch.Tensor | None
+    read_std: torch.Tensor | None
 
 
 def weight_to_pair(weight: torch.Tensor, g_max: float) -> tuple[torch.Tensor, torch.Tensor]:

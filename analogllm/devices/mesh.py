@@ -76,6 +76,9 @@ __all__ = [
     "dequantize_codes",
     "decompose_matrix",
     "compose_matrix",
+    "RealisedMeshes",
+    "realise_meshes",
+    "compose_realised",
     "thermal_crosstalk",
     "draw_mode_loss",
 ]
@@ -408,16 +411,6 @@ def _phase_noise(phases: MeshPhases, std: float, generator: torch.Generator | No
     return noise(phases.theta), noise(phases.phi), noise(phases.out_phase)
 
 
-def _realised_mesh(phases: MeshPhases, noise: tuple[Tensor, ...] | None, loss_db_per_mzi: float,
-                   mode_loss_db: Tensor | None, balanced_edges: bool) -> Tensor:
-    if noise is None:
-        return mesh_matrix(phases, loss_db_per_mzi=loss_db_per_mzi, mode_loss_db=mode_loss_db,
-                           balanced_edges=balanced_edges)
-    theta_noise, phi_noise, out_noise = noise
-    return mesh_matrix(phases, theta_noise=theta_noise, phi_noise=phi_noise, loss_db_per_mzi=loss_db_per_mzi,
-                       out_phase_noise=out_noise, mode_loss_db=mode_loss_db, balanced_edges=balanced_edges)
-
-
 def draw_mode_loss(tile: MeshTile, mean_db: float | Tensor, std_db: float,
                    generator: torch.Generator | None) -> tuple[Tensor, Tensor] | None:
     """Per-waveguide propagation loss (dB over one mesh) of the U and V meshes, each [B, k].
@@ -443,6 +436,72 @@ def draw_mode_loss(tile: MeshTile, mean_db: float | Tensor, std_db: float,
     return u, one()
 
 
+@dataclass(frozen=True)
+class RealisedMeshes:
+    """The phases a batch of mesh pairs really applies, and the waveguide losses they really have.
+
+    u, v: phases of the output-side and input-side meshes after DAC quantization, thermal crosstalk and
+          static phase errors (radians, neither wrapped nor clipped: noise may leave the nominal ranges).
+    u_mode_loss_db, v_mode_loss_db: [B, k] propagation loss of every waveguide over one mesh (dB), or
+          None where the meshes have none.
+
+    This is what :func:`compose_matrix` composes a chip from, and what a measured photonic chip is
+    described by (a read-back chip, :mod:`analogllm.export.readback`), so both go through
+    :func:`compose_realised`.
+    """
+
+    u: MeshPhases
+    v: MeshPhases
+    u_mode_loss_db: Tensor | None = None
+    v_mode_loss_db: Tensor | None = None
+
+
+def _with_noise(phases: MeshPhases, noise: tuple[Tensor, ...] | None) -> MeshPhases:
+    if noise is None:
+        return phases
+    theta_noise, phi_noise, out_noise = noise
+    return MeshPhases(theta=phases.theta + theta_noise, phi=phases.phi + phi_noise,
+                      out_phase=phases.out_phase + out_noise, n=phases.n)
+
+
+def realise_meshes(
+    tile: MeshTile,
+    *,
+    phase_bits: int | None = None,
+    phase_noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+    crosstalk: float = 0.0,
+    mode_loss_mean_db: float | Tensor = 0.0,
+    mode_loss_std_db: float = 0.0,
+) -> RealisedMeshes:
+    """The phases and waveguide losses the chip realises for ``tile`` (see :func:`compose_matrix` for the
+    order of the effects and of the random draws)."""
+    u_phases, v_phases = tile.u, tile.v
+    if phase_bits is not None:
+        u_phases = quantize_phases(u_phases, phase_bits)[0]
+        v_phases = quantize_phases(v_phases, phase_bits)[0]
+    u_phases, v_phases = thermal_crosstalk(u_phases, crosstalk), thermal_crosstalk(v_phases, crosstalk)
+    u_noise = _phase_noise(u_phases, phase_noise_std, generator)
+    v_noise = _phase_noise(v_phases, phase_noise_std, generator)
+    mode_loss = draw_mode_loss(tile, mode_loss_mean_db, mode_loss_std_db, generator)
+    u_loss, v_loss = (None, None) if mode_loss is None else mode_loss
+    return RealisedMeshes(u=_with_noise(u_phases, u_noise), v=_with_noise(v_phases, v_noise),
+                          u_mode_loss_db=u_loss, v_mode_loss_db=v_loss)
+
+
+def compose_realised(meshes: RealisedMeshes, sigma: Tensor, gain: Tensor, *, loss_db_per_mzi: float = 0.0,
+                     balanced_edges: bool = False) -> Tensor:
+    """The real [B, k, k] matrix gain * Re(U' diag(sigma) Vh') of meshes that apply ``meshes``' phases,
+    with per-MZI insertion loss and the meshes' waveguide losses; in ``sigma``'s dtype."""
+    u = mesh_matrix(meshes.u, loss_db_per_mzi=loss_db_per_mzi, mode_loss_db=meshes.u_mode_loss_db,
+                    balanced_edges=balanced_edges)
+    vh = mesh_matrix(meshes.v, loss_db_per_mzi=loss_db_per_mzi, mode_loss_db=meshes.v_mode_loss_db,
+                     balanced_edges=balanced_edges)
+    s = sigma.to(torch.float64)
+    w = (u * s[:, None, :]) @ vh
+    return (gain.to(torch.float64)[:, None, None] * w.real).to(sigma.dtype)
+
+
 def compose_matrix(
     tile: MeshTile,
     *,
@@ -465,23 +524,15 @@ def compose_matrix(
     waveguide, plus a per-chip spread `mode_loss_std_db`, :func:`draw_mode_loss`). Random numbers come
     from `generator` in a fixed order (phase noise of U, then of V, then mode losses of U, then of V),
     so a seed fixes the chip instance and switching a later effect on does not move an earlier one's
-    draws. The attenuators sigma and the electronic gain are applied exactly.
+    draws. The attenuators sigma and the electronic gain are applied exactly. The two steps are
+    :func:`realise_meshes` (what the chip applies) and :func:`compose_realised` (what that computes).
 
     Why the real part: for a real W the SVD factors are real orthogonal and exact phases rebuild them,
     so the imaginary part is round-off (~1e-15). A perturbed mesh yields a complex matrix; coherent
     (homodyne) detection against an in-phase local oscillator reads its real quadrature.
     """
-    u_phases, v_phases = tile.u, tile.v
-    if phase_bits is not None:
-        u_phases = quantize_phases(u_phases, phase_bits)[0]
-        v_phases = quantize_phases(v_phases, phase_bits)[0]
-    u_phases, v_phases = thermal_crosstalk(u_phases, crosstalk), thermal_crosstalk(v_phases, crosstalk)
-    u_noise = _phase_noise(u_phases, phase_noise_std, generator)
-    v_noise = _phase_noise(v_phases, phase_noise_std, generator)
-    mode_loss = draw_mode_loss(tile, mode_loss_mean_db, mode_loss_std_db, generator)
-    u_loss, v_loss = (None, None) if mode_loss is None else mode_loss
-    u = _realised_mesh(u_phases, u_noise, loss_db_per_mzi, u_loss, balanced_edges)
-    vh = _realised_mesh(v_phases, v_noise, loss_db_per_mzi, v_loss, balanced_edges)
-    sigma = tile.sigma.to(torch.float64)
-    w = (u * sigma[:, None, :]) @ vh
-    return (tile.gain.to(torch.float64)[:, None, None] * w.real).to(tile.sigma.dtype)
+    meshes = realise_meshes(tile, phase_bits=phase_bits, phase_noise_std=phase_noise_std, generator=generator,
+                            crosstalk=crosstalk, mode_loss_mean_db=mode_loss_mean_db,
+                            mode_loss_std_db=mode_loss_std_db)
+    return compose_realised(meshes, tile.sigma, tile.gain, loss_db_per_mzi=loss_db_per_mzi,
+                            balanced_edges=balanced_edges)

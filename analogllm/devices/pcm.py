@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from analogllm.devices.base import Device, Realisation
-from analogllm.devices.conductance import apply_stuck, polyval, randn_like, stuck_devices, weight_to_pair
+from analogllm.devices.conductance import (
+    PairState, apply_stuck, polyval, randn_like, stuck_devices, weight_to_pair,
+)
 from analogllm.config.schema import check
 
 #: aihwkit's floor on x = G/g_max inside ln x (PCMLikeNoiseModel's _ZERO_CLIP)
@@ -112,7 +114,18 @@ class PCM(Device):
         t = seconds + self.drift_t0
         return g.abs() * qs * math.sqrt(math.log((t + self.t_read) / (2 * self.t_read))) * self.read_noise_scale
 
-    def realise(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
+    def pair_read_std(self, g_plus: torch.Tensor, g_minus: torch.Tensor, t_plus: torch.Tensor,
+                      t_minus: torch.Tensor, seconds: float) -> torch.Tensor | None:
+        """Std of one read of the pairs' normalised weight, for devices now at ``g_plus``/``g_minus``
+        programmed to ``t_plus``/``t_minus`` (µS): the read noise a read-back chip gets from this model
+        when its measurement carries no measured spread. None when the profile has no read noise."""
+        if self.read_noise_scale == 0:
+            return None
+        sp, sm = self.read_std(g_plus, t_plus, seconds), self.read_std(g_minus, t_minus, seconds)
+        return torch.sqrt(sp.square() + sm.square()) / self.g_max
+
+    def pair_state(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> PairState:
+        """Both devices of every pair of this chip instance (module docstring for the draws' order)."""
         targets = weight_to_pair(weight, self.g_max)
         drawn = []
         for g_target in targets:  # G+ then G−: programming noise, then ν
@@ -127,8 +140,16 @@ class PCM(Device):
                 read = torch.where(faults[0] | faults[1], torch.zeros_like(read), read)
             pair.append((apply_stuck(g_prog, faults, self.g_max), apply_stuck(g_t, faults, self.g_max), read))
         (p0, gp, sp), (m0, gm, sm) = pair
-        read = torch.sqrt(sp.square() + sm.square()) / self.g_max
+        noisy = self.read_noise_scale > 0
+        return PairState(
+            g_plus=gp, g_minus=gm, ref_plus=p0 if seconds > 0 else None, ref_minus=m0 if seconds > 0 else None,
+            read_plus=sp if noisy else None, read_minus=sm if noisy else None,
+            read_std=torch.sqrt(sp.square() + sm.square()) / self.g_max if noisy else None,
+        )
+
+    def realise(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
+        s = self.pair_state(weight, seconds, generator)
         return Realisation(
-            weight=(gp - gm) / self.g_max, read_std=read if self.read_noise_scale > 0 else None,
-            reference=(p0 - m0) / self.g_max if seconds > 0 else None,
+            weight=(s.g_plus - s.g_minus) / self.g_max, read_std=s.read_std,
+            reference=None if s.ref_plus is None else (s.ref_plus - s.ref_minus) / self.g_max,
         )

@@ -119,17 +119,28 @@ class Photonic(Device):
         w = blocks.view(b, bo, bi, k, k).permute(0, 1, 3, 2, 4).reshape(b, bo * k, bi * k)
         return w[:, :out, :rows]
 
-    def compose(self, tile: mesh.MeshTile, generator: torch.Generator | None,
-                phase_bits: int | None) -> torch.Tensor:
-        """The (B, k, k) float64 blocks the chip's meshes compute for ``tile`` (all effects, no gains)."""
+    def realised_meshes(self, tile: mesh.MeshTile, generator: torch.Generator | None,
+                        phase_bits: int | None) -> mesh.RealisedMeshes:
+        """The phases and waveguide losses this chip instance applies when its meshes are set to ``tile``
+        (quantised to ``phase_bits`` when given): crosstalk, phase noise and mode-loss spread drawn."""
         fixed = 0.0
         if self.mode_loss_db:
             fixed = self.mode_loss_db[0] if len(self.mode_loss_db) == 1 else torch.tensor(self.mode_loss_db)
-        return mesh.compose_matrix(
+        return mesh.realise_meshes(
             tile, phase_bits=phase_bits, phase_noise_std=self.phase_noise, generator=generator,
-            loss_db_per_mzi=self.loss_db_per_mzi, crosstalk=self.crosstalk, mode_loss_mean_db=fixed,
-            mode_loss_std_db=self.mode_loss_std_db, balanced_edges=self.balanced_edges,
-        ).double()
+            crosstalk=self.crosstalk, mode_loss_mean_db=fixed, mode_loss_std_db=self.mode_loss_std_db,
+        )
+
+    def compose_realised(self, meshes: mesh.RealisedMeshes, sigma: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        """The (B, k, k) float64 blocks meshes applying ``meshes`` compute, with this device's insertion
+        loss, between attenuators ``sigma`` and electronic gains ``gain``."""
+        return mesh.compose_realised(meshes, sigma, gain, loss_db_per_mzi=self.loss_db_per_mzi,
+                                     balanced_edges=self.balanced_edges).double()
+
+    def compose(self, tile: mesh.MeshTile, generator: torch.Generator | None,
+                phase_bits: int | None) -> torch.Tensor:
+        """The (B, k, k) float64 blocks the chip's meshes compute for ``tile`` (all effects, no gains)."""
+        return self.compose_realised(self.realised_meshes(tile, generator, phase_bits), tile.sigma, tile.gain)
 
     def mode_gains(self, realised: torch.Tensor, target: torch.Tensor, driven: torch.Tensor) -> torch.Tensor:
         """(B, k, 1) least-squares gain ⟨w_i, r_i⟩/⟨r_i, r_i⟩ of every output mode of every mesh, over the
@@ -151,7 +162,14 @@ class Photonic(Device):
         layer's units (a map's column peaks). Per-mode gains are scale-free, so they do not depend on it.
         """
         noisy = self.compose(programmed, generator, phase_bits)
-        target = mesh.compose_matrix(exact).double()
+        return self.calibrate(noisy, mesh.compose_matrix(exact).double(), shape, out, rows, peak)
+
+    def calibrate(self, noisy: torch.Tensor, target: torch.Tensor, shape: tuple[int, int, int], out: int, rows: int,
+                  peak: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """(weight (B, out, rows) float64, gain) of a chip whose meshes compute the blocks ``noisy``, after
+        the chip's loss compensation against the lossless ``target`` blocks (module docstring): what
+        the chip computes once it has calibrated itself. A read-back chip, whose blocks come from
+        measured phases, is calibrated by this same function."""
         realised = self.unblocks(noisy, shape, out, rows)
         lossless = self.unblocks(target, shape, out, rows)
         if peak is not None:

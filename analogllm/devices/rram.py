@@ -34,7 +34,9 @@ from dataclasses import dataclass
 import torch
 
 from analogllm.devices.base import Device, Realisation
-from analogllm.devices.conductance import apply_stuck, polyval, randn_like, stuck_devices, weight_to_pair
+from analogllm.devices.conductance import (
+    PairState, apply_stuck, polyval, randn_like, stuck_devices, weight_to_pair,
+)
 from analogllm.config.schema import check
 
 #: aihwkit ReRamWan2022NoiseModel polynomials (µS at g_max 40 µS), ascending powers of x
@@ -135,7 +137,16 @@ class RRAM(Device):
         relax = (self.noise_std(g_level, seconds).square() - first.square()).clamp(min=0).sqrt()
         return (g_level + first * z0 + relax * z1).clamp(min=0)
 
-    def realise(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
+    def pair_read_std(self, g_plus: torch.Tensor, g_minus: torch.Tensor, t_plus: torch.Tensor,
+                      t_minus: torch.Tensor, seconds: float) -> torch.Tensor | None:
+        """Std of one read of the pairs' normalised weight (``read_noise``, the same for every pair), or
+        None without read noise; the conductances do not matter in this model."""
+        return torch.full_like(g_plus, self.read_noise) if self.read_noise > 0 else None
+
+    def pair_state(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> PairState:
+        """Both devices of every pair of this chip instance (module docstring for the draws' order). The
+        pair's read noise ``read_noise`` is split evenly over its two devices (std ``read_noise·g_max/√2``
+        each), so a measurement of both reproduces it."""
         levels = [self.quantize_levels(g) for g in weight_to_pair(weight, self.g_max)]
         draws = []
         for g_level in levels:  # G+ then G−: programming error z0, relaxation direction z1, then d2d
@@ -144,13 +155,23 @@ class RRAM(Device):
             draws.append((z0, z1, d2d))
         stuck = [stuck_devices(g, self.stuck_low, self.stuck_high, generator) for g in levels]
 
-        def weight_at(t: float) -> torch.Tensor:
+        def devices_at(t: float) -> list[torch.Tensor]:
             gs = []
             for g_level, (z0, z1, d2d), faults in zip(levels, draws, stuck):
                 g = self._device(g_level, z0, z1, t)
                 gs.append(apply_stuck(g if d2d is None else g * d2d, faults, self.g_max))
-            return (gs[0] - gs[1]) / self.g_max
+            return gs
 
-        read = torch.full_like(weight, self.read_noise) if self.read_noise > 0 else None
+        gp, gm = devices_at(seconds)
         later = seconds > self.prog_noise_time and self.drifts
-        return Realisation(weight=weight_at(seconds), read_std=read, reference=weight_at(0.0) if later else None)
+        p0, m0 = devices_at(0.0) if later else (None, None)
+        device_read = torch.full_like(weight, self.read_noise * self.g_max / math.sqrt(2)) if self.read_noise > 0 else None
+        return PairState(g_plus=gp, g_minus=gm, ref_plus=p0, ref_minus=m0, read_plus=device_read,
+                         read_minus=device_read, read_std=self.pair_read_std(weight, weight, weight, weight, seconds))
+
+    def realise(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
+        s = self.pair_state(weight, seconds, generator)
+        return Realisation(
+            weight=(s.g_plus - s.g_minus) / self.g_max, read_std=s.read_std,
+            reference=None if s.ref_plus is None else (s.ref_plus - s.ref_minus) / self.g_max,
+        )

@@ -15,17 +15,21 @@ the nearest level of an export grid, 256 levels unless asked otherwise (≈ 0.2 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from analogllm.chip.state import Programmed, chip_generator, realise, reference_gain
+from analogllm.config import AnalogConfig
 from analogllm.devices.base import Device, Realisation, Replay
 from analogllm.devices.conductance import weight_to_pair
 from analogllm.devices.pcm import PCM
 from analogllm.devices.rram import RRAM
 from analogllm.export.manifest import DTYPE_NAMES, AnalogLayer, MapError, column_peaks, scale_per_input, spans
+from analogllm.ops.noise import seeded
 
 NAME = "crossbar"
 #: (exact, quantized) representations a verifier rebuilds the weight from
@@ -203,6 +207,16 @@ def install(layer: AnalogLayer, arrays: dict[str, torch.Tensor], record: dict[st
     physics = layer.matrix.config.device
     if not isinstance(physics, (PCM, RRAM)):
         raise ValueError(f"layer {layer.name}: a crossbar map needs a pcm or rram model to replay on")
+    with torch.no_grad():
+        w = target_weight(arrays, record, device)
+        layer.weight.copy_(w.reshape(layer.weight.shape).to(layer.weight.dtype))
+    replay = CrossbarMap(physics=physics, normalised=tile_targets(arrays, record, device), name=layer.name)
+    layer.matrix.program(layer.weight, record["seed"], record["seconds"], device=replay)
+
+
+def tile_targets(arrays: dict[str, torch.Tensor], record: dict[str, Any], device: dict[str, Any]) -> torch.Tensor:
+    """(E·T, out, rows) float32 normalised targets from which the device model's own weight_to_pair
+    recomputes exactly the map's conductances, zero-padded like the layer's tiles."""
     g_max = device["g_max_uS"]
     e, t = record["tiles"]["grid"][:2]
     rows, (out, in_features) = record["tiles"]["rows"], record["shape"][-2:]
@@ -210,9 +224,167 @@ def install(layer: AnalogLayer, arrays: dict[str, torch.Tensor], record: dict[st
     # laid out in memory exactly like the layer's own tiles (a tile view of an (E, out, in) matrix):
     # vectorised math (drift's pow, log) may round differently on differently strided tensors
     x = F.pad(x.transpose(-1, -2).contiguous(), (0, t * rows - in_features))
-    x = x.reshape(e, out, t, rows).movedim(-2, -3).reshape(e * t, out, rows)
-    with torch.no_grad():
-        w = target_weight(arrays, record, device)
-        layer.weight.copy_(w.reshape(layer.weight.shape).to(layer.weight.dtype))
-    replay = CrossbarMap(physics=physics, normalised=x, name=layer.name)
-    layer.matrix.program(layer.weight, record["seed"], record["seconds"], device=replay)
+    return x.reshape(e, out, t, rows).movedim(-2, -3).reshape(e * t, out, rows)
+
+
+# ----- read back: the measured conductances of a programmed chip (analogllm.export.readback) -------------
+#: units a measurement of a crossbar chip must declare (measurement.json ``units``)
+MEASURED_UNITS = {"conductance": "uS"}
+#: arrays that come in pairs: both or neither
+MEASURED_PAIRS = (("g_plus_std", "g_minus_std"),)
+#: a measured conductance below −NEGATIVE_LIMIT·g_max is not read noise around 0 µS but a sign error
+NEGATIVE_LIMIT = 0.25
+#: a measured conductance above UPPER_LIMIT·g_max is not in µS (programming noise adds a few µS at most)
+UPPER_LIMIT = 2.0
+SIGN_HINT = "G+ and G- swapped, or G- stored as a negative number"
+
+
+def measured_specs(record: dict[str, Any], device: dict[str, Any]) -> dict[str, tuple[list[int], bool]]:
+    """Name → (shape, required) of the arrays a measured crossbar layer file may hold: the map's own
+    crossbar orientation (E, in, out), one value per device."""
+    out, in_features = record["shape"][-2:]
+    e = record["tiles"]["grid"][0]
+    pair = [e, in_features, out]
+    return {"g_plus": (pair, True), "g_minus": (pair, True), "g_plus_std": (pair, False),
+            "g_minus_std": (pair, False), "gain": ([e], False)}
+
+
+def check_measured(arrays: dict[str, torch.Tensor], map_arrays: dict[str, torch.Tensor], record: dict[str, Any],
+                   device: dict[str, Any], where: str) -> None:
+    """Conductances in µS and non-negative up to read noise, spreads ≥ 0, gains > 0 (finite values and
+    shapes are checked by the caller). The unit checks compare with g_max and with what the map
+    programs, since a file in S or nS is off by 10⁶ or 10³ and nothing else could be."""
+    g_max = device["g_max_uS"]
+    gp, gm = arrays["g_plus"], arrays["g_minus"]
+    high = float(torch.maximum(gp.max(), gm.max())) if gp.numel() else 0.0
+    low = float(torch.minimum(gp.min(), gm.min())) if gp.numel() else 0.0
+    programmed = float(torch.maximum(map_arrays["g_plus"].max(), map_arrays["g_minus"].max())) if gp.numel() else 0.0
+    if high > UPPER_LIMIT * g_max:
+        raise MapError(f"{where}: a measured conductance is {high:.4g}, above {UPPER_LIMIT:g} x g_max = "
+                       f"{UPPER_LIMIT * g_max:g} uS: conductances must be in microsiemens (uS), not nS or another unit")
+    if programmed >= 0.5 * g_max and high < 0.01 * g_max:
+        raise MapError(f"{where}: the largest measured conductance is {high:.4g} while the map programs up to "
+                       f"{programmed:.4g} uS: conductances must be in microsiemens (uS), not siemens or mS")
+    if low < -NEGATIVE_LIMIT * g_max:
+        raise MapError(f"{where}: a measured conductance is {low:.4g} uS; both devices of a pair hold a conductance "
+                       f">= 0 (G- is the negative device's conductance, not -G): wrong sign")
+    for name in ("g_plus_std", "g_minus_std"):
+        if name in arrays and (arrays[name] < 0).any():
+            raise MapError(f"{where}: {name} has negative values; it is the standard deviation of one read (uS)")
+    if "gain" in arrays and not (arrays["gain"] > 0).all():
+        raise MapError(f"{where}: gain must be > 0 (the digital gain the chip applies after its ADCs)")
+
+
+def _tiles(a: torch.Tensor, record: dict[str, Any]) -> torch.Tensor:
+    """(E, in, out) in crossbar orientation → (E, T, rows, out) tiles, zero-padded like the layer's."""
+    e, t = record["tiles"]["grid"][:2]
+    rows, in_features = record["tiles"]["rows"], record["shape"][-1]
+    return F.pad(a, (0, 0, 0, t * rows - in_features)).reshape(e, t, rows, a.shape[-1])
+
+
+def _crossbar(a: torch.Tensor, record: dict[str, Any]) -> torch.Tensor:
+    """(E·T, out, rows) device-model layout → (E, in, out) crossbar orientation (padding dropped)."""
+    e, t = record["tiles"]["grid"][:2]
+    rows, (out, in_features) = record["tiles"]["rows"], record["shape"][-2:]
+    return a.reshape(e, t, out, rows).transpose(-1, -2).reshape(e, t * rows, out)[:, :in_features]
+
+
+def measured_state(arrays: dict[str, torch.Tensor], map_arrays: dict[str, torch.Tensor], record: dict[str, Any],
+                   device: dict[str, Any], config: AnalogConfig, seconds: float, read_noise: str,
+                   where: str) -> Programmed:
+    """The chip state a measured layer holds: tiles (G+ − G−)/g_max in the layer's tile layout, the map's
+    tile-column scales, read noise and gain.
+
+    read_noise: ``measured`` (the files' per-device spreads of one read), ``model`` (the device model's
+    read noise at the measured conductances and the map's targets), ``auto`` (measured when given, else
+    model) or ``none``. gain: the measured ``gain`` when given (the chip's own drift calibration); else,
+    with drift compensation on and t > 0, the global drift compensation against the map's targets (the
+    reference a chip that never read itself right after programming has); else 1.
+    """
+    physics = config.device
+    if not isinstance(physics, (PCM, RRAM)):
+        raise ValueError(f"{where}: a crossbar measurement needs a pcm or rram profile, not {physics.kind!r}")
+    g_max = device["g_max_uS"]
+    gp, gm = arrays["g_plus"].float(), arrays["g_minus"].float()
+    e, t = record["tiles"]["grid"][:2]
+    rows, out = record["tiles"]["rows"], record["shape"][-2]
+    tiles = _tiles((gp - gm) / g_max, record)  # (E, T, rows, out)
+    targets = _tiles((map_arrays["g_plus"] - map_arrays["g_minus"]) / g_max, record)
+    peak = column_peaks(targets.transpose(-1, -2).reshape(e * t, out, rows))  # (E·T, out, 1), 1 for our maps
+    if not bool((peak == 1).all()):  # a map not using each column's full range: express it in layer units
+        tiles = tiles / peak.reshape(e, t, 1, out)
+    std = None
+    measured = "g_plus_std" in arrays
+    if read_noise == "measured" and not measured:
+        raise MapError(f"{where}: read_noise 'measured' needs g_plus_std and g_minus_std in the file")
+    if read_noise == "measured" or (read_noise == "auto" and measured):
+        std = torch.sqrt(arrays["g_plus_std"].float().square() + arrays["g_minus_std"].float().square()) / g_max
+    elif read_noise in ("model", "auto"):
+        std = physics.pair_read_std(gp, gm, map_arrays["g_plus"], map_arrays["g_minus"], seconds)
+    read_var = None
+    if std is not None:
+        var = _tiles(std.square(), record)  # padded rows carry no input, so no read noise
+        if not bool((peak == 1).all()):
+            var = var / peak.reshape(e, t, 1, out).square()
+        if config.exact_read_noise:
+            read_var = var.contiguous()
+        else:
+            used = torch.tensor([n for _, n in record["tiles"]["inputs"]], dtype=var.dtype).clamp(min=1)
+            read_var = var.sum(-2) / used.view(1, t, 1)  # mean over the rows that carry inputs
+    if "gain" in arrays:
+        gain = arrays["gain"].float().reshape(e)
+    elif config.drift.compensation and physics.drifts and seconds > 0:
+        now = tiles.transpose(-1, -2).reshape(e * t, out, rows)
+        ref = targets.transpose(-1, -2).reshape(e * t, out, rows) / peak
+        gain = torch.full((e,), reference_gain(config, ref.float(), now))
+    else:
+        gain = torch.ones(e)
+    return Programmed(tiles=tiles.contiguous(), scale=map_arrays["scale"].float(), read_var=read_var, gain=gain)
+
+
+def simulate_measurement(map_arrays: dict[str, torch.Tensor], record: dict[str, Any], device: dict[str, Any],
+                         config: AnalogConfig, seed: int, seconds: float, reads: int | None,
+                         noise: torch.Generator, **_: Any) -> dict[str, torch.Tensor]:
+    """What a lab measures on chip instance ``seed`` programmed from this layer of the map, ``seconds``
+    later: each device's conductance averaged over ``reads`` reads (None: noise-free, the limit of
+    infinitely many), the sample spread of one read, and the chip's own drift-compensation gain.
+
+    The chip is the one ``analogllm verify`` programs from the map (same device model, seed, draws);
+    the reads use the device model's per-device read noise. Averaging N Gaussian reads is sampled
+    through its sufficient statistics — mean ~ N(G, σ²/N), (N−1)s²/σ² ~ χ²(N−1) — which is exact in
+    distribution and costs two draws per device instead of N.
+    """
+    physics = config.device
+    x = tile_targets(map_arrays, record, device)
+    uid = record["layer_id"]
+    state = physics.pair_state(x, seconds, chip_generator(seed, uid))
+    e, t = record["tiles"]["grid"][:2]
+    rows, (out, in_features) = record["tiles"]["rows"], record["shape"][-2:]
+    weight = target_weight(map_arrays, record, device).float()
+    replay = CrossbarMap(physics=physics, normalised=x, name=record["name"])
+    gain = realise(config, weight, t, rows, seed, uid, seconds, device=replay).gain  # the chip's own calibration
+    arrays: dict[str, torch.Tensor] = {"gain": gain.float()}
+    for side, g, std in (("plus", state.g_plus, state.read_plus), ("minus", state.g_minus, state.read_minus)):
+        g, std = _crossbar(g, record), None if std is None else _crossbar(std, record)
+        mean, spread = average_reads(g, std, reads, noise)
+        arrays[f"g_{side}"] = mean.float().contiguous()
+        if spread is not None:
+            arrays[f"g_{side}_std"] = spread.float().contiguous()
+    return arrays
+
+
+def average_reads(value: torch.Tensor, std: torch.Tensor | None, reads: int | None,
+                  noise: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mean, sample std) of ``reads`` Gaussian reads of ``value`` with per-read spread ``std``, sampled
+    exactly from their distributions; ``reads=None`` gives (value, std), the noise-free limit. The
+    sample std needs two reads (None for one)."""
+    if std is None or reads is None:
+        return value, std
+    mean = value + std / math.sqrt(reads) * torch.randn(value.shape, generator=noise, dtype=value.dtype)
+    if reads < 2:
+        return mean, None
+    # (N − 1)s²/σ² ~ χ²(N − 1) = 2·Gamma((N − 1)/2); torch's gamma sampler takes no generator, so it
+    # draws from the global stream seeded from this layer's generator (and restored afterwards)
+    with seeded(int(torch.randint(0, 2**62, (1,), generator=noise))):
+        chi2 = 2 * torch.distributions.Gamma(torch.full(value.shape, (reads - 1) / 2, dtype=value.dtype), 1.0).sample()
+    return mean, std * torch.sqrt(chi2 / (reads - 1))

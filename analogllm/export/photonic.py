@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from analogllm.chip.state import Programmed, chip_generator
+from analogllm.config import AnalogConfig
 from analogllm.devices import mesh
 from analogllm.devices.base import Device, Realisation, Replay
 from analogllm.devices.photonic import Photonic
@@ -265,3 +267,132 @@ def install(layer: AnalogLayer, arrays: dict[str, torch.Tensor], record: dict[st
         name=layer.name,
     )
     layer.matrix.program(layer.weight, record["seed"], record["seconds"], device=replay)
+
+
+# ----- read back: the measured phases and transmissions of a programmed chip (analogllm.export.readback) ---
+#: units a measurement of a photonic chip must declare (measurement.json ``units``)
+MEASURED_UNITS = {"phase": "rad"}
+#: arrays that come in pairs: both or neither
+MEASURED_PAIRS = (("u_mode_loss_db", "v_mode_loss_db"),)
+#: how far a measured θ may lie outside [0, π/2] (phase errors) before it cannot be radians
+THETA_SLACK = math.pi / 4
+#: |φ|, |output phase| above this are not radians (any 2π-periodic convention is fine below it)
+PHASE_LIMIT = 4 * math.pi
+SIGN_HINT = "u and v meshes swapped, or a phase convention of the opposite sign"
+
+
+def measured_specs(record: dict[str, Any], device: dict[str, Any]) -> dict[str, tuple[list[int], bool]]:
+    """Name → (shape, required): per mesh of the map's grid, the phases every MZI and output phase
+    shifter really applies, the attenuators' amplitude transmissions and (optional) each waveguide's loss."""
+    grid = list(_grid(record))
+    k, m = device["mesh_size"], device["mzis_per_mesh"]
+    specs: dict[str, tuple[list[int], bool]] = {}
+    for side in MESHES:
+        specs[f"{side}_theta"] = ([*grid, m], True)
+        specs[f"{side}_phi"] = ([*grid, m], True)
+        specs[f"{side}_out_phase"] = ([*grid, k], True)
+    specs["sigma"] = ([*grid, k], True)
+    for side in MESHES:
+        specs[f"{side}_mode_loss_db"] = ([*grid, k], False)
+    return specs
+
+
+def check_measured(arrays: dict[str, torch.Tensor], map_arrays: dict[str, torch.Tensor], record: dict[str, Any],
+                   device: dict[str, Any], where: str) -> None:
+    """Phases in radians (θ within π/4 of [0, π/2], other phases within ±4π: degrees are far outside),
+    passive attenuators (σ in [0, 1]) and losses ≥ 0 dB."""
+    for side in MESHES:
+        theta = arrays[f"{side}_theta"]
+        if theta.numel() and ((theta < -THETA_SLACK).any() or (theta > math.pi / 2 + THETA_SLACK).any()):
+            raise MapError(f"{where}: {side}_theta has values in [{float(theta.min()):.4g}, {float(theta.max()):.4g}], "
+                           "far outside [0, pi/2]: phases must be in radians (not degrees)")
+        for p in ("phi", "out_phase"):
+            a = arrays[f"{side}_{p}"]
+            if a.numel() and (a.abs() > PHASE_LIMIT).any():
+                raise MapError(f"{where}: {side}_{p} reaches {float(a.abs().max()):.4g}: phases must be in radians "
+                               "(not degrees)")
+        loss = arrays.get(f"{side}_mode_loss_db")
+        if loss is not None and (loss < 0).any():
+            raise MapError(f"{where}: {side}_mode_loss_db has negative values: a loss in dB is >= 0 "
+                           "(a passive waveguide cannot amplify): wrong sign")
+    sigma = arrays["sigma"]
+    if (sigma < 0).any() or (sigma > 1 + 1e-6).any():
+        raise MapError(f"{where}: sigma outside [0, 1]: it is the amplitude transmission of a passive attenuator "
+                       "(not a percentage, not dB)")
+
+
+def _fixed_mode_loss(physics: Photonic, like: torch.Tensor) -> torch.Tensor | None:
+    """Each waveguide's loss when the measurement has none: the profile's fixed value (its per-chip spread
+    is unknown without a measurement), or None without loss."""
+    if not physics.mode_loss_db:
+        return None
+    mean = torch.tensor(physics.mode_loss_db, dtype=torch.float64)
+    return mean.expand(like.shape).clone()
+
+
+def measured_state(arrays: dict[str, torch.Tensor], map_arrays: dict[str, torch.Tensor], record: dict[str, Any],
+                   device: dict[str, Any], config: AnalogConfig, seconds: float, read_noise: str,
+                   where: str) -> Programmed:
+    """The chip state measured meshes hold: the meshes composed from the measured phases, transmissions
+    and losses (the profile's insertion loss per MZI, the map's electronic mesh gains), then calibrated
+    against the map's targets exactly as the chip calibrates its loss compensation. A photonic chip has
+    no per-device read noise (detector noise is output noise), so ``read_noise`` only refuses 'measured'."""
+    physics = config.device
+    if not isinstance(physics, Photonic):
+        raise ValueError(f"{where}: a photonic measurement needs a photonic profile, not {physics.kind!r}")
+    if read_noise == "measured":
+        raise MapError(f"{where}: a photonic chip has no per-device read noise to measure (detector noise is "
+                       "the device model's output noise); use read_noise 'auto' or 'model'")
+    k = device["mesh_size"]
+    e, t, bo, bi = _grid(record)
+    out, rows = record["shape"][-2], record["tiles"]["rows"]
+
+    def phases(side: str) -> mesh.MeshPhases:
+        flat = {p: arrays[f"{side}_{p}"].double().reshape(-1, arrays[f"{side}_{p}"].shape[-1]) for p in PHASES}
+        return mesh.MeshPhases(theta=flat["theta"], phi=flat["phi"], out_phase=flat["out_phase"], n=k)
+
+    def loss(side: str) -> torch.Tensor | None:
+        if f"{side}_mode_loss_db" in arrays:
+            return arrays[f"{side}_mode_loss_db"].double().reshape(-1, k)
+        return _fixed_mode_loss(physics, arrays["sigma"].reshape(-1, k))
+
+    meshes = mesh.RealisedMeshes(u=phases("u"), v=phases("v"), u_mode_loss_db=loss("u"), v_mode_loss_db=loss("v"))
+    noisy = physics.compose_realised(meshes, arrays["sigma"].double().reshape(-1, k), map_arrays["mesh_gain"].reshape(-1))
+    target = mesh.compose_matrix(mesh_tiles(map_arrays, device, codes=False)).double()
+    shape = (bo, bi, e * t)
+    peak = column_peaks(physics.unblocks(target, shape, out, rows))
+    weight, gain = physics.calibrate(noisy, target, shape, out, rows, None if bool((peak == 1).all()) else peak)
+    tiles = weight.float().reshape(e, t, out, rows).transpose(-1, -2).contiguous()
+    return Programmed(tiles=tiles, scale=map_arrays["scale"].float(), read_var=None, gain=torch.full((e,), gain))
+
+
+def simulate_measurement(map_arrays: dict[str, torch.Tensor], record: dict[str, Any], device: dict[str, Any],
+                         config: AnalogConfig, seed: int, seconds: float, reads: int | None,
+                         noise: torch.Generator, phase_read_std: float = 0.0, **_: Any) -> dict[str, torch.Tensor]:
+    """What a lab measures on chip instance ``seed`` programmed from this layer's phase codes: the
+    phases every heater really applies (codes, crosstalk and static phase errors of the device model,
+    drawn as ``analogllm verify`` draws them), the attenuators' transmissions and the waveguide losses.
+    Each phase and transmission is estimated ``reads`` times with a Gaussian error of ``phase_read_std``
+    (rad; relative for σ) per estimate and averaged; ``reads=None`` is the noise-free limit."""
+    physics = config.device
+    grid = list(_grid(record))
+    programmed = mesh_tiles(map_arrays, device, codes=device["phase_bits"] is not None)
+    meshes = physics.realised_meshes(programmed, chip_generator(seed, record["layer_id"]), None)
+    std = None if reads is None or phase_read_std == 0 else phase_read_std / math.sqrt(reads)
+
+    def estimate(a: torch.Tensor) -> torch.Tensor:
+        a = a.double()
+        return a if std is None else a + std * torch.randn(a.shape, generator=noise, dtype=a.dtype)
+
+    arrays: dict[str, torch.Tensor] = {}
+    for side, phases, loss in (("u", meshes.u, meshes.u_mode_loss_db), ("v", meshes.v, meshes.v_mode_loss_db)):
+        for p in PHASES:
+            value = getattr(phases, p)
+            arrays[f"{side}_{p}"] = estimate(value).reshape(*grid, value.shape[-1]).contiguous()
+        if loss is not None:
+            arrays[f"{side}_mode_loss_db"] = loss.double().reshape(*grid, -1).contiguous()
+    sigma = programmed.sigma.double()
+    if std is not None:
+        sigma = (sigma * (1 + std * torch.randn(sigma.shape, generator=noise, dtype=sigma.dtype))).clamp(0.0, 1.0)
+    arrays["sigma"] = sigma.reshape(*grid, -1).contiguous()
+    return arrays

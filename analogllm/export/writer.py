@@ -73,6 +73,10 @@ def export_map(
     if not layers:
         raise ValueError("the model has no analogue layers to export (check the config's include/exclude)")
     require_ranges(layers)
+    if any(layer.matrix.chip.read_back is not None for layer in layers):
+        raise ValueError("this model runs on a chip read back from measurements: its map is the one it was read "
+                         "back with (a map holds targets, which reading back does not change); export the model "
+                         "the map came from instead")
     out = Path(out_dir)
     _check_destination(out)
     with atomic_dir(out) as tmp:

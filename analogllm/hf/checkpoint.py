@@ -48,6 +48,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
     """Write ``model`` (analogue) as an HF checkpoint at ``path``, atomically (temp folder + rename)."""
     if getattr(model, "analog_config", None) is None:
         raise ValueError("model is not analogue: call analogllm.analogize_(model, config) first")
+    _refuse_read_back(model)
     path = Path(path)
     check_destination(path)
     with atomic_dir(path) as tmp:
@@ -55,6 +56,17 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return path
+
+
+def _refuse_read_back(model: nn.Module) -> None:
+    """A checkpoint restores its chip from (weights, seed, time); a chip read back from measurements is not
+    such a function, and saving it would reload as a simulated chip under the same name."""
+    from analogllm.nn.convert import analog_matrices
+
+    if any(m.chip.read_back is not None for _, m, _ in analog_matrices(model)):
+        raise ValueError("this model runs on a chip read back from measurements, which a checkpoint cannot hold "
+                         "(loading would simulate a fresh chip instead); keep the map and the measurement and save "
+                         "only the adapters (analogllm.export.readback.save_readback_adapters)")
 
 
 def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:

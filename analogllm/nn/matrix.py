@@ -192,7 +192,7 @@ class AnalogMatrix(nn.Module):
     def ensure_programmed(self, weight: torch.Tensor) -> None:
         """Program the chip when it never was, or again (same seed and time) when the weight changed."""
         chip = self.chip
-        if chip.deployed:
+        if chip.fixed:  # deployed, or read back from a measured chip: never recomputed from the weight
             return
         if not chip.programmed or chip.source != (weight._version, weight.data_ptr()):
             self.program(weight, self.config.seed if chip.seed is None else chip.seed, chip.seconds)
@@ -203,6 +203,7 @@ class AnalogMatrix(nn.Module):
         (default: the chip's current age). ``replay`` passes ``device=``/``targets=`` to
         :func:`~analogllm.chip.state.realise` (programming from an exported map)."""
         self.require_digital()
+        self.chip.check_writable(self.name)
         seconds = self.chip.seconds if seconds is None else float(seconds)
         state = realise(self.config, weight, self.tiles, self.rows, seed, self.uid, seconds, **replay)
         self.chip.store(state, weight, seed, seconds, (weight._version, weight.data_ptr()))

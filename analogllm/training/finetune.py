@@ -414,12 +414,14 @@ def _train_adapters(model, mode, blocks, train, zeroth_order, backend, progress)
             "last_loss": losses[-1], "notes": notes}
 
 
-def _score(model: torch.nn.Module, blocks: torch.Tensor, recipe: FinetuneRecipe, desc: str, progress: bool) -> LMScore:
+def score(model: torch.nn.Module, blocks: torch.Tensor, recipe: FinetuneRecipe, desc: str, progress: bool) -> LMScore:
+    """Perplexity, loss and token accuracy on ``blocks`` under the recipe's read-noise seed, so every score
+    of a run (chip, chip + each adapter) sees the same noise stream."""
     with seeded(recipe.eval.seed):  # the same read-noise stream for every score
         return evaluate_lm(model, blocks, batch_size=recipe.eval.batch_size, progress=progress, desc=desc)
 
 
-def _texts(recipe: FinetuneRecipe, tokenizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def recipe_texts(recipe: FinetuneRecipe, tokenizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(training blocks, held-out text name → blocks)."""
     d = recipe.data
     train = token_blocks(tokenizer, d.source, block_size=d.block_size, split="train", max_blocks=d.train_blocks)
@@ -457,12 +459,12 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
         raise ConfigError(f"train.modes: unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
     out = Path(recipe.out) if recipe.out else None
     model, tokenizer = load_model(recipe.model)
-    train, texts = _texts(recipe, tokenizer)
+    train, texts = recipe_texts(recipe, tokenizer)
     log(f"{recipe.model}: {len(train)} training blocks; held-out: "
         + ", ".join(f"{k} ({len(v)} blocks)" for k, v in texts.items()))
     digital_model = load_model(recipe.baseline)[0] if recipe.baseline else (
         None if getattr(model, "analog_config", None) is not None else model)
-    digital = {k: _score(digital_model, v, recipe, f"digital ({k})", progress)
+    digital = {k: score(digital_model, v, recipe, f"digital ({k})", progress)
                for k, v in texts.items()} if recipe.eval.digital and digital_model is not None else {}
     chip = _analogue(recipe.model, recipe, train, progress)
     baseline = _analogue(recipe.baseline, recipe, train, progress) if recipe.baseline else None
@@ -480,11 +482,14 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
                     continue
                 _program(m, seed, age, calibration)
                 for k, v in texts.items():
-                    scores[label][k].append((seed, age, _score(m, v, recipe, f"{label} ({k})", progress)))
+                    scores[label][k].append((seed, age, score(m, v, recipe, f"{label} ({k})", progress)))
             log(f"chip {seed} at {age:g} s: {recipe.label} perplexity "
                 f"{_num(scores[recipe.label][next(iter(texts))][-1][2].perplexity)}")
             for mode in recipe.train.modes:
-                results.append(_adapt(chip, mode, seed, age, train, texts, scores, recipe, out, progress, log))
+                save = None if out is None else (
+                    lambda peft_model, mode, info, seed=seed, age=age:
+                    save_adapters(peft_model, out / ADAPTERS_DIR / f"{mode}-chip{seed}-t{age:g}"))
+                results.append(adapt(chip, mode, seed, age, train, texts, scores, recipe, save, progress, log))
     result = FinetuneResult(recipe=recipe, texts=tuple(texts), digital=digital, scores=scores, modes=tuple(results))
     if out is not None:
         _write_json(out / "results.json", result.to_dict())
@@ -494,8 +499,9 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
     return result
 
 
-def _adapt(chip, mode, seed, age, train, texts, scores, recipe, out, progress, log) -> ModeResult:
-    """Train and score one fresh adapter in ``mode`` beside ``chip`` (programmed at seed, age)."""
+def adapt(chip, mode, seed, age, train, texts, scores, recipe, save, progress, log) -> ModeResult:
+    """Train and score one fresh adapter in ``mode`` beside ``chip`` (programmed or read back at seed, age),
+    append its scores to ``scores`` and hand it to ``save(peft_model, mode, info)`` (returning the folder)."""
     fingerprint = chip_fingerprint(chip)
     peft_model = attach_lora(chip, recipe.lora)
     trainable = sum(p.numel() for _, p in adapter_parameters(peft_model))
@@ -508,10 +514,11 @@ def _adapt(chip, mode, seed, age, train, texts, scores, recipe, out, progress, l
         raise RuntimeError(f"{mode}: the base chip changed during adapter training")
     row = _mode_row(recipe, mode)
     for k, v in texts.items():
-        scores[row][k].append((seed, age, _score(peft_model, v, recipe, f"{row} ({k})", progress)))
+        scores[row][k].append((seed, age, score(peft_model, v, recipe, f"{row} ({k})", progress)))
     saved = None
-    if out is not None:
-        saved = str(save_adapters(peft_model, out / ADAPTERS_DIR / f"{mode}-chip{seed}-t{age:g}"))
+    if save is not None:
+        latest = {k: asdict(v[-1][2]) for k, v in ((k, scores[row][k]) for k in texts)}
+        saved = str(save(peft_model, mode, {"scores": latest, **info, "train_seconds": seconds}))
     log(f"chip {seed} at {age:g} s + LoRA ({mode}): perplexity {_num(scores[row][next(iter(texts))][-1][2].perplexity)}, "
         f"train loss {info['first_loss']:.3f} → {info['last_loss']:.3f}, {seconds:.0f} s")
     peft_model.unload()  # the bare base again (no merge: the chip is untouched)
@@ -580,5 +587,5 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 __all__ = [
     "MODES", "ChipSection", "DataSection", "EvalSection", "FinetuneRecipe", "FinetuneResult", "ModeResult",
-    "TrainSection", "finetune", "plot_recovery", "report_markdown", "train_adapters",
+    "TrainSection", "adapt", "finetune", "plot_recovery", "recipe_texts", "report_markdown", "score", "train_adapters",
 ]

@@ -286,6 +286,12 @@ def merge_and_reprogram(model: PeftModel, seed: int, seconds: float = 0.0) -> nn
         )
     if seconds < 0:
         raise ValueError(f"seconds must be >= 0, got {seconds}")
+    if any(m.chip.read_back is not None for _, m, _ in _base_matrices(model)):
+        raise ChipMergeError(
+            "the base chip was read back from measurements of a physical chip: merging means programming that "
+            "chip again, which only the chip itself can do. Keep the adapters beside it, or program the merged "
+            "weights on the hardware and read it back again"
+        )
     if has_analog_adapters(model):
         _digitize_adapters_(model)
     lora_model = model.base_model
@@ -304,10 +310,12 @@ def _digitize_adapters_(model: nn.Module) -> None:
 
 
 # ----- save / load ----------------------------------------------------------------------------------------
-def save_adapters(model: PeftModel, path: str | os.PathLike) -> Path:
+def save_adapters(model: PeftModel, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write the active adapter in peft's format to ``path`` (atomically), with ``analog_adapters.json``:
     the chip instance and age the adapter was trained beside (an adapter corrects *that* chip), and for
-    analogue adapters their config, so that loading puts them back on the chip."""
+    analogue adapters their config, so that loading puts them back on the chip. ``extra`` (file name →
+    JSON content) is written into the same folder in the same atomic step, e.g. the provenance of adapters
+    trained on a read-back chip; peft ignores such files."""
     if not isinstance(model, PeftModel):
         raise ValueError("save_adapters expects the PeftModel returned by attach_lora / load_adapters")
     path = Path(path)
@@ -319,6 +327,8 @@ def save_adapters(model: PeftModel, path: str | os.PathLike) -> Path:
     with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp))
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+        for name, content in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
     return path
 
 
@@ -337,7 +347,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, trainable: bool = F
     if meta and meta.get("format_version") != _FORMAT_VERSION:
         raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r} is not supported")
     chip = meta.get("chip") or {}
-    if chip.get("seed") is not None and chip_info(model) != chip:
+    read_back = any(m.chip.read_back is not None for _, m, _ in _base_matrices(model))
+    if chip.get("seed") is not None and chip_info(model) != chip and not read_back:  # a measured chip is as it is
         program_(model, int(chip["seed"]), float(chip["seconds"]))
     _require_chip(model)
     lora_config = LoraConfig.from_pretrained(str(path))
