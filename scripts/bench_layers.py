@@ -2,6 +2,7 @@
 
     python scripts/bench_layers.py                  # (8, 128, 768) -> 3072, float32, pcm profile
     python scripts/bench_layers.py --device cuda --rounds 50
+    python scripts/bench_layers.py --set ir_drop.wire_resistance=0.35   # any profile field overridden
 
 Cases (all the same shapes, timed round-robin, median of ``--rounds``):
 
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import machine, markdown, round_robin  # noqa: E402
 
 import analogllm as al  # noqa: E402
+from analogllm.cli.core import add_set_argument, parse_overrides  # noqa: E402
 
 
 def _train_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
@@ -53,13 +55,15 @@ def _eval_step(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def _analogllm(base: nn.Linear, rows: int | None, profile: str, compile_: bool) -> tuple[nn.Module, nn.Module]:
-    cfg = al.AnalogConfig.from_profile(profile, **{"tiling.rows": rows, "tiling.cols": rows})
-    train = al.AnalogLinear.from_linear(_copy(base), cfg, layer_id=0)
+def _analogllm(base: nn.Linear, rows: int | None, profile: str, compile_: bool,
+               overrides: dict | None = None) -> tuple[nn.Module, nn.Module]:
+    cfg = al.AnalogConfig.from_profile(profile, **{"tiling.rows": rows, "tiling.cols": rows, **(overrides or {})})
+    train = al.AnalogLinear.from_linear(_copy(base), cfg, name="bench")
+    al.set_mode(train, "hwa")  # hardware-aware training noise (modes are explicit, not model.train())
     train(torch.randn(4, base.in_features, device=base.weight.device))  # data-initialised input range
-    evaluate = al.AnalogLinear.from_linear(_copy(base), cfg, layer_id=0).eval()
+    evaluate = al.AnalogLinear.from_linear(_copy(base), cfg, name="bench").eval()
     evaluate.analog.input_range.data.copy_(train.analog.input_range.data)
-    evaluate.analog.range_ready.fill_(True)
+    evaluate.analog.mark_range_set()
     t0 = time.perf_counter()
     evaluate.analog.program(evaluate.weight, seed=0, seconds=86400.0)
     print(f"  analogllm {profile} rows={rows}: programming one chip instance took {time.perf_counter() - t0:.3f} s")
@@ -135,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="also time analogllm under torch.compile")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    add_set_argument(p)
     args = p.parse_args(argv)
+    overrides = parse_overrides(args.set)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -149,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"building layers on {machine()} ...")
     variants = [(f"analogllm {args.profile}", None), (f"analogllm {args.profile} tiled {args.tile}", args.tile)]
     for name, rows in variants:
-        layers[name] = _analogllm(base, rows, args.profile, compile_=False)
+        layers[name] = _analogllm(base, rows, args.profile, compile_=False, overrides=overrides)
         if args.compile:
-            layers[name + " (compiled)"] = _analogllm(base, rows, args.profile, compile_=True)
+            layers[name + " (compiled)"] = _analogllm(base, rows, args.profile, compile_=True, overrides=overrides)
     for package, label, build in [("aihwkit_lightning", "aihwkit-lightning", _lightning), ("aihwkit", "aihwkit", _aihwkit)]:
         if importlib.util.find_spec(package) is None:
             print(f"  {label}: not installed, skipped (pip install -e '.[bench]')")

@@ -169,9 +169,10 @@ def _reference(lin, x, cfg):
 def test_fused_node_matches_a_plain_autograd_reference(adc_bits):
     # tiles of 32 rows on 96 inputs, 2.5σ clipping, 7-bit DAC with a learned range, and (6-bit case) an
     # ADC bound low enough that many outputs saturate: the fused node's gates must match autograd's.
+    # (the reference above has no IR drop: tests/test_readside.py checks the IR drop and its gradient)
     cfg = al.AnalogConfig.from_profile("pcm", **{
         "tiling.rows": 40, "training.weight_noise": 0.0, "training.output_noise": 0.0, "dac.bits": 7,
-        "adc.bits": adc_bits, "adc.bound": 1.5})
+        "adc.bits": adc_bits, "adc.bound": 1.5, "ir_drop.wire_resistance": 0.0})
     lin = layer(cfg)
     al.set_mode(lin, "hwa")
     torch.manual_seed(1)

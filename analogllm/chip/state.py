@@ -1,9 +1,10 @@
 """A chip instance as module state: what one weight matrix (or stack of expert matrices) is programmed to.
 
 Programming is random but fixed once written: programming noise, device-to-device variation, drift
-exponents, mesh phase errors. :class:`Chip` holds the result as buffers — the realised normalised tiles,
-their column scales, the per-read noise variance and the digital gain — so ``.to()``, ``deepcopy``,
-pickling and device moves carry the chip along. The buffers are not part of ``state_dict``: a chip is a
+exponents, mesh phase errors, and the static gain and offset errors of the chip's column ADCs. :class:`Chip`
+holds the result as buffers — the realised normalised tiles, their column scales, the per-read noise
+variance, the digital gain and the ADC errors — so ``.to()``, ``deepcopy``, pickling and device moves
+carry the chip along. The buffers are not part of ``state_dict``: a chip is a
 deterministic function of (weights, seed, time), and a checkpoint stores those instead.
 
 A chip is always realised on a CPU generator seeded from (chip seed, the matrix's module name), so a seed
@@ -12,7 +13,8 @@ weight's device.
 
 Drift compensation is the chip's own calibration: a fixed input (documented below) is read through the
 arrays right after programming and again at time t, both reads with the chip's read and output noise,
-and one digital gain per layer restores the mean output magnitude (aihwkit GlobalDriftCompensation).
+IR drop and ADC gain and offset errors, and one digital gain per layer restores the mean output magnitude
+(aihwkit GlobalDriftCompensation).
 """
 
 from __future__ import annotations
@@ -42,15 +44,40 @@ def chip_generator(seed: int, uid: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + uid) % (2**63 - 1))
 
 
+#: streams of the column ADCs' static errors, apart from the devices' (switching an error on or off moves
+#: no other random number of the chip), and the same at every drift time (the ADCs do not age)
+ADC_GAIN_STREAM, ADC_OFFSET_STREAM = stable_id("adc gain errors"), stable_id("adc offset errors")
+
+
+def adc_errors(config: AnalogConfig, shape: tuple[int, ...], seed: int,
+               uid: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The static (gain, offset) of every column ADC of chip instance ``seed`` ((E, T, out) each, offsets in
+    LSB), or (None, None) with ideal ADCs: g = 1 + gain_std·z, o = offset_std·z', z and z' ~ N(0, 1) from
+    streams of their own (an error that is off draws nothing)."""
+    adc = config.adc
+    if not adc.has_errors:
+        return None, None
+    gain = torch.ones(shape)
+    if adc.gain_std > 0:
+        gain = gain + adc.gain_std * torch.randn(shape, generator=chip_generator(seed, uid ^ ADC_GAIN_STREAM))
+    offset = torch.zeros(shape)
+    if adc.offset_std > 0:
+        offset = adc.offset_std * torch.randn(shape, generator=chip_generator(seed, uid ^ ADC_OFFSET_STREAM))
+    return gain, offset
+
+
 @dataclass
 class Programmed:
     """The arrays of one programming (CPU, float32): tiles (E, T, rows, out), scale (E, T, out),
-    read_var (E, T, out) or exact (E, T, rows, out) or None, gain (E,)."""
+    read_var (E, T, out) or exact (E, T, rows, out) or None, gain (E,), and the column ADCs' static
+    errors adc_gain, adc_offset (E, T, out; offsets in LSB) or None."""
 
     tiles: torch.Tensor
     scale: torch.Tensor
     read_var: torch.Tensor | None
     gain: torch.Tensor
+    adc_gain: torch.Tensor | None = None
+    adc_offset: torch.Tensor | None = None
 
 
 class Chip(nn.Module):
@@ -58,7 +85,7 @@ class Chip(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("tiles", "scale", "read_var", "gain"):
+        for name in ("tiles", "scale", "read_var", "gain", "adc_gain", "adc_offset"):
             self.register_buffer(name, None, persistent=False)
         self.seed: int | None = None
         self.seconds = 0.0
@@ -102,6 +129,8 @@ class Chip(nn.Module):
         self.scale = state.scale.to(**kw)
         self.read_var = None if state.read_var is None else state.read_var.to(**kw)
         self.gain = state.gain.to(**kw)
+        self.adc_gain = None if state.adc_gain is None else state.adc_gain.to(**kw)
+        self.adc_offset = None if state.adc_offset is None else state.adc_offset.to(**kw)
         self.seed, self.seconds, self.source = seed, float(seconds), source
 
     def dense(self) -> torch.Tensor:
@@ -136,19 +165,22 @@ def realise(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, s
     flat = wn.reshape(-1, *wn.shape[-2:])
     real = device.realise(flat, seconds, chip_generator(seed, uid))
     gain = torch.full((w.shape[0],), float(real.gain))
+    adc_gain, adc_offset = adc_errors(config, wn.shape[:-1], seed, uid)
     if config.drift.compensation and device.drifts and seconds > 0:
         ref = real.reference
         ref_read = None
         if ref is None:
             at0 = device.realise(flat, 0.0, chip_generator(seed, uid))
             ref, ref_read = at0.weight, at0.read_std
-        gain = gain * drift_compensation(config, ref, ref_read, real.weight, real.read_std, seed, uid)
+        gain = gain * drift_compensation(config, ref, ref_read, real.weight, real.read_std, seed, uid,
+                                         adc_gain=adc_gain, adc_offset=adc_offset)
     eff = real.weight.view_as(wn).transpose(-1, -2).contiguous()  # (E, T, rows, out)
     read_var = None
     if real.read_std is not None:
         rv = real.read_std.view_as(wn).square()  # (E, T, out, rows)
         read_var = rv.transpose(-1, -2).contiguous() if config.exact_read_noise else rv.mean(-1)
-    return Programmed(tiles=eff, scale=scale.squeeze(-1), read_var=read_var, gain=gain)
+    return Programmed(tiles=eff, scale=scale.squeeze(-1), read_var=read_var, gain=gain, adc_gain=adc_gain,
+                      adc_offset=adc_offset)
 
 
 def calibration_input(config: AnalogConfig, rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -169,21 +201,35 @@ def reference_gain(config: AnalogConfig, ref: torch.Tensor, now: torch.Tensor) -
 
 
 def drift_compensation(config: AnalogConfig, ref: torch.Tensor, ref_read: torch.Tensor | None, now: torch.Tensor,
-                       now_read: torch.Tensor | None, seed: int, uid: int) -> float:
+                       now_read: torch.Tensor | None, seed: int, uid: int, adc_gain: torch.Tensor | None = None,
+                       adc_offset: torch.Tensor | None = None) -> float:
     """Global drift compensation α = Σ|X·W_ref| / Σ|X·W_now| from two reads of the fixed calibration
     input X (``drift.calibration_vectors`` rows of ±1 from generator seed :data:`CALIBRATION_SEED`),
     each read with the chip's read noise and output noise as every other read (noise from a stream of
-    this chip and layer, so the calibration is part of the chip instance)."""
+    this chip and layer, so the calibration is part of the chip instance), the IR drop of its column
+    wires (a ±1 input loads them fully) and the static gain and offset errors of its column ADCs
+    (``adc_gain``/``adc_offset``, (..., T, out), offsets in LSB of the profile's full-scale range)."""
+    from analogllm.ops.read import adc_steps, ir_drop_attenuation
+
     x = calibration_input(config, ref.shape[-1], ref.dtype)
     gen = chip_generator(seed + 7_777, uid)
     out_var = config.output.noise**2 + config.device.output_var_terms()[1]
+    rho = config.ir_drop_rho
+    errors = None
+    if adc_gain is not None and adc_offset is not None and config.adc.bits is not None:
+        step = float(adc_steps(torch.tensor(config.adc.bound), config.adc.bits))
+        errors = adc_gain.reshape(-1, ref.shape[-2], 1), adc_offset.reshape(-1, ref.shape[-2], 1) * step
 
     def read(w: torch.Tensor, std: torch.Tensor | None) -> torch.Tensor:
         y = torch.matmul(w, x.T)  # (tiles, out, vectors)
+        if rho > 0:  # the same IR drop as a read: inputs (tiles, vectors, rows), tiles (tiles, rows, out)
+            u = x.unsqueeze(0).expand(w.shape[0], -1, -1)
+            y = y - ir_drop_attenuation(u, w.transpose(-1, -2), rho).transpose(-1, -2)
         var = torch.full_like(y, out_var)
         if std is not None:
             var = var + torch.matmul(std.square(), x.T.square())
-        return y + torch.randn(y.shape, generator=gen, dtype=y.dtype) * var.sqrt()
+        y = y + torch.randn(y.shape, generator=gen, dtype=y.dtype) * var.sqrt()
+        return y if errors is None else y * errors[0] + errors[1]
 
     num = read(ref, ref_read).abs().sum()
     den = read(now, now_read).abs().sum().clamp(min=_EPS)
@@ -237,5 +283,6 @@ def is_freed(t: torch.Tensor) -> bool:
     return isinstance(t, FreedWeight) or isinstance(getattr(t, "data", None), FreedWeight)
 
 
-__all__ = ["CALIBRATION_SEED", "Chip", "FreedWeight", "Programmed", "calibration_input", "chip_generator",
-           "drift_compensation", "free", "is_freed", "normalised_tiles", "realise", "reference_gain", "stable_id"]
+__all__ = ["ADC_GAIN_STREAM", "ADC_OFFSET_STREAM", "CALIBRATION_SEED", "Chip", "FreedWeight", "Programmed",
+           "adc_errors", "calibration_input", "chip_generator", "drift_compensation", "free", "is_freed",
+           "normalised_tiles", "realise", "reference_gain", "stable_id"]

@@ -6,6 +6,7 @@ from analogllm.config.analog import (
     AnalogConfig,
     DACConfig,
     DriftConfig,
+    IRDropConfig,
     MappingConfig,
     OutputConfig,
     TilingConfig,
@@ -19,7 +20,7 @@ from analogllm.config.analog import (
 from analogllm.config.schema import ConfigError
 
 __all__ = [
-    "ADCConfig", "AnalogConfig", "ConfigError", "DACConfig", "DriftConfig", "MappingConfig", "OutputConfig",
+    "ADCConfig", "AnalogConfig", "ConfigError", "DACConfig", "DriftConfig", "IRDropConfig", "MappingConfig", "OutputConfig",
     "TilingConfig", "TrainingConfig", "device_names", "profile_names", "profile_parameters", "profile_sources",
     "source_of",
 ]

@@ -12,6 +12,7 @@ in ``configs/*.yaml`` are complete configs loaded by name; any field can be over
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -36,16 +37,36 @@ class DACConfig:
            ``learned`` one trainable scalar per layer, initialised from the first batch it sees,
            ``static`` a fixed ``init_range``.
     init_range: the range for ``static`` (and the start value for ``learned`` when given).
+    inl:   integral nonlinearity, in LSB: the level of code u (normalised, on [−1, 1]) is
+           u + inl·LSB·(3√3/2)·u(1 − u²), a smooth odd bow that is 0 at 0 and at both ends of the range
+           (INL measured against the end-point line) and peaks at ±inl LSB at |u| = 1/√3. It acts on the
+           quantised codes, so it needs ``bits``; 0 = a linear DAC.
     """
 
     bits: int | None = 8
     range: Literal["dynamic", "learned", "static"] = "learned"
     init_range: float | None = None
+    inl: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.bits is None or 1 <= self.bits <= 24, "dac.bits", f"must be in 1..24 or null, got {self.bits}")
         check(self.init_range is None or self.init_range > 0, "dac.init_range", "must be > 0")
         check(self.range != "static" or self.init_range is not None, "dac.init_range", "is required for range: static")
+        check(self.inl == 0 or self.bits is not None, "dac.inl", "needs a quantising DAC (dac.bits), its unit is the LSB")
+        if self.inl and self.bits is not None:
+            # the bow must keep the transfer monotone: |d/du| of the error < 1 everywhere
+            limit = 1.0 / (3 * math.sqrt(3) * self.step)
+            check(abs(self.inl) < limit, "dac.inl", f"|inl| must be < {limit:.3g} LSB at {self.bits} bits (monotone DAC)")
+
+    @property
+    def step(self) -> float:
+        """The normalised LSB, 1 / (2^(bits−1) − 1) (the signed DAC's step on [−1, 1]); 0 without bits."""
+        return 1.0 / (2 ** (self.bits - 1) - 1) if self.bits else 0.0
+
+    @property
+    def inl_coefficient(self) -> float:
+        """k of the level error k·u(1 − u²): ``inl`` LSB at the bow's peak, |u| = 1/√3."""
+        return self.inl * self.step * 1.5 * math.sqrt(3.0)
 
 
 @dataclass(frozen=True)
@@ -56,14 +77,29 @@ class ADCConfig:
            bits, as in aihwkit), so at most 2^bits − 1 distinct codes.
     bound: saturation level in normalised output units (inputs scaled to ±1, weights to ±1 per column);
            aihwkit uses 10–14 for its HWA presets.
+    gain_std / offset_std: the static errors of every column's ADC, drawn once per chip instance when it
+           is programmed (a chip's ADCs are part of the chip): the ADC converts g·y + o·LSB instead of y,
+           g = 1 + gain_std·z, o = offset_std·z' (offset in LSB of the ADC's own range), z, z' ~ N(0, 1)
+           per tile column. They act before the rounding and the saturation, as the converter's own
+           errors do; 0 = ideal ADCs.
     """
 
     bits: int | None = 8
     bound: float = 12.0
+    gain_std: float = 0.0
+    offset_std: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.bits is None or 2 <= self.bits <= 24, "adc.bits", f"must be in 2..24 or null, got {self.bits}")
         check(self.bound > 0, "adc.bound", f"must be > 0, got {self.bound}")
+        for name in ("gain_std", "offset_std"):
+            value = getattr(self, name)
+            check(value >= 0, f"adc.{name}", f"must be >= 0, got {value}")
+            check(value == 0 or self.bits is not None, f"adc.{name}", "is an ADC error: needs an ADC (adc.bits)")
+
+    @property
+    def has_errors(self) -> bool:
+        return self.bits is not None and (self.gain_std > 0 or self.offset_std > 0)
 
 
 @dataclass(frozen=True)
@@ -98,6 +134,23 @@ class TilingConfig:
         for name in ("rows", "cols"):
             v = getattr(self, name)
             check(v is None or v >= 1, f"tiling.{name}", f"must be >= 1 or null, got {v}")
+
+
+@dataclass(frozen=True)
+class IRDropConfig:
+    """Resistance of the crossbar's column wires (IR drop), first order as aihwkit's ``ir_drop``.
+
+    wire_resistance: Ω of the wire between two adjacent cells of a column (0 = off). With the device's
+    g_max it gives the dimensionless ρ = R·g_max per cell; a read then attenuates every device's
+    contribution by the voltage its column wire has risen to at its row (see
+    :func:`analogllm.ops.read.ir_drop_attenuation` for what is and is not modelled). Crossbar devices
+    only (the photonic mesh has no column wires).
+    """
+
+    wire_resistance: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.wire_resistance >= 0, "ir_drop.wire_resistance", f"must be >= 0 Ω, got {self.wire_resistance}")
 
 
 @dataclass(frozen=True)
@@ -203,6 +256,7 @@ class AnalogConfig:
     adc: ADCConfig = field(default_factory=ADCConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    ir_drop: IRDropConfig = field(default_factory=IRDropConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     mapping: MappingConfig = field(default_factory=MappingConfig)
@@ -221,6 +275,9 @@ class AnalogConfig:
                 except re.error as exc:
                     raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({exc})") from None
         check(isinstance(self.device, Device), "device", "must be a device (see `analogllm profiles`)")
+        check(self.ir_drop.wire_resistance == 0 or getattr(self.device, "g_max", None) is not None,
+              "ir_drop.wire_resistance", f"needs a crossbar device with a g_max (pcm, rram); a {self.device.kind} "
+              "device has no column wires")
 
     # ----- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -238,8 +295,7 @@ class AnalogConfig:
             raise ConfigError(f"analog config: expected a mapping, got {type(data).__name__}")
         data = dict(data)
         device = device_from_dict(data.pop("device", {"kind": "ideal"}))
-        config = from_dict(cls, data)
-        return replace(config, device=device)
+        return from_dict(cls, {**data, "device": device})  # validated with its device (IR drop needs a g_max)
 
     @classmethod
     def load(cls, path: str | Path) -> AnalogConfig:
@@ -273,10 +329,18 @@ class AnalogConfig:
             and self.output.noise == 0
             and self.output.nonlinearity == "none"
             and self.tiling.rows is None
+            and self.ir_drop.wire_resistance == 0
             and self.training.weight_noise == 0
             and self.training.output_noise == 0
             and self.training.clip_sigma is None
         )
+
+    @property
+    def ir_drop_rho(self) -> float:
+        """ρ = R_wire · g_max of one cell (dimensionless), 0 when IR drop is off."""
+        if self.ir_drop.wire_resistance == 0:
+            return 0.0
+        return self.ir_drop.wire_resistance * float(self.device.g_max) * 1e-6  # g_max in µS
 
     def selects(self, module_name: str) -> bool:
         """Whether the module called ``module_name`` goes analogue under include/exclude."""
@@ -359,6 +423,7 @@ def _read_profile(name: str) -> dict[str, Any]:
 
 
 __all__ = [
-    "ADCConfig", "AnalogConfig", "DACConfig", "DriftConfig", "MappingConfig", "OutputConfig", "TilingConfig",
+    "ADCConfig", "AnalogConfig", "DACConfig", "DriftConfig", "IRDropConfig", "MappingConfig", "OutputConfig",
+    "TilingConfig",
     "TrainingConfig", "device_names", "profile_names", "profile_parameters", "profile_sources", "source_of",
 ]

@@ -14,7 +14,9 @@ Its mode is explicit and independent of ``nn.Module.training`` (so ``model.train
   the chip in the loop, e.g. analogue LoRA adapters), and is written to the chip again after each step.
 * ``hwa``: hardware-aware training. The digital weights, clipped per channel, with training noise in
   output space (Gaussian of a fraction of the tile column's max, or the device's own statistics at a
-  sampled deployment time) and the converters, all with straight-through gradients.
+  sampled deployment time) and the converters, all with straight-through gradients. The deterministic
+  read-side effects of the profile (IR drop, DAC nonlinearity) are read too; the static ADC errors are a
+  chip instance's, so only ``chip`` reads have them.
 * ``digital``: a plain matmul on the (transformed) input: calibration passes and the exact reference.
 """
 
@@ -129,6 +131,8 @@ class AnalogMatrix(nn.Module):
             chip = self.chip
             tiles, scale, gain = chip.tiles[e], chip.scale[e], chip.gain[e]
             read_var = None if chip.read_var is None else chip.read_var[e]
+            adc_gain = None if chip.adc_gain is None else chip.adc_gain[e]
+            adc_offset = None if chip.adc_offset is None else chip.adc_offset[e]
             # a trainable weight read on the chip (an analogue LoRA adapter, chip-in-the-loop training)
             # gets the straight-through gradient of the chip's product; the chip is rewritten after a step
             w_arg, clip = (w, None) if w.requires_grad else (None, None)
@@ -138,6 +142,7 @@ class AnalogMatrix(nn.Module):
             tiles, scale, read_var, clip, out_var, shot = self._training_read(w)
             gain = torch.ones((), dtype=w.dtype, device=w.device)
             w_arg, quantize = w, cfg.training.quantize
+            adc_gain = adc_offset = None  # a chip's own ADCs; training does not know which chip it will run on
         adc = None
         if cfg.adc.bits is not None and quantize:
             adc = self.output_range if expert is None else self.output_range[expert]
@@ -148,10 +153,13 @@ class AnalogMatrix(nn.Module):
         key = (torch.randint(0, 2**32, (2,), device=x2.device) if noisy
                else torch.zeros(2, dtype=torch.int64, device=x2.device))
         sat = cfg.output.saturation if cfg.output.nonlinearity == "tanh" else 0.0
+        if adc is None:
+            adc_gain = adc_offset = None
         out, _, _, _ = read(x2, tiles, scale, r.to(tiles.dtype), gain.to(tiles.dtype), adc, read_var,
                             None if bias is None else bias.to(tiles.dtype), w_arg, clip, key,
                             cfg.dac.bits or 0 if quantize else 0, cfg.adc.bits or 0, float(out_var), float(shot),
-                            float(sat), need_grad, need_grad and adc is not None and adc.requires_grad)
+                            float(sat), need_grad, need_grad and adc is not None and adc.requires_grad,
+                            adc_gain, adc_offset, cfg.ir_drop_rho, float(cfg.dac.inl) if quantize else 0.0)
         return out.reshape(*lead, out.shape[-1])
 
     def _dac_range(self, x: torch.Tensor, expert: int | None) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Why C: after the tile matmuls a read makes about ten passes over the (tiles × tokens × outputs) tile
 outputs in eager torch, and drawing the read noise is as costly as the rest together. The kernel does
-noise (Philox-4x32-10, the same numbers as :mod:`analogllm.ops.philox`), nonlinearity, ADC and the sum
-over tiles in one vectorised pass on torch's own OpenMP threads.
+IR drop, noise (Philox-4x32-10, the same numbers as :mod:`analogllm.ops.philox`), nonlinearity, the ADC
+with its static errors and the sum over tiles in one vectorised pass on torch's own OpenMP threads (the
+IR drop's two extra tile matmuls stay in torch).
 
 It is compiled on first use with the system C compiler (``$CC``, which may carry arguments such as
 ``ccache gcc``, else ``cc``/``gcc``/``clang``) into ``$ANALOGLLM_CACHE/kernels`` (default
@@ -117,9 +118,10 @@ def _load(path: Path) -> ctypes.CDLL:
     except OSError as exc:
         raise BuildError(f"cannot load {path}: {exc}") from None
     f32, i64, u64, vp, ci = ctypes.c_float, ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int
-    lib.analogllm_read.argtypes = [vp, vp, i64, i64, i64, ci, vp, vp, f32, f32, ci, u64, f32, vp, vp, vp, vp, vp, vp]
+    lib.analogllm_read.argtypes = [vp, vp, i64, i64, i64, ci, vp, vp, f32, f32, ci, u64, f32, vp, vp, vp, vp, vp, vp,
+                                   vp, vp, f32, vp, vp]
     lib.analogllm_read.restype = i64
-    lib.analogllm_dac.argtypes = [vp, vp, vp, i64, i64, i64, i64, vp, ci, f32, ci]
+    lib.analogllm_dac.argtypes = [vp, vp, vp, i64, i64, i64, i64, vp, ci, f32, f32, ci]
     lib.analogllm_dac.restype = None
     lib.analogllm_normals.argtypes = [vp, i64, i64, i64, u64]
     lib.analogllm_normals.restype = None
@@ -162,9 +164,10 @@ def _threads(rows: int) -> int:
 
 
 def dac(x: torch.Tensor, r: torch.Tensor, step: float | None, tiles: int, rows: int,
-        need_usq: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        need_usq: bool, inl: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The DAC of a read for ``x`` (N, in): normalised, clipped, quantised inputs as (T, N, rows) tiles
-    (zero-padded), and Σ u² per tile and row (T, N) when ``need_usq``."""
+    (zero-padded), with the level error ``inl``·u(1 − u²) of a nonlinear DAC (0: none), and Σ u² per
+    tile and row (T, N) when ``need_usq``."""
     lib = library()
     assert lib is not None
     x = x.detach().contiguous()
@@ -173,20 +176,23 @@ def dac(x: torch.Tensor, r: torch.Tensor, step: float | None, tiles: int, rows: 
     u = torch.empty(n, tiles * rows, dtype=x.dtype)
     usq = torch.empty(tiles, n, dtype=x.dtype) if need_usq else None
     lib.analogllm_dac(x.data_ptr(), u.data_ptr(), None if usq is None else usq.data_ptr(), n, n_in, tiles, rows,
-                      r.data_ptr(), int(r.numel() > 1), step or 0.0, _threads(n))
+                      r.data_ptr(), int(r.numel() > 1), step or 0.0, inl, _threads(n))
     return u.view(n, tiles, rows).transpose(0, 1), usq
 
 
 def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: torch.Tensor | None,
          shot2: float, const_var: float, key: int, sat: float | None,
          adc: tuple[torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None, need_gate: bool,
-         need_resid: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
-    """Σ_t ADC(nonlinearity(y_t + noise)) · scale_t (+ bias) for tile outputs ``y`` (T, N, O); returns
-    (out, gate, resid, clipped): the straight-through gate (T, N, O) when ``need_gate`` and a
-    nonlinearity or ADC is on, the ADC-range derivative when ``need_resid``, and the number of
-    saturated outputs. scale (T, O); usq (T, N) and rv (T, O) give the read-noise variance usq·rv;
-    shot2 the variance per unit |y|; const_var the output and thermal variance; adc (bound, 1/step)
-    per tile or None. All float32."""
+         need_resid: bool, ir: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+         adc_errors: tuple[torch.Tensor, torch.Tensor] | None = None,
+         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
+    """Σ_t ADC(errors(nonlinearity(y_t − IR drop + noise))) · scale_t (+ bias) for tile outputs ``y``
+    (T, N, O); returns (out, gate, resid, clipped): the straight-through gate (T, N, O) when
+    ``need_gate`` and a nonlinearity or ADC is on, the ADC-range derivative when ``need_resid``, and the
+    number of saturated outputs. scale (T, O); usq (T, N) and rv (T, O) give the read-noise variance
+    usq·rv; shot2 the variance per unit |y|; const_var the output and thermal variance; adc (bound,
+    1/step) per tile or None; ir (column loads (T, N, O), position-weighted products (T, N, O), ρ·rows)
+    or None; adc_errors (gain, offset in normalised units), (T, O) each, or None. All float32."""
     lib = library()
     assert lib is not None
     t, n, o = y.shape
@@ -201,9 +207,17 @@ def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: 
     resid = torch.empty_like(y) if need_resid and adc is not None else None
     ptr = lambda v: None if v is None else v.data_ptr()  # noqa: E731
     bound, inv_step = (adc[0].contiguous(), adc[1].contiguous()) if adc is not None else (None, None)
+    cur = yd = None
+    irk = 0.0
+    if ir is not None:
+        cur, yd, irk = ir[0].contiguous(), ir[1].contiguous(), float(ir[2])
+    again = aoff = None
+    if adc_errors is not None and adc is not None:
+        again, aoff = adc_errors[0].reshape(t, o).contiguous(), adc_errors[1].reshape(t, o).contiguous()
     clipped = lib.analogllm_read(ptr(y), ptr(out), t, n, o, _threads(n), ptr(usq), ptr(rv), shot2, const_var,
                                  int(noise), key & ((1 << 64) - 1), sat or 0.0, ptr(bound), ptr(inv_step),
-                                 ptr(scale), ptr(bias), ptr(gate), ptr(resid))
+                                 ptr(scale), ptr(bias), ptr(gate), ptr(resid), ptr(cur), ptr(yd), irk, ptr(again),
+                                 ptr(aoff))
     if clipped < 0:
         raise MemoryError("the fused read kernel could not allocate its scratch rows")
     return out, gate, resid, int(clipped)

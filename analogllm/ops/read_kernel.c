@@ -2,8 +2,10 @@
  *
  * For every output row n and tile t:
  *     v   = y[t, n, o]                                   matmul result, normalised units
+ *     v  -= c(irk · cur[t, n, o]) · yd[t, n, o]          optional IR drop (analogllm.ops.read)
  *     v  += z · sqrt(usq[t, n] · rv[t, o] + shot2 · |v| + c)   read, detector and output noise
  *     v   = sat · tanh(v / sat)                          optional output nonlinearity
+ *     v   = v · again[t, o] + aoff[t, o]                 optional static ADC gain and offset errors
  *     v   = round(clamp(v, ±bound[t]) · inv_step[t])     optional ADC (codes), range per tile
  *     out[n, o] = Σ_t v · scale[t, o]  (+ bias[o])
  * which is the reference read of analogllm.ops.read in one vectorised pass instead of about ten.
@@ -116,25 +118,38 @@ static inline float tanh_poly(float x) {
     return x < 0.0f ? -th : th;
 }
 
+/* The IR-drop factor c(a) = (3/2)(1 − tanh(√a)/√a) of a column with load a (see ir_factor in
+ * analogllm/ops/read.py): its Taylor series below a = 0.25 (where the closed form cancels), else the
+ * closed form. Both branches are computed and one selected, so the loop stays vectorised. */
+static inline float ir_factor(float a) {
+    float series = a * (0.5f + a * (-0.2f + a * (0.080952381f + a * (-0.032804233f + a * 0.013294853f))));
+    float s = sqrtf(a > 0.25f ? a : 0.25f);
+    float closed = 1.5f * (1.0f - tanh_poly(s) / s);
+    return a < 0.25f ? series : closed;
+}
+
 /* One row of one tile. The flags are compile-time constants at every call site below, so each
  * combination becomes its own branch-free vectorised loop. `resid`, when written, is the derivative of
  * the ADC output (in units of the step × code) with respect to the ADC range: sign(v) where v
  * saturated, (Q − v)/bound inside (the LSQ estimate), for learned ADC ranges. */
 static inline __attribute__((always_inline)) int64_t tile_row(
         const float* restrict yr, float* restrict acc, const float* restrict sc, const float* restrict rvt,
-        const float* restrict z, float* restrict gr, float* restrict rr, int64_t O, float un, float shot2,
-        float c, float sat, float bound, float inv_step, const int noise, const int saturate, const int adc,
-        const int gate, const int resid) {
+        const float* restrict z, float* restrict gr, float* restrict rr, const float* restrict cr,
+        const float* restrict ydr, const float* restrict ag, const float* restrict ao, int64_t O, float un,
+        float shot2, float c, float sat, float bound, float inv_step, float irk, const int ir, const int aerr,
+        const int noise, const int saturate, const int adc, const int gate, const int resid) {
     int64_t clipped = 0;
     #pragma omp simd reduction(+:clipped)
     for (int64_t o = 0; o < O; o++) {
         float v = yr[o], g = 1.0f;
+        if (ir) v -= ir_factor(irk * cr[o]) * ydr[o];
         if (noise) v += sqrtf(c + shot2 * fabsf(v) + un * rvt[o]) * z[o];
         if (saturate) {
             float th = tanh_poly(v / sat);
             g = 1.0f - th * th;
             v = sat * th;
         }
+        if (aerr) v = v * ag[o] + ao[o];
         if (adc) {
             int outside = v < -bound || v > bound;
             clipped += outside;
@@ -149,22 +164,30 @@ static inline __attribute__((always_inline)) int64_t tile_row(
     return clipped;
 }
 
-#define TILE_ROW(k) case k: clipped += tile_row(yr, acc, sc, rvt, z, gr, rr, O, un, shot2, c, sat, bt, it, \
-                                                (k >> 4) & 1, (k >> 3) & 1, (k >> 2) & 1, (k >> 1) & 1, k & 1); break;
+#define TILE_ROW(k) case (k): clipped += tile_row(yr, acc, sc, rvt, z, gr, rr, cr, ydr, ag, ao, O, un, shot2, c, \
+                                                  sat, bt, it, irk, ((k) >> 6) & 1, ((k) >> 5) & 1, ((k) >> 4) & 1, \
+                                                  ((k) >> 3) & 1, ((k) >> 2) & 1, ((k) >> 1) & 1, (k) & 1); break;
+#define TILE_ROWS8(k) TILE_ROW(k) TILE_ROW(k + 1) TILE_ROW(k + 2) TILE_ROW(k + 3) TILE_ROW(k + 4) TILE_ROW(k + 5) \
+                      TILE_ROW(k + 6) TILE_ROW(k + 7)
 
 /* Returns the number of outputs the ADC clipped, or -1 when scratch rows could not be allocated.
  * rv == NULL means no read noise; bound == NULL no ADC; gate, when not NULL, receives the straight-
  * through gradient gate per tile output, (T, N, O): the nonlinearity's derivative times 1[inside the
- * ADC bound]; resid likewise the ADC-range derivative (see tile_row). Rows are split over `threads`
+ * ADC bound]; resid likewise the ADC-range derivative (see tile_row). cur == NULL means no IR drop, else
+ * cur and yd (T, N, O) are the column loads and the position-weighted products of the IR drop, and irk
+ * turns a load into a = ρ·rows·load; again == NULL means ideal ADCs, else again and aoff (T, O) are the
+ * static gain and offset (normalised units) of every column's ADC. Rows are split over `threads`
  * OpenMP threads: torch's own team when torch is loaded (same libgomp), whose threads are still hot
  * from the matmul that produced y. */
 int64_t analogllm_read(const float* y, float* out, int64_t T, int64_t N, int64_t O, int threads,
                        const float* usq, const float* rv, float shot2, float c, int noise, uint64_t key,
                        float sat, const float* bound, const float* inv_step, const float* scale, const float* bias,
-                       float* gate, float* resid) {
+                       float* gate, float* resid, const float* cur, const float* yd, float irk, const float* again,
+                       const float* aoff) {
     uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
     int64_t padded = (O + 3) / 4 * 4, clipped = 0;
-    int mode = (noise ? 16 : 0) | (sat > 0.0f ? 8 : 0) | (bound ? 4 : 0) | (gate ? 2 : 0) | (resid && bound ? 1 : 0);
+    int mode = (cur && yd ? 64 : 0) | (again && aoff && bound ? 32 : 0) | (noise ? 16 : 0) | (sat > 0.0f ? 8 : 0)
+               | (bound ? 4 : 0) | (gate ? 2 : 0) | (resid && bound ? 1 : 0);
     float* scratch = (float*)malloc(sizeof(float) * (size_t)padded * (size_t)threads);
     float* zeros = (float*)calloc((size_t)O, sizeof(float));
     if (!scratch || !zeros) { free(scratch); free(zeros); return -1; }
@@ -183,14 +206,17 @@ int64_t analogllm_read(const float* y, float* out, int64_t T, int64_t N, int64_t
             const float* rvt = rv ? rv + t * O : zeros;
             float* gr = gate ? gate + (t * N + n) * O : NULL;
             float* rr = resid ? resid + (t * N + n) * O : NULL;
+            const float* cr = cur ? cur + (t * N + n) * O : NULL;
+            const float* ydr = yd ? yd + (t * N + n) * O : NULL;
+            const float* ag = again ? again + t * O : NULL;
+            const float* ao = aoff ? aoff + t * O : NULL;
             float un = usq ? usq[t * N + n] : 0.0f;
             float bt = bound ? bound[t] : 0.0f, it = bound ? inv_step[t] : 0.0f;
             if (noise) normals(z, O, (uint32_t)n, (uint32_t)t, k0, k1);
             switch (mode) {
-                TILE_ROW(0) TILE_ROW(1) TILE_ROW(2) TILE_ROW(3) TILE_ROW(4) TILE_ROW(5) TILE_ROW(6) TILE_ROW(7)
-                TILE_ROW(8) TILE_ROW(9) TILE_ROW(10) TILE_ROW(11) TILE_ROW(12) TILE_ROW(13) TILE_ROW(14) TILE_ROW(15)
-                TILE_ROW(16) TILE_ROW(17) TILE_ROW(18) TILE_ROW(19) TILE_ROW(20) TILE_ROW(21) TILE_ROW(22) TILE_ROW(23)
-                TILE_ROW(24) TILE_ROW(25) TILE_ROW(26) TILE_ROW(27) TILE_ROW(28) TILE_ROW(29) TILE_ROW(30) TILE_ROW(31)
+                TILE_ROWS8(0) TILE_ROWS8(8) TILE_ROWS8(16) TILE_ROWS8(24) TILE_ROWS8(32) TILE_ROWS8(40)
+                TILE_ROWS8(48) TILE_ROWS8(56) TILE_ROWS8(64) TILE_ROWS8(72) TILE_ROWS8(80) TILE_ROWS8(88)
+                TILE_ROWS8(96) TILE_ROWS8(104) TILE_ROWS8(112) TILE_ROWS8(120)
             }
         }
         if (bias) {
@@ -203,11 +229,30 @@ int64_t analogllm_read(const float* y, float* out, int64_t T, int64_t N, int64_t
     return clipped;
 }
 
+/* One tile's inputs of one row through the DAC (see analogllm_dac); `bow` is a compile-time constant at
+ * both call sites, so the linear DAC's loop is the same as before the INL was modelled. */
+static inline __attribute__((always_inline)) float dac_row(const float* restrict xr, float* restrict ur,
+                                                           int64_t lo, int64_t hi, float range, float step,
+                                                           float inl, const int bow) {
+    float sq = 0.0f;
+    #pragma omp simd reduction(+:sq)
+    for (int64_t i = lo; i < hi; i++) {
+        float v = xr[i] / range;
+        v = v < -1.0f ? -1.0f : v > 1.0f ? 1.0f : v;
+        if (step > 0.0f) v = rintf(v / step) * step;
+        if (bow) v += inl * v * (1.0f - v * v);
+        ur[i] = v;
+        sq += v * v;
+    }
+    return sq;
+}
+
 /* The DAC of a read: u = Q(clamp(x / r, ±1)) with Q rounding to multiples of `step` (none when step
- * is 0), written zero-padded into (N, T·rows) so that it views as T input tiles, and usq[t, n] =
- * Σ u² over tile t's rows (what the read-noise variance needs). r holds one range, or one per row. */
+ * is 0), then the level error inl·u(1 − u²) of a nonlinear DAC (inl 0: none), written zero-padded into
+ * (N, T·rows) so that it views as T input tiles, and usq[t, n] = Σ u² over tile t's rows (what the
+ * read-noise variance needs). r holds one range, or one per row. */
 void analogllm_dac(const float* x, float* u, float* usq, int64_t N, int64_t in, int64_t T, int64_t rows,
-                   const float* r, int r_per_row, float step, int threads) {
+                   const float* r, int r_per_row, float step, float inl, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const float* xr = x + n * in;
@@ -215,15 +260,8 @@ void analogllm_dac(const float* x, float* u, float* usq, int64_t N, int64_t in, 
         float range = r[r_per_row ? n : 0];
         for (int64_t t = 0; t < T; t++) {
             int64_t lo = t * rows, hi = lo + rows < in ? lo + rows : in;
-            float sq = 0.0f;
-            #pragma omp simd reduction(+:sq)
-            for (int64_t i = lo; i < hi; i++) {
-                float v = xr[i] / range;
-                v = v < -1.0f ? -1.0f : v > 1.0f ? 1.0f : v;
-                if (step > 0.0f) v = rintf(v / step) * step;
-                ur[i] = v;
-                sq += v * v;
-            }
+            float sq = inl != 0.0f ? dac_row(xr, ur, lo, hi, range, step, inl, 1)
+                                   : dac_row(xr, ur, lo, hi, range, step, 0.0f, 0);
             for (int64_t i = hi; i < lo + rows; i++) ur[i] = 0.0f;
             if (usq) usq[t * N + n] = sq;
         }
