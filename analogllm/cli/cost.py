@@ -72,7 +72,7 @@ def run_cost(args: argparse.Namespace) -> int:
             raise ValueError(f"{path}: the manifest records no model source; pass --model")
         workload = workload_from_manifest(manifest, hf_config_for(source), args.context)
     else:
-        from analogllm.cli.export import load_analog_model
+        from analogllm.hf.checkpoint import load_analog_model
         from analogllm.hf.checkpoint import is_analog_checkpoint
 
         overrides = parse_overrides(args.set)

@@ -53,29 +53,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_verify)
 
 
-def load_analog_model(source: str, config: AnalogConfig | None) -> tuple[nn.Module, Any, bool]:
-    """(model, tokenizer, is_checkpoint): an analogue checkpoint as saved, else ``source`` converted
-    with ``config``."""
-    from analogllm.nn.convert import analogize_
-    from analogllm.hf.models import load_model
-    from analogllm.hf.checkpoint import from_pretrained, is_analog_checkpoint
-
-    path = Path(source).expanduser()
-    if is_analog_checkpoint(path):
-        from transformers import AutoTokenizer
-
-        model = from_pretrained(path)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: the checkpoint has no tokenizer ({exc}); save it with its tokenizer "
-                             "(analogllm convert --out does)") from None
-        return model, tokenizer, True
-    model, tokenizer = load_model(source)
-    analogize_(model, config or AnalogConfig.from_profile("pcm"))
-    return model, tokenizer, False
-
-
 def calibrate(model: nn.Module, tokenizer: Any, blocks: int, block_size: int = 128) -> dict[str, Any] | None:
     """Initialise unset learned DAC ranges with one forward pass on built-in training blocks.
 
@@ -100,7 +77,7 @@ def calibrate(model: nn.Module, tokenizer: Any, blocks: int, block_size: int = 1
 def run_export(args: argparse.Namespace) -> int:
     from analogllm.chip import program_
     from analogllm.export.writer import export_map
-    from analogllm.hf.checkpoint import is_analog_checkpoint
+    from analogllm.hf.checkpoint import is_analog_checkpoint, load_analog_model
 
     overrides = parse_overrides(args.set)
     config = None
@@ -130,6 +107,7 @@ def run_export(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from analogllm.export.manifest import analog_layers, load_map
     from analogllm.export.verify import verify_map
+    from analogllm.hf.checkpoint import load_analog_model
 
     amap = load_map(args.map)  # a corrupt map fails here, before any model is loaded
     source = args.model or amap.manifest["model"].get("source")

@@ -379,26 +379,13 @@ def load_source_model(amap: AnalogMap | str | os.PathLike, source: str | None = 
     ``source`` (default: the manifest's model source, e.g. a built-in name) converted with the map's
     profile. Its digital parts (embeddings, norms, LM head) are the source's; its analogue layers are
     then set from the map and a measurement by :func:`chip_from_measurement`."""
-    from analogllm.hf.checkpoint import from_pretrained, is_analog_checkpoint
-    from analogllm.hf.models import load_model
-    from analogllm.nn.convert import analogize_
+    from analogllm.hf.checkpoint import load_analog_model
 
     amap = _as_map(amap)
     source = source or amap.manifest["model"].get("source")
     if not source:
         raise ValueError(f"{amap.path}: the manifest records no model source; pass the model (--model)")
-    path = Path(source).expanduser()
-    if is_analog_checkpoint(path):
-        from transformers import AutoTokenizer
-
-        model = from_pretrained(path)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: the checkpoint has no tokenizer ({exc})") from None
-        return model, tokenizer
-    model, tokenizer = load_model(source)
-    analogize_(model, amap.config)
+    model, tokenizer, _ = load_analog_model(str(source), amap.config)
     return model, tokenizer
 
 

@@ -81,4 +81,28 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     return model.eval()
 
 
-__all__ = ["check_destination", "from_pretrained", "is_analog_checkpoint", "save_pretrained"]
+
+def load_analog_model(source: str, config: Any = None) -> tuple[nn.Module, Any, bool]:
+    """(model, tokenizer, is_checkpoint): the analogue checkpoint folder ``source`` as saved (with its
+    tokenizer), else ``source`` (a built-in name, Hub id or digital folder) converted with ``config``
+    (default: the pcm profile)."""
+    from transformers import AutoTokenizer
+
+    from analogllm.config import AnalogConfig
+    from analogllm.hf.models import load_model
+    from analogllm.nn.convert import analogize_
+
+    path = Path(source).expanduser()
+    if is_analog_checkpoint(path):
+        model = from_pretrained(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: the checkpoint has no tokenizer ({exc}); save it with its tokenizer "
+                             "(analogllm convert --out does)") from None
+        return model, tokenizer, True
+    model, tokenizer = load_model(source)
+    analogize_(model, config or AnalogConfig.from_profile("pcm"))
+    return model, tokenizer, False
+
+__all__ = ["check_destination", "from_pretrained", "is_analog_checkpoint", "load_analog_model", "save_pretrained"]

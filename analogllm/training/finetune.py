@@ -67,6 +67,8 @@ from analogllm.tuners.zeroth_order import SPSA, ZerothOrderConfig
 
 Mode = Literal["backprop", "physics-aware", "zeroth-order"]
 MODES: tuple[str, ...] = ("backprop", "physics-aware", "zeroth-order")
+#: the smallest chip-to-digital loss gap (nats) whose recovery is reported
+MIN_GAP = 0.01
 
 
 @dataclass(frozen=True)
@@ -208,12 +210,14 @@ class FinetuneResult:
         return mean, math.sqrt(var)
 
     def recovered(self, mode_row: str, text: str, age: float) -> float | None:
-        """Share of the chip's loss gap to digital that the adapters recover: (chip − LoRA)/(chip − digital)."""
+        """Share of the chip's loss gap to digital that the adapters recover: (chip − LoRA)/(chip − digital);
+        None without a digital score or when the chip is within 0.01 nats of digital (no gap to recover:
+        the ratio would only measure noise, or the adapters improving on the digital model itself)."""
         if text not in self.digital:
             return None
         chip = self.stats(self.recipe.label, text, age, "loss")[0]
         gap = chip - self.digital[text].loss
-        return (chip - self.stats(mode_row, text, age, "loss")[0]) / gap if gap else math.nan
+        return (chip - self.stats(mode_row, text, age, "loss")[0]) / gap if gap > MIN_GAP else None
 
     def table(self, text: str) -> str:
         """Perplexity (mean ± std over chip instances) of every row on ``text``, one column per age."""
