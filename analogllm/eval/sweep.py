@@ -66,23 +66,40 @@ def drift_sweep(
     label: str = "analogue",
     progress: bool = False,
 ) -> Series:
-    """Program ``model`` as each chip in ``seeds``, age it to each of ``times`` and score it.
+    """Program ``model`` as each chip in ``seeds``, age it to each of ``times`` and score it on ``blocks``
+    (:func:`drift_sweeps` with one text)."""
+    return drift_sweeps(model, {"text": blocks}, times, seeds, batch_size, label, progress)["text"]
+
+
+def drift_sweeps(
+    model: nn.Module,
+    texts: dict[str, torch.Tensor],
+    times: tuple[float, ...] | list[float],
+    seeds: tuple[int, ...] | list[int],
+    batch_size: int = 8,
+    label: str = "analogue",
+    progress: bool = False,
+) -> dict[str, Series]:
+    """Program ``model`` as each chip in ``seeds``, age it to each of ``times`` and score it on every text
+    (name → token blocks): one programming per (chip, time), however many texts, since programming a
+    large model costs more than scoring it.
 
     The read noise of each (chip, time) point is drawn from its own seeded stream (the global RNG is
-    restored afterwards), so a sweep is repeatable and two models swept alike see the same noise draws
-    wherever their shapes agree.
+    restored afterwards), the same for every text, so a sweep is repeatable and two models swept alike
+    see the same noise draws wherever their shapes agree.
     """
     if getattr(model, "analog_config", None) is None:
         raise ValueError("drift_sweep needs an analogue model: call analogllm.analogize_ first")
     device = next(model.parameters()).device
-    points = []
+    points: dict[str, list[ChipScore]] = {name: [] for name in texts}
     grid = [(s, float(t)) for s in seeds for t in times]
     for seed, seconds in tqdm(grid, desc=f"{label}: chips × drift times", disable=not progress):
         program_(model, seed=seed, seconds=seconds)
-        with seeded((seed * 1_000_003 + int(seconds)) % (2**31), device):
-            score = evaluate_lm(model, blocks, batch_size)
-        points.append(ChipScore(seed, seconds, score.loss, score.perplexity, score.token_accuracy))
-    return Series(label=label, points=tuple(points))
+        for name, blocks in texts.items():
+            with seeded((seed * 1_000_003 + int(seconds)) % (2**31), device):
+                score = evaluate_lm(model, blocks, batch_size)
+            points[name].append(ChipScore(seed, seconds, score.loss, score.perplexity, score.token_accuracy))
+    return {name: Series(label=label, points=tuple(p)) for name, p in points.items()}
 
 
-__all__ = ["METRICS", "ChipScore", "Series", "drift_sweep"]
+__all__ = ["METRICS", "ChipScore", "Series", "drift_sweep", "drift_sweeps"]

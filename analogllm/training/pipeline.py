@@ -32,7 +32,7 @@ from analogllm.data import BUILTIN, cache_dir, token_blocks
 from analogllm.eval.perplexity import evaluate_lm
 from analogllm.eval.report import EvalReport, write_report
 from analogllm.fileio import atomic_dir
-from analogllm.eval.sweep import drift_sweep
+from analogllm.eval.sweep import drift_sweeps
 from analogllm.hf.models import load_model
 from analogllm.hf.checkpoint import from_pretrained, save_pretrained
 from analogllm.config.schema import to_dict
@@ -203,17 +203,15 @@ def evaluate_recipe(
     ev = recipe.eval
     texts = eval_texts(recipe, tokenizer)
     analog = to_analog(copy.deepcopy(model), recipe, blocks(recipe, tokenizer, "train", model), progress) if before else None
+    sweeps = [drift_sweeps(m, texts, ev.drift_times, ev.chip_seeds, ev.batch_size, label=label, progress=progress)
+              for label, m in ((BEFORE, analog), (AFTER, trained)) if m is not None]
     reports = []
     for name, val in texts.items():
         digital = evaluate_lm(model, val, ev.batch_size, progress=progress, desc=f"digital ({name})")
-        series = []
-        for label, m in ((BEFORE, analog), (AFTER, trained)):
-            if m is not None:
-                series.append(drift_sweep(m, val, ev.drift_times, ev.chip_seeds, ev.batch_size, label=label,
-                                          progress=progress))
         reports.append(EvalReport(
             model=recipe.model, profile=recipe.analog.profile, blocks=len(val), tokens=digital.tokens,
-            drift_times=ev.drift_times, chip_seeds=ev.chip_seeds, digital=digital, series=tuple(series),
+            drift_times=ev.drift_times, chip_seeds=ev.chip_seeds, digital=digital,
+            series=tuple(sweep[name] for sweep in sweeps),
             meta={"text": name, "recipe": to_dict(recipe), **(extra or {})},
         ))
     return reports
