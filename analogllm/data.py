@@ -34,6 +34,7 @@ from analogllm.fileio import atomic_write_bytes
 
 __all__ = [
     "BUILTIN",
+    "calibration_blocks",
     "HELDOUT",
     "batches",
     "builtin_corpus",
@@ -417,3 +418,16 @@ def batches(
     stop = len(blocks) - len(blocks) % batch_size if drop_last else len(blocks)
     for start in range(0, stop, batch_size):
         yield blocks[order[start : start + batch_size]]
+
+
+def calibration_blocks(tokenizer: PreTrainedTokenizerBase, source: str = BUILTIN, count: int = 16,
+                       block_size: int = 128) -> torch.Tensor | None:
+    """``count`` training blocks spread evenly over ``source`` (None for 0): the calibration text that
+    maps a model onto the chip (``analogize_(model, config, calibration=...)``)."""
+    if count < 0:
+        raise ValueError(f"calibration blocks must be >= 0, got {count}")
+    if count == 0:
+        return None
+    train = token_blocks(tokenizer, source, block_size=block_size, split="train")
+    return train[torch.linspace(0, len(train) - 1, min(count, len(train))).long()]
+

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "analogllm.cli.cost",
     "analogllm.cli.finetune",
     "analogllm.cli.train",
+    "analogllm.cli.generate",
 ]
 
 

@@ -79,10 +79,8 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    import torch
-
     from analogllm.chip import program_
-    from analogllm.data import token_blocks
+    from analogllm.data import calibration_blocks
     from analogllm.hf.checkpoint import check_destination, save_pretrained
     from analogllm.hf.models import load_model
     from analogllm.nn.convert import analogize_
@@ -93,11 +91,7 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_destination(args.out)  # before minutes of work, not after
     model, tokenizer = load_model(args.model)
-    calibration = None
-    if args.calibration_blocks:
-        train = token_blocks(tokenizer, args.calibration, block_size=128, split="train")
-        pick = torch.linspace(0, len(train) - 1, min(args.calibration_blocks, len(train))).long()
-        calibration = train[pick]
+    calibration = calibration_blocks(tokenizer, args.calibration, args.calibration_blocks)
     analogize_(model, config, include=args.include, exclude=args.exclude, calibration=calibration, progress=True)
     program_(model, seed=args.seed)
     print(model.analog_report.table())

@@ -82,13 +82,16 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
 
 
 
-def load_analog_model(source: str, config: Any = None) -> tuple[nn.Module, Any, bool]:
+def load_analog_model(source: str, config: Any = None, calibration_blocks: int = 0,
+                      progress: bool = False) -> tuple[nn.Module, Any, bool]:
     """(model, tokenizer, is_checkpoint): the analogue checkpoint folder ``source`` as saved (with its
     tokenizer), else ``source`` (a built-in name, Hub id or digital folder) converted with ``config``
-    (default: the pcm profile)."""
+    (default: the pcm profile) and, with ``calibration_blocks`` > 0, mapped onto the chip from that many
+    blocks of the built-in training text."""
     from transformers import AutoTokenizer
 
     from analogllm.config import AnalogConfig
+    from analogllm.data import calibration_blocks as pick_blocks
     from analogllm.hf.models import load_model
     from analogllm.nn.convert import analogize_
 
@@ -102,7 +105,8 @@ def load_analog_model(source: str, config: Any = None) -> tuple[nn.Module, Any, 
                              "(analogllm convert --out does)") from None
         return model, tokenizer, True
     model, tokenizer = load_model(source)
-    analogize_(model, config or AnalogConfig.from_profile("pcm"))
+    calibration = pick_blocks(tokenizer, count=calibration_blocks)
+    analogize_(model, config or AnalogConfig.from_profile("pcm"), calibration=calibration, progress=progress)
     return model, tokenizer, False
 
 __all__ = ["check_destination", "from_pretrained", "is_analog_checkpoint", "load_analog_model", "save_pretrained"]
