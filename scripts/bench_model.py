@@ -61,8 +61,7 @@ def _build(args: argparse.Namespace, analog: bool, device: torch.device) -> tupl
     ids = ids[: args.batch].to(device)
     if analog:
         al.analogize_(model, al.AnalogConfig.from_profile(args.profile))
-        model.train()
-        with torch.no_grad():
+        with torch.no_grad(), al.mode(model, "hwa"):
             model(ids[:1])  # data-initialised DAC ranges
     return model, ids
 
@@ -71,6 +70,8 @@ def _eval_step(model: nn.Module, ids: torch.Tensor):
     model.eval()
 
     def step() -> None:
+        if getattr(model, "analog_config", None) is not None:
+            al.set_mode(model, "chip")  # the programmed chip (the train step switches to hwa)
         with torch.no_grad():
             model(ids)
 
@@ -83,11 +84,28 @@ def _train_step(model: nn.Module, ids: torch.Tensor, analog: bool):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step() -> None:
+        if analog:
+            al.set_mode(model, "hwa")  # hardware-aware training noise on the digital weights
         opt.zero_grad(set_to_none=True)
         model(ids, labels=ids).loss.backward()
         opt.step()
         if analog:
             clamp_weights_(model)
+
+    return step
+
+
+def _generate_step(model: nn.Module, ids: torch.Tensor, new_tokens: int, analog: bool):
+    """Greedy generation of ``new_tokens`` after one prompt block, with the KV cache (the chip in chip mode)."""
+    prompt = ids[:1, :32]
+
+    def step() -> None:
+        model.eval()
+        if analog:
+            al.set_mode(model, "chip")
+        with torch.no_grad():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
 
     return step
 
@@ -146,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens per timed generation (default 32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-memory", action="store_true", help="skip the per-mode memory processes")
@@ -173,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     evals = {"digital": _eval_step(digital, ids), "analog": _eval_step(analog, ids)}
     print(f"  timing eval, {args.rounds} rounds ...")
     eval_s = round_robin(evals, args.rounds, 1, device)
+    gens = {"digital": _generate_step(digital, ids, args.new_tokens, False),
+            "analog": _generate_step(analog, ids, args.new_tokens, True)}
+    print(f"  timing generation of {args.new_tokens} tokens, {args.rounds} rounds ...")
+    gen_s = round_robin(gens, args.rounds, 1, device)
     trains = {"digital": _train_step(digital, ids, False), "analog": _train_step(analog, ids, True)}
     print(f"  timing HWA train steps, {args.rounds} rounds ...")
     train_s = round_robin(trains, args.rounds, 1, device)
@@ -191,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ["eval tokens/s", f"{tokens / eval_s['digital']:,.0f}", f"{tokens / eval_s['analog']:,.0f}",
          f"{eval_s['digital'] / eval_s['analog']:.2f}x"],
+        ["generation tokens/s (batch 1, KV cache)", f"{args.new_tokens / gen_s['digital']:,.1f}",
+         f"{args.new_tokens / gen_s['analog']:,.1f}", f"{gen_s['digital'] / gen_s['analog']:.2f}x"],
         ["train step (s)", f"{train_s['digital']:.2f}", f"{train_s['analog']:.2f}",
          f"{train_s['analog'] / train_s['digital']:.2f}x"],
         ["peak memory, eval (MiB)", mib("digital-eval"), mib("analog-eval"), ratio("analog-eval", "digital-eval")],
