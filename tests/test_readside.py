@@ -365,7 +365,7 @@ def test_drift_compensation_with_ir_drop_and_adc_errors():
     # of the calibration's IR drop at t0 and at t (its wires carry half the current after a year's drift)
     quiet = {"dac.bits": None, "adc.bits": 12, "adc.bound": 200.0, "output.noise": 0.0,
              "device.read_noise_scale": 0.0, "device.prog_noise_scale": 0.0, "adc.gain_std": 0.02,
-             "adc.offset_std": 0.5}
+             "adc.offset_std": 0.5, "ir_drop.wire_resistance": 0.35}
     cfg = al.AnalogConfig.from_profile("pcm", **quiet)
     torch.manual_seed(0)
     full = torch.randint(0, 2, (64, 512)).float() * 2 - 1  # inputs like the calibration's
@@ -404,8 +404,10 @@ def test_read_side_parameters_are_validated():
         al.AnalogConfig.from_profile("pcm", **{"adc.gain_std": -0.1})
     with pytest.raises(ConfigError, match="adc.offset_std"):
         al.AnalogConfig.from_profile("pcm", **{"adc.bits": None, "adc.offset_std": 0.5})
-    assert al.AnalogConfig.from_profile("pcm").ir_drop_rho == pytest.approx(0.35 * 25e-6)
-    assert al.AnalogConfig.from_profile("rram").ir_drop_rho == pytest.approx(0.35 * 40e-6)
+    assert al.AnalogConfig.from_profile("pcm").ir_drop_rho == 0.0  # off by default, as in aihwkit
+    on = {"ir_drop.wire_resistance": 0.35}
+    assert al.AnalogConfig.from_profile("pcm", **on).ir_drop_rho == pytest.approx(0.35 * 25e-6)
+    assert al.AnalogConfig.from_profile("rram", **on).ir_drop_rho == pytest.approx(0.35 * 40e-6)
 
 
 def test_profiles_sources_list_the_read_side_parameters(capsys):

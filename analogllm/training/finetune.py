@@ -73,9 +73,10 @@ MIN_GAP = 0.01
 
 @dataclass(frozen=True)
 class ChipSection:
-    """The chips: a device profile (name or YAML path; ``null``: an analogue checkpoint's own config, pcm for
-    a digital model) with dotted overrides, the chip instances and the drift times to adapt at, and the
-    calibration blocks that map a digital model onto the chip."""
+    """The chips: the device profile digital models are converted to (name or YAML path; ``null``: pcm, an
+    analogue checkpoint keeping its own config) with dotted overrides (for converted models only), the chip
+    instances and the drift times to adapt at, and the calibration blocks that map a digital model onto
+    the chip."""
 
     profile: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -441,9 +442,9 @@ def _analogue(name: str, recipe: FinetuneRecipe, train: torch.Tensor, progress: 
     converted to the recipe's chip and mapped onto it with ``chip.calibration_blocks`` training blocks."""
     model, _ = load_model(name)
     if getattr(model, "analog_config", None) is not None:
-        if recipe.chip.profile is not None or recipe.chip.overrides:
-            raise ConfigError(f"chip.profile: {name} is an analogue checkpoint with its own config; "
-                              "leave chip.profile and chip.overrides empty")
+        if recipe.chip.profile is not None:
+            raise ConfigError(f"chip.profile: {name} is an analogue checkpoint with its own config; leave "
+                              "chip.profile empty (chip.overrides apply to the digital models converted beside it)")
         return model
     config = AnalogConfig.from_profile(recipe.chip.profile or "pcm", **recipe.chip.overrides)
     n = recipe.chip.calibration_blocks
