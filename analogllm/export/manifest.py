@@ -172,6 +172,27 @@ def config_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") ->
     return None
 
 
+def check_model_fits_map(model: nn.Module, amap: "AnalogMap", hint: str,
+                         not_analog: str) -> list[AnalogLayer]:
+    """The analogue layers of ``model`` after checking that it is the model ``amap`` came from: analogue
+    (else ``ValueError(not_analog)``), the same config as the map's profile (else a ``ValueError`` naming
+    the first differing key, then ``hint``) and the same analogue layers (else a :class:`MapError`)."""
+    config = getattr(model, "analog_config", None)
+    if config is None:
+        raise ValueError(not_analog)
+    diff = config_difference(json.loads(json.dumps(config.to_dict())), amap.manifest["profile"])
+    if diff:
+        raise ValueError(f"the model's analogue config differs from the map's profile at {diff}; {hint}")
+    layers = analog_layers(model)
+    names = [layer.name for layer in layers]
+    missing = [n for n in names if n not in amap.layers]
+    extra = [n for n in amap.layers if n not in set(names)]
+    if missing or extra:
+        raise MapError(f"{amap.path}: the map's layers do not match the model's analogue layers "
+                       f"(missing from the map: {missing[:3]}, not in the model: {extra[:3]})")
+    return layers
+
+
 def canonical_json(manifest: dict[str, Any]) -> bytes:
     """The bytes a manifest's checksum is taken over: the manifest without ``manifest_sha256``, as JSON
     with sorted keys, no whitespace, ASCII only and Python's round-trip float repr. Parsing the file and

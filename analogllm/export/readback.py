@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from analogllm.chip.state import Programmed
 from analogllm.export.manifest import (
-    DIGEST_KEY, LAYER_DIR, AnalogLayer, AnalogMap, MapError, analog_layers, canonical_json, config_difference,
+    DIGEST_KEY, LAYER_DIR, AnalogLayer, AnalogMap, MapError, analog_layers, canonical_json, check_model_fits_map,
     load_map, save_layer_file,
 )
 from analogllm.fileio import atomic_dir, atomic_write_bytes
@@ -315,19 +315,10 @@ def chip_from_measurement(model: nn.Module, amap: AnalogMap | str | os.PathLike,
     amap = _as_map(amap)
     if not isinstance(measured, Measurement):
         measured = load_measured(amap, measured, progress=progress)
-    config = getattr(model, "analog_config", None)
-    if config is None:
-        raise ValueError("model is not analogue: rebuild it with analogllm.export.readback.load_source_model(map)")
-    diff = config_difference(json.loads(json.dumps(config.to_dict())), amap.manifest["profile"])
-    if diff:
-        raise ValueError(f"the model's analogue config differs from the map's profile at {diff}; read the chip back "
-                         "into the model the map was exported from (or one rebuilt with the map's profile)")
-    layers = {layer.name: layer for layer in analog_layers(model)}
-    missing = [n for n in layers if n not in amap.layers]
-    extra = [n for n in amap.layers if n not in layers]
-    if missing or extra:
-        raise MapError(f"{amap.path}: the map's layers do not match the model's analogue layers "
-                       f"(missing from the map: {missing[:3]}, not in the model: {extra[:3]})")
+    layers = {layer.name: layer for layer in check_model_fits_map(
+        model, amap, "read the chip back into the model the map was exported from (or one rebuilt with the map's "
+        "profile)", "model is not analogue: rebuild it with analogllm.export.readback.load_source_model(map)")}
+    config = model.analog_config
     for name, layer in layers.items():
         if tuple(amap.layers[name].record["shape"]) != layer.shape:
             raise MapError(f"{amap.layers[name].file}: layer {name} has shape {amap.layers[name].record['shape']} in "

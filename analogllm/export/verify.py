@@ -24,7 +24,6 @@ perplexity difference exceeds ``tolerance``; malformed maps raise :class:`MapErr
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 from analogllm.data import token_blocks
 from analogllm.eval.perplexity import evaluate_lm
 from analogllm.export.manifest import (
-    AnalogLayer, MapError, analog_layers, config_difference, load_map, scale_per_input,
+    AnalogLayer, MapError, analog_layers, check_model_fits_map, load_map, scale_per_input,
 )
 from analogllm.export.writer import require_ranges
 from analogllm.ops.noise import seeded
@@ -153,20 +152,8 @@ def verify_map(
     the built-in tokenizer is used when none is given). ``seed`` fixes the shared noise stream.
     """
     amap = load_map(path)
-    config = getattr(model, "analog_config", None)
-    if config is None:
-        raise ValueError("model is not analogue: verify against the analogue model the map was exported from")
-    diff = config_difference(json.loads(json.dumps(config.to_dict())), amap.manifest["profile"])
-    if diff:
-        raise ValueError(f"the model's analogue config differs from the map's profile at {diff}; "
-                         "verify against the model the map was exported from")
-    layers = analog_layers(model)
-    names = [layer.name for layer in layers]
-    missing = [n for n in names if n not in amap.layers]
-    extra = [n for n in amap.layers if n not in set(names)]
-    if missing or extra:
-        raise MapError(f"{amap.path}: the map's layers do not match the model's analogue layers "
-                       f"(missing from the map: {missing[:3]}, not in the model: {extra[:3]})")
+    layers = check_model_fits_map(model, amap, "verify against the model the map was exported from",
+                                  "model is not analogue: verify against the analogue model the map was exported from")
     require_ranges(layers)
     blocks = _eval_blocks(amap.manifest, tokenizer, blocks, max_blocks, block_size)
 
