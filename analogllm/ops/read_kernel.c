@@ -29,17 +29,6 @@
 #define PHILOX_W0 0x9E3779B9U
 #define PHILOX_W1 0xBB67AE85U
 
-/* Philox-4x32-10 (Random123): four 32-bit words of counter c under key k, in place. */
-static inline void philox(uint32_t c[4], uint32_t k0, uint32_t k1) {
-    for (int r = 0; r < 10; r++) {
-        if (r) { k0 += PHILOX_W0; k1 += PHILOX_W1; }
-        uint64_t p0 = (uint64_t)PHILOX_M0 * c[0], p1 = (uint64_t)PHILOX_M1 * c[2];
-        uint32_t hi0 = (uint32_t)(p0 >> 32), lo0 = (uint32_t)p0, hi1 = (uint32_t)(p1 >> 32), lo1 = (uint32_t)p1;
-        uint32_t n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
-        c[0] = n0; c[1] = lo1; c[2] = n2; c[3] = lo0;
-    }
-}
-
 /* log2(m) for m in [0.75, 1.5): m − 1 times a degree-7 polynomial, least-squares fitted on Chebyshev
  * nodes (max abs. error 5e-8); no division, so it vectorises at full rate. */
 static inline float log2_near_one(float m) {
@@ -72,19 +61,42 @@ static inline void bm_angle(uint32_t b, float* cs, float* sn) {
     *sn = q == 0 ? s : q == 1 ? c : q == 2 ? -s : -c;
 }
 
-/* The O normals of tile t, row n (stream 0) into z (O rounded up to a multiple of 4). */
-static void normals(float* z, int64_t O, uint32_t n, uint32_t t, uint32_t k0, uint32_t k1) {
+/* Groups of four normals made per block: the Philox rounds run over a block's counters as one
+ * structure-of-arrays loop (16 lanes: one AVX-512 or two AVX2 vectors per word), so they vectorise;
+ * a loop over groups that keeps each counter's four words together does not. */
+#define BLOCK 16
+
+/* The normals of tile t, row n (stream 0) into z, for O outputs rounded up to a multiple of 4·BLOCK
+ * (z must hold that many). */
+static void normals(float* restrict z, int64_t O, uint32_t n, uint32_t t, uint32_t k0, uint32_t k1) {
     int64_t groups = (O + 3) / 4;
-    #pragma omp simd
-    for (int64_t g = 0; g < groups; g++) {
-        uint32_t c[4] = {(uint32_t)g, n, t, 0U};
-        philox(c, k0, k1);
-        for (int pair = 0; pair < 2; pair++) {
-            float u1 = (float)((c[2 * pair] >> 8) + 1U) * (1.0f / 16777216.0f);
-            float r = bm_radius(u1), cs, sn;
-            bm_angle(c[2 * pair + 1] >> 8, &cs, &sn);
-            z[4 * g + 2 * pair] = r * cs;
-            z[4 * g + 2 * pair + 1] = r * sn;
+    for (int64_t g0 = 0; g0 < groups; g0 += BLOCK) {
+        uint32_t w0[BLOCK], w1[BLOCK], w2[BLOCK], w3[BLOCK];
+        for (int i = 0; i < BLOCK; i++) { w0[i] = (uint32_t)(g0 + i); w1[i] = n; w2[i] = t; w3[i] = 0U; }
+        uint32_t a0 = k0, a1 = k1;
+        for (int r = 0; r < 10; r++) {
+            if (r) { a0 += PHILOX_W0; a1 += PHILOX_W1; }
+            #pragma omp simd
+            for (int i = 0; i < BLOCK; i++) {
+                uint64_t p0 = (uint64_t)PHILOX_M0 * w0[i], p1 = (uint64_t)PHILOX_M1 * w2[i];
+                uint32_t n0 = (uint32_t)(p1 >> 32) ^ w1[i] ^ a0, n2 = (uint32_t)(p0 >> 32) ^ w3[i] ^ a1;
+                w0[i] = n0; w1[i] = (uint32_t)p1; w2[i] = n2; w3[i] = (uint32_t)p0;
+            }
+        }
+        float r0[BLOCK], c0[BLOCK], s0[BLOCK], r1[BLOCK], c1[BLOCK], s1[BLOCK];
+        #pragma omp simd
+        for (int i = 0; i < BLOCK; i++) {
+            r0[i] = bm_radius((float)((w0[i] >> 8) + 1U) * (1.0f / 16777216.0f));
+            r1[i] = bm_radius((float)((w2[i] >> 8) + 1U) * (1.0f / 16777216.0f));
+            bm_angle(w1[i] >> 8, &c0[i], &s0[i]);
+            bm_angle(w3[i] >> 8, &c1[i], &s1[i]);
+        }
+        float* zb = z + 4 * g0;
+        for (int i = 0; i < BLOCK; i++) {
+            zb[4 * i] = r0[i] * c0[i];
+            zb[4 * i + 1] = r0[i] * s0[i];
+            zb[4 * i + 2] = r1[i] * c1[i];
+            zb[4 * i + 3] = r1[i] * s1[i];
         }
     }
 }
@@ -92,7 +104,7 @@ static void normals(float* z, int64_t O, uint32_t n, uint32_t t, uint32_t k0, ui
 /* The normals of tile t, rows 0..N-1, outputs 0..O-1 under key (for tests). */
 void analogllm_normals(float* out, int64_t T, int64_t N, int64_t O, uint64_t key) {
     uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
-    int64_t padded = (O + 3) / 4 * 4;
+    int64_t padded = (O + 4 * BLOCK - 1) / (4 * BLOCK) * (4 * BLOCK);
     float* z = (float*)malloc(sizeof(float) * (size_t)padded);
     if (!z) return;
     for (int64_t t = 0; t < T; t++)
@@ -185,7 +197,7 @@ int64_t analogllm_read(const float* y, float* out, int64_t T, int64_t N, int64_t
                        float* gate, float* resid, const float* cur, const float* yd, float irk, const float* again,
                        const float* aoff) {
     uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
-    int64_t padded = (O + 3) / 4 * 4, clipped = 0;
+    int64_t padded = (O + 4 * BLOCK - 1) / (4 * BLOCK) * (4 * BLOCK), clipped = 0;
     int mode = (cur && yd ? 64 : 0) | (again && aoff && bound ? 32 : 0) | (noise ? 16 : 0) | (sat > 0.0f ? 8 : 0)
                | (bound ? 4 : 0) | (gate ? 2 : 0) | (resid && bound ? 1 : 0);
     float* scratch = (float*)malloc(sizeof(float) * (size_t)padded * (size_t)threads);
