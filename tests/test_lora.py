@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 
@@ -16,8 +17,11 @@ from analogllm.hf.models import load_model
 from analogllm.nn.linear import AnalogLinear
 from analogllm.recipes import load_recipe
 from analogllm.tuners import lora
-from analogllm.hf.checkpoint import is_analog_checkpoint
+from analogllm.hf.checkpoint import is_analog_checkpoint, save_pretrained
+from analogllm.config.schema import ConfigError
+from analogllm.training.config import DistillSection
 from analogllm.training.finetune import MIN_GAP, FinetuneRecipe, TrainSection, finetune, train_adapters
+from analogllm.training.hwa import Teacher, distillation_loss
 from analogllm.tuners.pat import HardwareBackend, SimulatedChip, hardware_layers, on_hardware
 from analogllm.tuners.zeroth_order import SPSA, ZerothOrderConfig
 
@@ -384,3 +388,64 @@ def test_cli_finetune_bad_settings_are_one_line_errors(capsys):
     assert "lora.r" in capsys.readouterr().err
     assert main(["finetune", "no-such-recipe"]) == 2
     assert "no-such-recipe" in capsys.readouterr().err
+
+
+# ----- distillation from the digital model ----------------------------------------------------------------------
+def sharp_pair(profile: str, seconds: float):
+    """(digital teacher, its programmed chip, training blocks): tiny-llama with its final norm scaled ×30, so
+    its next-token distributions are peaked (a random tiny model's are nearly uniform: nothing to distil)."""
+    digital, tok = load_model("tiny-llama")
+    with torch.no_grad():
+        digital.model.norm.weight.mul_(30.0)
+    chip = copy.deepcopy(digital)
+    al.analogize_(chip, al.AnalogConfig.from_profile(profile))
+    al.program_(chip, seed=0, seconds=seconds)
+    train = token_blocks(tok, block_size=64, split="train", max_blocks=256)
+    lora.calibrate_(chip, train[:8])
+    return Teacher(digital), chip, train
+
+
+def test_distillation_objective_is_zero_on_an_exact_chip_and_trains_on_a_noisy_one():
+    # On the ideal profile the chip computes the digital model, so KL(teacher || chip) starts at ~0; on pcm
+    # it starts well above and the adapters lower it, with the teacher never receiving a gradient.
+    distill = replace(TRAIN, steps=40, lr=1e-3, distill=DistillSection(enabled=True))
+    teacher, exact, train = sharp_pair("ideal", 0.0)
+    info = train_adapters(lora.attach_lora(exact, lora.LoraSettings(r=4, alpha=8)), "backprop", train,
+                          replace(distill, steps=1), ZO, teacher=teacher)
+    assert abs(info["first_loss"]) < 1e-4
+    teacher, noisy, train = sharp_pair("pcm", DAY)
+    peft_model = lora.attach_lora(noisy, lora.LoraSettings(r=16, alpha=32))
+    ids = train[:8]
+
+    def kl() -> float:  # on a fixed batch under a fixed read-noise stream
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(5)
+            return float(distillation_loss(peft_model(input_ids=ids).logits, teacher.logits(ids)))
+
+    before = kl()
+    info = train_adapters(peft_model, "backprop", train, distill, ZO, teacher=teacher)
+    after = kl()
+    assert info["first_loss"] > 0.05 and after < 0.9 * before, (info, before, after)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.model.parameters())
+    with pytest.raises(ValueError, match="teacher"):
+        train_adapters(peft_model, "backprop", train, distill, ZO)
+
+
+def test_a_teacher_must_be_digital():
+    model, _, _ = make_chip()
+    with pytest.raises(ValueError, match="digital"):
+        Teacher(model)
+    al.set_mode(model, "digital")
+    assert Teacher(model).model is model  # an analogue model's exact targets qualify
+
+
+def test_finetune_distils_from_the_baseline_and_needs_one(tmp_path):
+    recipe = load_recipe(FinetuneRecipe, "finetune-tiny", {
+        "train.modes": ["backprop"], "train.steps": 2, "data.eval_blocks": 2, "data.train_blocks": 16,
+        "train.distill.enabled": True, "eval.plot": False})
+    result = finetune(recipe, progress=False, log=lambda _: None)
+    assert result.modes[0].first_loss < 0.05  # KL(digital || chip) of a random tiny model, not its CE (~ln V)
+    chip_dir = tmp_path / "chip"
+    save_pretrained(make_chip()[0], chip_dir, tokenizer=load_model("tiny-llama")[1])
+    with pytest.raises(ConfigError, match="baseline"):
+        finetune(replace(recipe, model=str(chip_dir)), progress=False, log=lambda _: None)

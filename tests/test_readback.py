@@ -348,6 +348,13 @@ def test_cli_loop_and_clean_failures(pcm, tmp_path, capsys):
     assert results["measurement_sha256"] == rb.load_measured(path, measured).digest and len(results["modes"]) == 2
     for mode in ("backprop", "physics-aware"):
         assert (out / "adapters" / f"day1-{mode}" / "adapter_config.json").is_file()
+    # distillation from the map's own targets (the model in digital mode): a KL, far below the CE above
+    kd_out = tmp_path / "kd"
+    assert main(["readback", str(path), str(measured), "--quiet", "--out", str(kd_out), "--set", "train.steps=2",
+                 "--set", "train.modes=[backprop]", "--set", "data.eval_blocks=2", "--set", "train.distill.enabled=true"]) == 0
+    capsys.readouterr()
+    kd = json.loads((kd_out / "readback-results.json").read_text())["modes"][0]["first_loss"]
+    assert 0 < kd < 0.1 * results["modes"][0]["first_loss"], (kd, results["modes"][0]["first_loss"])
 
     # bad input: exit 2, one line naming what was wrong, nothing written
     bad = copy_measurement(measured, tmp_path / "bad")

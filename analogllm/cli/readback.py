@@ -122,21 +122,9 @@ def _adapter_dirs(out: Path, template: str, modes: tuple[str, ...]) -> dict[str,
     return dirs
 
 
-def run_readback(args: argparse.Namespace) -> int:
-    from analogllm.chip import mode as hardware_mode
-    from analogllm.export.manifest import load_map
-    from analogllm.export.readback import (
-        chip_from_measurement, deviation, load_measured, load_source_model, save_readback_adapters, write_json,
-    )
-    from analogllm.training.finetune import FinetuneResult, adapt, recipe_texts, report_markdown, score
-
-    progress = not args.quiet
-    recipe = _recipe(args)
-    amap = load_map(args.map)  # bad maps and measurements fail here, before the model is loaded
-    measured = load_measured(amap, args.measured)
-    out = args.out or args.map
-    modes = () if args.eval_only else tuple(recipe.train.modes)
-    dirs = _adapter_dirs(out, args.name, modes)
+def _load_chip(args: argparse.Namespace, amap: Any, measured: Any) -> tuple[Any, Any, dict[str, float]]:
+    """(model on the measured chip, tokenizer, per-layer deviation from the map's targets), reported."""
+    from analogllm.export.readback import chip_from_measurement, deviation, load_source_model
 
     start = time.perf_counter()
     model, tokenizer = load_source_model(amap, args.model)
@@ -149,6 +137,36 @@ def run_readback(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - start:.1f} s; read noise: {args.read_noise}")
     print(f"chip vs map targets: ||W_chip - W_target|| / ||W_target|| mean {sum(dev.values()) / len(dev):.3g}, "
           f"worst {dev[worst]:.3g} ({worst})")
+    return model, tokenizer, dev
+
+
+def _teacher(args: argparse.Namespace, amap: Any, recipe: Any, modes: tuple[str, ...]) -> Any:
+    """With ``train.distill``: the map's model in digital mode (its exact targets) as the adapters' teacher."""
+    from analogllm.chip import set_mode
+    from analogllm.export.readback import load_source_model
+    from analogllm.training.hwa import Teacher
+
+    if not (recipe.train.distill.enabled and modes):
+        return None
+    twin, _ = load_source_model(amap, args.model)
+    return Teacher(set_mode(twin, "digital"))
+
+
+def run_readback(args: argparse.Namespace) -> int:
+    from analogllm.chip import mode as hardware_mode
+    from analogllm.export.manifest import load_map
+    from analogllm.export.readback import load_measured, save_readback_adapters, write_json
+    from analogllm.training.finetune import FinetuneResult, adapt, recipe_texts, report_markdown, score
+
+    progress = not args.quiet
+    recipe = _recipe(args)
+    amap = load_map(args.map)  # bad maps and measurements fail here, before the model is loaded
+    measured = load_measured(amap, args.measured)
+    out = args.out or args.map
+    modes = () if args.eval_only else tuple(recipe.train.modes)
+    dirs = _adapter_dirs(out, args.name, modes)
+    model, tokenizer, dev = _load_chip(args, amap, measured)
+    teacher = _teacher(args, amap, recipe, modes)
 
     source = args.model or amap.manifest["model"].get("source")
     seed = int(amap.manifest["chip"]["seed"])
@@ -168,11 +186,8 @@ def run_readback(args: argparse.Namespace) -> int:
     def save(peft_model: Any, mode: str, info: dict[str, Any]) -> str:
         return str(save_readback_adapters(peft_model, dirs[mode], results={"mode": mode, **info}))
 
-    results = []
-    for mode in modes:
-        scores[f"{recipe.label} + LoRA ({mode})"] = {k: [] for k in texts}
-        results.append(adapt(model, mode, seed, measured.seconds, train_blocks, texts, scores, recipe, save, progress,
-                             print))
+    results = [adapt(model, mode, seed, measured.seconds, train_blocks, texts, scores, recipe, save, progress, print,
+                     teacher) for mode in modes]
     result = FinetuneResult(recipe=recipe, texts=tuple(texts), digital=digital, scores=scores, modes=tuple(results))
     print()
     print("(digital: the map's targets computed exactly)")

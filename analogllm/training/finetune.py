@@ -50,6 +50,8 @@ from analogllm.eval.perplexity import LMScore, evaluate_lm
 from analogllm.hf.models import load_model
 from analogllm.hf.checkpoint import save_pretrained
 from analogllm.ops.noise import seeded
+from analogllm.training.config import DistillSection
+from analogllm.training.hwa import Teacher, distillation_loss, lm_loss
 from analogllm.config.schema import ConfigError, check, to_dict
 from analogllm.tuners.lora import (
     ADAPTERS_DIR,
@@ -116,7 +118,11 @@ class DataSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    """Gradient modes to run (each from the same fresh adapter) and the AdamW loop of the gradient modes."""
+    """Gradient modes to run (each from the same fresh adapter), the AdamW loop of the gradient modes and
+    the objective: next-token cross-entropy, or (``distill.enabled``) distillation from the digital model
+    (the baseline, else the model itself when it is digital). Distillation asks the adapters to undo what
+    the chip changed rather than to fit the training text, so what they learn carries over to text of
+    another kind; cross-entropy on a narrow corpus also learns that corpus."""
 
     modes: tuple[Mode, ...] = MODES  # type: ignore[assignment]
     steps: int = 50
@@ -125,6 +131,7 @@ class TrainSection:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     seed: int = 0
+    distill: DistillSection = field(default_factory=DistillSection)
 
     def __post_init__(self) -> None:
         check(len(self.modes) > 0, "train.modes", f"must name at least one of {', '.join(MODES)}")
@@ -334,8 +341,14 @@ def _batch_stream(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[
         yield blocks[torch.randint(0, len(blocks), (batch_size,), generator=gen)]
 
 
-def _lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, labels=ids).loss
+def _loss(model: torch.nn.Module, ids: torch.Tensor, target: torch.Tensor | None, distill: DistillSection) -> torch.Tensor:
+    """The adapters' objective on one batch: cross-entropy, or with the teacher's logits ``target``
+    ``w·KD + (1−w)·CE`` (``distill``)."""
+    if target is None:
+        return model(input_ids=ids, labels=ids).loss
+    logits = model(input_ids=ids).logits
+    kd = distillation_loss(logits, target, distill.temperature)
+    return kd if distill.weight == 1 else distill.weight * kd + (1 - distill.weight) * lm_loss(logits, ids)
 
 
 def train_adapters(
@@ -346,8 +359,10 @@ def train_adapters(
     zeroth_order: ZerothOrderConfig,
     backend: HardwareBackend | None = None,
     progress: bool = False,
+    teacher: Teacher | None = None,
 ) -> dict[str, Any]:
-    """Train the adapters of a chip-LoRA ``model`` (from :func:`attach_lora`) in ``mode``.
+    """Train the adapters of a chip-LoRA ``model`` (from :func:`attach_lora`) in ``mode``; with a
+    ``teacher`` (the digital model) by distillation as ``train.distill`` says, else by cross-entropy.
 
     Returns the counts (steps, forwards, backwards), the first/last training loss and mode notes. The
     base chip is checked to be the deployed, frozen chip before and after. The chip's read noise comes
@@ -355,16 +370,20 @@ def train_adapters(
     as they were.
     """
     with seeded(train.seed + 1):
-        return _train_adapters(model, mode, blocks, train, zeroth_order, backend, progress)
+        return _train_adapters(model, mode, blocks, train, zeroth_order, backend, progress, teacher)
 
 
-def _train_adapters(model, mode, blocks, train, zeroth_order, backend, progress) -> dict[str, Any]:
+def _train_adapters(model, mode, blocks, train, zeroth_order, backend, progress, teacher) -> dict[str, Any]:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     params = [p for _, p in adapter_parameters(model)]
     if not params:
         raise ValueError("the model has no trainable adapter parameters; attach them with attach_lora")
-    batches = _batch_stream(blocks, train.batch_size, train.seed)
+    if train.distill.enabled and teacher is None:
+        raise ValueError("train.distill.enabled needs the digital teacher model (teacher=Teacher(digital))")
+    teacher = teacher if train.distill.enabled else None
+    batches = ((ids, None if teacher is None else teacher.logits(ids))
+               for ids in _batch_stream(blocks, train.batch_size, train.seed))
     losses: list[float] = []
     notes: dict[str, float] = {}
     forwards = backwards = 0
@@ -376,14 +395,15 @@ def _train_adapters(model, mode, blocks, train, zeroth_order, backend, progress)
         spsa = SPSA(params, zeroth_order, seed=train.seed)
         with torch.no_grad(), on_hardware(model, backend):
             if zeroth_order.noise_probe:
-                probe_batch = next(_batch_stream(blocks, train.batch_size, train.seed + 7))
-                sigma_l, sigma_g = spsa.probe_noise(lambda: _lm_loss(model, probe_batch))
+                probe = next(_batch_stream(blocks, train.batch_size, train.seed + 7))
+                probe_target = None if teacher is None else teacher.logits(probe)
+                sigma_l, sigma_g = spsa.probe_noise(lambda: _loss(model, probe, probe_target, train.distill))
                 notes.update(loss_noise=sigma_l, grad_noise=sigma_g)
             bar = tqdm(range(steps), desc="zeroth-order", disable=not progress, leave=False)
             signal = 0.0
             for _ in bar:
-                ids = next(batches)
-                step = spsa.step(lambda: _lm_loss(model, ids))
+                ids, target = next(batches)
+                step = spsa.step(lambda: _loss(model, ids, target, train.distill))
                 losses.append(step.loss)
                 signal += sum(abs(g) for g in step.projected) / len(step.projected)
                 bar.set_postfix(loss=f"{step.loss:.3f}")
@@ -400,8 +420,8 @@ def _train_adapters(model, mode, blocks, train, zeroth_order, backend, progress)
         with context:
             bar = tqdm(range(steps), desc=mode, disable=not progress, leave=False)
             for _ in bar:
-                ids = next(batches)
-                loss = _lm_loss(model, ids)
+                ids, target = next(batches)
+                loss = _loss(model, ids, target, train.distill)
                 loss.backward()
                 if train.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
@@ -452,6 +472,16 @@ def _analogue(name: str, recipe: FinetuneRecipe, train: torch.Tensor, progress: 
     return analogize_(model, config, calibration=calibration, progress=progress)
 
 
+def _teacher(recipe: FinetuneRecipe, digital: torch.nn.Module | None) -> Teacher | None:
+    """The distillation teacher: the digital model scored beside the chips (``train.distill``)."""
+    if not recipe.train.distill.enabled:
+        return None
+    if digital is None:
+        raise ConfigError(f"train.distill.enabled: {recipe.model} is an analogue checkpoint; name its digital "
+                          "model as `baseline` so the adapters have a teacher")
+    return Teacher(digital)
+
+
 def _program(model: torch.nn.Module, seed: int, age: float, calibration: torch.Tensor) -> None:
     program_(model, seed, age)
     calibrate_(model, calibration, seed=seed)  # unset learned DAC ranges (no mapping) from one read
@@ -471,6 +501,7 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
         None if getattr(model, "analog_config", None) is not None else model)
     digital = {k: score(digital_model, v, recipe, f"digital ({k})", progress)
                for k, v in texts.items()} if recipe.eval.digital and digital_model is not None else {}
+    teacher = _teacher(recipe, digital_model)
     chip = _analogue(recipe.model, recipe, train, progress)
     baseline = _analogue(recipe.baseline, recipe, train, progress) if recipe.baseline else None
     if out is not None:  # the base the adapters sit beside (their folders name chip seed and age)
@@ -494,7 +525,8 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
                 save = None if out is None else (
                     lambda peft_model, mode, info, seed=seed, age=age:
                     save_adapters(peft_model, out / ADAPTERS_DIR / f"{mode}-chip{seed}-t{age:g}"))
-                results.append(adapt(chip, mode, seed, age, train, texts, scores, recipe, save, progress, log))
+                results.append(adapt(chip, mode, seed, age, train, texts, scores, recipe, save, progress, log,
+                                     teacher))
     result = FinetuneResult(recipe=recipe, texts=tuple(texts), digital=digital, scores=scores, modes=tuple(results))
     if out is not None:
         _write_json(out / "results.json", result.to_dict())
@@ -504,22 +536,23 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
     return result
 
 
-def adapt(chip, mode, seed, age, train, texts, scores, recipe, save, progress, log) -> ModeResult:
+def adapt(chip, mode, seed, age, train, texts, scores, recipe, save, progress, log, teacher=None) -> ModeResult:
     """Train and score one fresh adapter in ``mode`` beside ``chip`` (programmed or read back at seed, age),
-    append its scores to ``scores`` and hand it to ``save(peft_model, mode, info)`` (returning the folder)."""
+    append its scores to ``scores`` and hand it to ``save(peft_model, mode, info)`` (returning the folder).
+    ``teacher``: the digital model that ``train.distill`` distils from."""
     fingerprint = chip_fingerprint(chip)
     peft_model = attach_lora(chip, recipe.lora)
     trainable = sum(p.numel() for _, p in adapter_parameters(peft_model))
     backend = SimulatedChip(peft_model) if mode != "backprop" else None
     start = time.perf_counter()
     with _PeakMemory() as memory:
-        info = train_adapters(peft_model, mode, train, recipe.train, recipe.zeroth_order, backend, progress)
+        info = train_adapters(peft_model, mode, train, recipe.train, recipe.zeroth_order, backend, progress, teacher)
     seconds = time.perf_counter() - start
     if chip_fingerprint(peft_model) != fingerprint:
         raise RuntimeError(f"{mode}: the base chip changed during adapter training")
     row = _mode_row(recipe, mode)
     for k, v in texts.items():
-        scores[row][k].append((seed, age, score(peft_model, v, recipe, f"{row} ({k})", progress)))
+        scores.setdefault(row, {t: [] for t in texts})[k].append((seed, age, score(peft_model, v, recipe, f"{row} ({k})", progress)))
     saved = None
     if save is not None:
         latest = {k: asdict(v[-1][2]) for k, v in ((k, scores[row][k]) for k in texts)}

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from analogllm.nn.convert import analog_matrices
 from analogllm.nn.matrix import AnalogMatrix
-from analogllm.chip.program import mode
+from analogllm.chip.program import mode, modes
 from analogllm.ops.noise import seeded
 from analogllm.ops.quant import clip_bound
 from analogllm.training.config import FREEZE_GROUPS, TrainSection
@@ -104,12 +104,14 @@ class Teacher:
     """The frozen digital model whose output distribution the analogue student learns to reproduce.
 
     Frozen means: eval mode, ``requires_grad=False`` on every parameter and no autograd graph, so
-    nothing in the student's backward pass can reach it.
+    nothing in the student's backward pass can reach it. An analogue model qualifies only with every
+    matrix in ``digital`` mode (its exact targets, e.g. the model a chip map was exported from).
     """
 
     def __init__(self, model: nn.Module) -> None:
-        if getattr(model, "analog_config", None) is not None:
-            raise ValueError("the teacher must be the digital model: pass a copy taken before analogize_")
+        if getattr(model, "analog_config", None) is not None and set(modes(model).values()) - {"digital"}:
+            raise ValueError("the teacher must be the digital model: pass a copy taken before analogize_ "
+                             "(or an analogue copy with set_mode(copy, 'digital'))")
         self.model = model.eval().requires_grad_(False)
 
     @torch.no_grad()
