@@ -382,61 +382,71 @@ def _train_adapters(model, mode, blocks, train, zeroth_order, backend, progress,
     if train.distill.enabled and teacher is None:
         raise ValueError("train.distill.enabled needs the digital teacher model (teacher=Teacher(digital))")
     teacher = teacher if train.distill.enabled else None
-    batches = ((ids, None if teacher is None else teacher.logits(ids))
-               for ids in _batch_stream(blocks, train.batch_size, train.seed))
+
+    def batch(seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(ids, the teacher's logits or None) batches of one private stream."""
+        return ((ids, None if teacher is None else teacher.logits(ids))
+                for ids in _batch_stream(blocks, train.batch_size, seed))
+
+    check_deployed(model)
+    if mode == "zeroth-order":
+        info = _zeroth_order(model, params, batch, train, zeroth_order, backend, progress)
+    else:
+        info = _gradient(model, params, mode, batch(train.seed), train, backend, progress)
+    check_deployed(model)
+    return info
+
+
+def _zeroth_order(model, params, batch, train, zeroth_order, backend, progress) -> dict[str, Any]:
+    """SPSA from forward passes on the backend; notes the loss noise and the finite-difference SNR."""
+    steps = zeroth_order.steps or train.steps
+    model.eval()  # forward passes only: no dropout, analogue adapters read as programmed
+    spsa = SPSA(params, zeroth_order, seed=train.seed)
     losses: list[float] = []
     notes: dict[str, float] = {}
-    forwards = backwards = 0
-
-    if mode == "zeroth-order":
-        steps = zeroth_order.steps or train.steps
-        model.eval()  # forward passes only: no dropout, analogue adapters read as programmed
-        check_deployed(model)
-        spsa = SPSA(params, zeroth_order, seed=train.seed)
-        with torch.no_grad(), on_hardware(model, backend):
-            if zeroth_order.noise_probe:
-                probe = next(_batch_stream(blocks, train.batch_size, train.seed + 7))
-                probe_target = None if teacher is None else teacher.logits(probe)
-                sigma_l, sigma_g = spsa.probe_noise(lambda: _loss(model, probe, probe_target, train.distill))
-                notes.update(loss_noise=sigma_l, grad_noise=sigma_g)
-            bar = tqdm(range(steps), desc="zeroth-order", disable=not progress, leave=False)
-            signal = 0.0
-            for _ in bar:
-                ids, target = next(batches)
-                step = spsa.step(lambda: _loss(model, ids, target, train.distill))
-                losses.append(step.loss)
-                signal += sum(abs(g) for g in step.projected) / len(step.projected)
-                bar.set_postfix(loss=f"{step.loss:.3f}")
-            forwards = spsa.forwards
-            notes["mean_abs_projected_grad"] = signal / steps
-            if "grad_noise" in notes and notes["grad_noise"] > 0:
-                notes["snr"] = notes["mean_abs_projected_grad"] / notes["grad_noise"]
-    else:
-        steps = train.steps
-        model.train()  # dropout only: the base stays the programmed chip (its mode is "chip")
-        check_deployed(model)
-        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-        context = on_hardware(model, backend) if mode == "physics-aware" else nullcontext()
-        with context:
-            bar = tqdm(range(steps), desc=mode, disable=not progress, leave=False)
-            for _ in bar:
-                ids, target = next(batches)
-                loss = _loss(model, ids, target, train.distill)
-                loss.backward()
-                if train.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-                forwards += 1
-                backwards += 1
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                if not math.isfinite(losses[-1]):
-                    raise FloatingPointError(f"{mode}: training loss is {losses[-1]}; lower train.lr")
-        model.eval()
-    check_deployed(model)
-    return {"steps": steps, "forwards": forwards, "backwards": backwards, "first_loss": losses[0],
+    batches = batch(train.seed)
+    with torch.no_grad(), on_hardware(model, backend):
+        if zeroth_order.noise_probe:
+            probe, probe_target = next(batch(train.seed + 7))
+            sigma_l, sigma_g = spsa.probe_noise(lambda: _loss(model, probe, probe_target, train.distill))
+            notes.update(loss_noise=sigma_l, grad_noise=sigma_g)
+        bar = tqdm(range(steps), desc="zeroth-order", disable=not progress, leave=False)
+        signal = 0.0
+        for _ in bar:
+            ids, target = next(batches)
+            step = spsa.step(lambda: _loss(model, ids, target, train.distill))
+            losses.append(step.loss)
+            signal += sum(abs(g) for g in step.projected) / len(step.projected)
+            bar.set_postfix(loss=f"{step.loss:.3f}")
+    notes["mean_abs_projected_grad"] = signal / steps
+    if "grad_noise" in notes and notes["grad_noise"] > 0:
+        notes["snr"] = notes["mean_abs_projected_grad"] / notes["grad_noise"]
+    return {"steps": steps, "forwards": spsa.forwards, "backwards": 0, "first_loss": losses[0],
             "last_loss": losses[-1], "notes": notes}
+
+
+def _gradient(model, params, mode, batches, train, backend, progress) -> dict[str, Any]:
+    """AdamW on the adapters: backprop through the simulated chip, or physics-aware on the backend."""
+    model.train()  # dropout only: the base stays the programmed chip (its mode is "chip")
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    losses: list[float] = []
+    with on_hardware(model, backend) if mode == "physics-aware" else nullcontext():
+        bar = tqdm(range(train.steps), desc=mode, disable=not progress, leave=False)
+        for _ in bar:
+            ids, target = next(batches)
+            loss = _loss(model, ids, target, train.distill)
+            loss.backward()
+            if train.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"{mode}: training loss is {losses[-1]}; lower train.lr")
+    model.eval()
+    return {"steps": train.steps, "forwards": train.steps, "backwards": train.steps, "first_loss": losses[0],
+            "last_loss": losses[-1], "notes": {}}
 
 
 def score(model: torch.nn.Module, blocks: torch.Tensor, recipe: FinetuneRecipe, desc: str, progress: bool) -> LMScore:
