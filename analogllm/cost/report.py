@@ -103,19 +103,9 @@ def to_dict(report: CostReport) -> dict[str, Any]:
     return out
 
 
-def markdown(report: CostReport) -> str:
-    """The tables ``analogllm cost`` prints and writes to ``cost.md``."""
-    w, hw = report.workload, report.hardware
-    t = w.totals()
-    lines = [
-        f"# Cost per token: {w.source or w.model_type} on {hw.name} ({w.target}, {w.device} profile)",
-        "",
-        f"{hw.description}. One decode step at {w.context} tokens of context, batch 1; input: {w.input}.",
-        "",
-        "## Summary",
-        "",
-    ]
-    b = report.baseline
+def _summary_table(report: CostReport, t: dict[str, int]) -> str:
+    """Each headline quantity on the chip and, where it means something, on the GPU baseline."""
+    w, hw, b = report.workload, report.hardware, report.baseline
     gpu = (lambda s: s) if b is not None else (lambda s: "-")  # noqa: E731
     rows = [
         ("energy per token", _si(report.energy_j, "J"), gpu(_si(b.energy_j, "J") if b else "")),
@@ -132,7 +122,57 @@ def markdown(report: CostReport) -> str:
         rows.append(("energy ratio GPU / analogue", f"{b.energy_j / report.energy_j:.3g}×", "-"))
     if report.holding_w:
         rows.append(("phase-shifter holding power", _si(report.holding_w, "W"), "-"))
-    lines += [markdown_table(("quantity", f"{hw.name}", f"GPU ({b.profile.name})" if b else "GPU"), rows), ""]
+    return markdown_table(("quantity", f"{hw.name}", f"GPU ({b.profile.name})" if b else "GPU"), rows)
+
+
+def _layer_table(report: CostReport, t: dict[str, int]) -> str:
+    """The analogue layers, one row each, then their totals."""
+    target = report.workload.target
+    header = ("layer", "shape", "tiles", "arrays", "MACs", "reads", "DAC", "ADC", "periph. FLOPs", "area mm²",
+              "energy", "latency")
+    rows = []
+    for r in report.layers:
+        c = r.counts
+        shape = f"{c.experts}×{c.out}×{c.inp}" if c.experts > 1 else f"{c.out}×{c.inp}"
+        grid = f"{c.tiles}×{c.col_blocks}" + (f"×{c.in_blocks}" if target == "photonic" else "")
+        rows.append((c.name + ("" if c.analog else " (weight-side)"), shape, grid, f"{c.arrays:,}",
+                     _count(c.macs), f"{c.array_reads:,}", f"{c.dac_conversions:,}", f"{c.adc_conversions:,}",
+                     f"{c.periphery_flops:,}", f"{r.area_mm2:.3g}", _si(r.total_pj * PJ, "J"),
+                     _si(r.latency_s, "s")))
+    rows.append(("**total**", "", "", f"{t['arrays']:,}", _count(sum(r.counts.macs for r in report.layers)),
+                 f"{t['array_reads']:,}", f"{sum(r.counts.dac_conversions for r in report.layers):,}",
+                 f"{sum(r.counts.adc_conversions for r in report.layers):,}", f"{t['periphery_flops']:,}",
+                 f"{report.area_mm2:.4g}", _si(sum(r.total_pj for r in report.layers) * PJ, "J"),
+                 _si(sum(r.latency_s for r in report.layers), "s")))
+    return markdown_table(header, rows)
+
+
+def _digital_table(report: CostReport, t: dict[str, int]) -> str:
+    """The digital parts, one row each, then their totals (DRAM traffic in bytes)."""
+    hw = report.hardware
+    bpv = hw.digital.bytes_per_value if hw.digital else 2
+    rows = [(r.op.name, _count(r.op.flops), _count(r.op.dram_values * bpv), _si(r.total_pj * PJ, "J"),
+             _si(r.latency_s, "s"), r.op.note) for r in report.digital]
+    rows.append(("**total**", _count(t["digital_flops"]), _count(t["dram_values"] * bpv),
+                 _si(sum(r.total_pj for r in report.digital) * PJ, "J"),
+                 _si(sum(r.latency_s for r in report.digital), "s"), ""))
+    return markdown_table(("part", "FLOPs", "DRAM bytes", "energy", "latency", "note"), rows)
+
+
+def markdown(report: CostReport) -> str:
+    """The tables ``analogllm cost`` prints and writes to ``cost.md``."""
+    w, hw = report.workload, report.hardware
+    t = w.totals()
+    lines = [
+        f"# Cost per token: {w.source or w.model_type} on {hw.name} ({w.target}, {w.device} profile)",
+        "",
+        f"{hw.description}. One decode step at {w.context} tokens of context, batch 1; input: {w.input}.",
+        "",
+        "## Summary",
+        "",
+        _summary_table(report, t),
+        "",
+    ]
 
     lines += ["## Energy by component", ""]
     total = report.energy_pj
@@ -140,40 +180,15 @@ def markdown(report: CostReport) -> str:
     lines += [markdown_table(("component", "energy / token", "share"),
                              [(k, _si(v * PJ, "J"), f"{100 * v / total:.1f} %") for k, v in comp]), ""]
 
-    lines += ["## Analogue layers", ""]
-    header = ("layer", "shape", "tiles", "arrays", "MACs", "reads", "DAC", "ADC", "periph. FLOPs", "area mm²",
-              "energy", "latency")
-    layer_rows = []
-    for r in report.layers:
-        c = r.counts
-        shape = f"{c.experts}×{c.out}×{c.inp}" if c.experts > 1 else f"{c.out}×{c.inp}"
-        grid = f"{c.tiles}×{c.col_blocks}" + (f"×{c.in_blocks}" if w.target == "photonic" else "")
-        layer_rows.append((c.name + ("" if c.analog else " (weight-side)"), shape, grid, f"{c.arrays:,}",
-                           _count(c.macs), f"{c.array_reads:,}", f"{c.dac_conversions:,}", f"{c.adc_conversions:,}",
-                           f"{c.periphery_flops:,}", f"{r.area_mm2:.3g}", _si(r.total_pj * PJ, "J"),
-                           _si(r.latency_s, "s")))
-    layer_rows.append(("**total**", "", "", f"{t['arrays']:,}", _count(sum(r.counts.macs for r in report.layers)),
-                       f"{t['array_reads']:,}", f"{sum(r.counts.dac_conversions for r in report.layers):,}",
-                       f"{sum(r.counts.adc_conversions for r in report.layers):,}", f"{t['periphery_flops']:,}",
-                       f"{report.area_mm2:.4g}", _si(sum(r.total_pj for r in report.layers) * PJ, "J"),
-                       _si(sum(r.latency_s for r in report.layers), "s")))
-    lines += [markdown_table(header, layer_rows), ""]
-
-    lines += ["## Digital parts", ""]
-    bpv = hw.digital.bytes_per_value if hw.digital else 2
-    drows = [(r.op.name, _count(r.op.flops), _count(r.op.dram_values * bpv), _si(r.total_pj * PJ, "J"),
-              _si(r.latency_s, "s"), r.op.note) for r in report.digital]
-    drows.append(("**total**", _count(t["digital_flops"]), _count(t["dram_values"] * bpv),
-                  _si(sum(r.total_pj for r in report.digital) * PJ, "J"),
-                  _si(sum(r.latency_s for r in report.digital), "s"), ""))
-    lines += [markdown_table(("part", "FLOPs", "DRAM bytes", "energy", "latency", "note"), drows), ""]
+    lines += ["## Analogue layers", "", _layer_table(report, t), ""]
+    lines += ["## Digital parts", "", _digital_table(report, t), ""]
     if report.products_pj:
         lines += [f"Attention products on the chip: {_si(sum(report.products_pj.values()) * PJ, 'J')} per token "
                   "(writing K and V into arrays is not counted).", ""]
 
     lines += ["## Assumptions", ""] + [f"- {a}" for a in report.assumptions] + [""]
     lines += ["## Sources", ""]
-    for profile in (hw, *([b.profile] if b else [])):
+    for profile in (hw, *([report.baseline.profile] if report.baseline else [])):
         lines += [f"{profile.name}:", ""] + [f"- `{k}` = {v_num}: {profile.sources[k]}"
                                              for k, v_num in profile.numbers().items()] + [""]
     return "\n".join(lines).rstrip() + "\n"

@@ -65,6 +65,46 @@ def _floats(values: np.ndarray) -> str:
     return ",".join(map(repr, values.astype(np.float64).tolist()))
 
 
+def _csv_header(records: list[dict[str, Any]]) -> list[list[str]]:
+    """The six header lines of aihwkit's layout: id, class, num_weights, height, width and name per layer."""
+    return [
+        [str(r["layer_id"]) for r in records],
+        [_CLASSES.get(r["kind"], "AnalogLinear") for r in records],
+        [str(math.prod(r["shape"])) for r in records],
+        [str(math.prod(r["shape"][:-1])) for r in records],
+        [str(r["shape"][-1]) for r in records],
+        [r["name"] for r in records],
+    ]
+
+
+def _export_layer(record: dict[str, Any], arrays: dict[str, torch.Tensor]) -> tuple[np.ndarray, dict[str, Any]]:
+    """One layer's Fusion conductances (its CSV line, tile after tile) and its sidecar entry: what the CSV
+    cannot hold (signs, scales, bias, converter ranges) to turn them back into the map's arrays."""
+    gp, gm = arrays["g_plus"].numpy(), arrays["g_minus"].numpy()  # (E, in, out)
+    magnitude = gp + gm  # one of each pair is exactly 0: exact in float32
+    tiles = []
+    chunks = []
+    for tile in _tiles(record):
+        (i0, ni), (o0, no) = tile["inputs"], tile["outputs"]
+        block = magnitude[tile["expert"], i0:i0 + ni, o0:o0 + no].T  # Fusion: (outputs, inputs)
+        chunks.append(np.ascontiguousarray(block).reshape(-1))
+        tiles.append({**tile, "shape": [no, ni]})
+    meta = {
+        "name": record["name"],
+        "tiles": tiles,
+        "signs": base64.b64encode(np.packbits((gm > 0).reshape(-1)).tobytes()).decode(),
+        # an exactly-zero weight can leave -0.0 in a device's target (weight_to_pair of +0 or -0);
+        # equal as numbers, but the positions are kept so the files come back bit for bit
+        "negative_zeros": {k: np.flatnonzero((g == 0) & np.signbit(g)).tolist()
+                           for k, g in (("g_plus", gp), ("g_minus", gm))},
+        "scale": arrays["scale"].numpy().astype(np.float64).tolist(),
+        "bias": arrays["bias"].numpy().astype(np.float64).tolist() if "bias" in arrays else None,
+        "dac_range": record["dac_range"],
+        "gain": record["gain"],
+    }
+    return np.concatenate(chunks), meta
+
+
 def export_fusion(map_dir: str | Path, out_dir: str | Path) -> Path:
     """Write ``fusion.csv`` and ``fusion_sidecar.json`` for a crossbar map into ``out_dir`` (atomically)."""
     amap = load_map(map_dir)
@@ -77,44 +117,15 @@ def export_fusion(map_dir: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     check_destination(out, {CSV_NAME, SIDECAR_NAME}, "a Fusion export")
     records = amap.manifest["layers"]
-    header = [
-        [str(r["layer_id"]) for r in records],
-        [_CLASSES.get(r["kind"], "AnalogLinear") for r in records],
-        [str(math.prod(r["shape"])) for r in records],
-        [str(math.prod(r["shape"][:-1])) for r in records],
-        [str(r["shape"][-1]) for r in records],
-        [r["name"] for r in records],
-    ]
     layers_meta = []
     with atomic_dir(out) as tmp:
         with open(tmp / CSV_NAME, "w", newline="", encoding="utf-8") as f:
-            for line in header:
+            for line in _csv_header(records):
                 f.write(",".join(line) + "\n")
             for record in records:
-                arrays = amap.layers[record["name"]].arrays()
-                gp, gm = arrays["g_plus"].numpy(), arrays["g_minus"].numpy()  # (E, in, out)
-                magnitude = gp + gm  # one of each pair is exactly 0: exact in float32
-                tiles = []
-                chunks = []
-                for tile in _tiles(record):
-                    (i0, ni), (o0, no) = tile["inputs"], tile["outputs"]
-                    block = magnitude[tile["expert"], i0:i0 + ni, o0:o0 + no].T  # Fusion: (outputs, inputs)
-                    chunks.append(np.ascontiguousarray(block).reshape(-1))
-                    tiles.append({**tile, "shape": [no, ni]})
-                f.write(_floats(np.concatenate(chunks)) + "\n")
-                layers_meta.append({
-                    "name": record["name"],
-                    "tiles": tiles,
-                    "signs": base64.b64encode(np.packbits((gm > 0).reshape(-1)).tobytes()).decode(),
-                    # an exactly-zero weight can leave -0.0 in a device's target (weight_to_pair of +0 or -0);
-                    # equal as numbers, but the positions are kept so the files come back bit for bit
-                    "negative_zeros": {k: np.flatnonzero((g == 0) & np.signbit(g)).tolist()
-                                       for k, g in (("g_plus", gp), ("g_minus", gm))},
-                    "scale": arrays["scale"].numpy().astype(np.float64).tolist(),
-                    "bias": arrays["bias"].numpy().astype(np.float64).tolist() if "bias" in arrays else None,
-                    "dac_range": record["dac_range"],
-                    "gain": record["gain"],
-                })
+                conductances, meta = _export_layer(record, amap.layers[record["name"]].arrays())
+                f.write(_floats(conductances) + "\n")
+                layers_meta.append(meta)
         sidecar = {
             "format": SIDECAR_FORMAT,
             "format_version": SIDECAR_VERSION,
@@ -159,12 +170,8 @@ def _read_csv(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def import_fusion(fusion_dir: str | Path, out_dir: str | Path) -> Path:
-    """Rebuild an analogllm map from a Fusion CSV and its sidecar (as :func:`export_fusion` wrote them, or
-    with the CSV's conductances replaced by ones read from a chip). Returns the map folder, checked by
-    :func:`load_map`. With unchanged conductances the map is the source map: same arrays, same files,
-    same manifest checksum."""
-    src = Path(fusion_dir)
+def _read_sidecar(src: Path) -> dict[str, Any]:
+    """The sidecar of the Fusion export in ``src``, refused unless both files are there and it is ours."""
     sidecar_file = src / SIDECAR_NAME
     if not sidecar_file.is_file() or not (src / CSV_NAME).is_file():
         raise FileNotFoundError(f"{src}: not a Fusion export (needs {CSV_NAME} and {SIDECAR_NAME})")
@@ -174,12 +181,62 @@ def import_fusion(fusion_dir: str | Path, out_dir: str | Path) -> Path:
         raise MapError(f"{sidecar_file}: not valid JSON ({exc})") from None
     if sidecar.get("format") != SIDECAR_FORMAT or sidecar.get("format_version") != SIDECAR_VERSION:
         raise MapError(f"{sidecar_file}: not an analogllm Fusion sidecar version {SIDECAR_VERSION}")
+    return sidecar
+
+
+def _check_conductances(csv: Path, meta: dict[str, Any], flat: np.ndarray, g_max: float) -> None:
+    """A layer's CSV line may come from a chip: it must fill its tiles with conductances a device can hold."""
+    expected = sum(t["shape"][0] * t["shape"][1] for t in meta["tiles"])
+    if flat.size != expected:
+        raise MapError(f"{csv}: layer {meta['name']} has {flat.size} values, its tiles {expected}")
+    if not np.isfinite(flat).all() or (flat < 0).any() or (flat > g_max * (1 + 1e-5)).any():
+        raise MapError(f"{csv}: layer {meta['name']}: conductances outside [0, g_max = {g_max} uS]")
+
+
+def _layer_arrays(meta: dict[str, Any], shape: list[int], flat: np.ndarray,
+                  device: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A layer's map arrays from its Fusion conductances: the tiles put back in place, each weight's device
+    chosen by its sign bit, levels rounded from the conductances, scales and bias from the sidecar."""
+    e, n_out, n_in = (shape[0] if len(shape) == 3 else 1), shape[-2], shape[-1]
+    magnitude = np.zeros((e, n_in, n_out), dtype=np.float32)
+    start = 0
+    for tile in meta["tiles"]:
+        (i0, ni), (o0, no) = tile["inputs"], tile["outputs"]
+        block = flat[start:start + no * ni].astype(np.float32).reshape(no, ni)
+        magnitude[tile["expert"], i0:i0 + ni, o0:o0 + no] = block.T
+        start += no * ni
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(meta["signs"]), dtype=np.uint8))[: e * n_in * n_out]
+    negative = bits.reshape(e, n_in, n_out).astype(bool)
+    pair = {"g_plus": np.where(negative, np.float32(0), magnitude),
+            "g_minus": np.where(negative, magnitude, np.float32(0))}
+    for key, where in meta.get("negative_zeros", {}).items():
+        flat_g, idx = pair[key].reshape(-1), np.asarray(where, dtype=np.int64)
+        flat_g[idx[flat_g[idx] == 0]] = np.float32(-0.0)  # unless the CSV now holds a value there
+    g_plus, g_minus = torch.from_numpy(pair["g_plus"]), torch.from_numpy(pair["g_minus"])
+    step = device["level_step_uS"]
+    dtype = level_dtype(device["levels"])
+    arrays = {
+        "g_plus": g_plus, "g_minus": g_minus,
+        "level_plus": torch.round(g_plus / step).to(dtype), "level_minus": torch.round(g_minus / step).to(dtype),
+        "scale": torch.tensor(meta["scale"], dtype=torch.float64).float(),
+    }
+    if meta["bias"] is not None:
+        arrays["bias"] = torch.tensor(meta["bias"], dtype=torch.float64).float()
+    return arrays
+
+
+def import_fusion(fusion_dir: str | Path, out_dir: str | Path) -> Path:
+    """Rebuild an analogllm map from a Fusion CSV and its sidecar (as :func:`export_fusion` wrote them, or
+    with the CSV's conductances replaced by ones read from a chip). Returns the map folder, checked by
+    :func:`load_map`. With unchanged conductances the map is the source map: same arrays, same files,
+    same manifest checksum."""
+    src = Path(fusion_dir)
+    sidecar = _read_sidecar(src)
     manifest = sidecar["source_manifest"]
     records = {r["name"]: r for r in manifest["layers"]}
     metas = sidecar["layers"]
     values = _read_csv(src / CSV_NAME, [m["name"] for m in metas])
     g_max = float(sidecar["g_max_uS"])
-    device = manifest["device"]
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
         raise ValueError(f"{out} exists and is not an analogllm map; choose another output folder or remove it")
@@ -188,40 +245,11 @@ def import_fusion(fusion_dir: str | Path, out_dir: str | Path) -> Path:
         (tmp / LAYER_DIR).mkdir()
         for meta in metas:
             if meta["name"] not in records:
-                raise MapError(f"{sidecar_file}: layer {meta['name']!r} is not in the source manifest")
+                raise MapError(f"{src / SIDECAR_NAME}: layer {meta['name']!r} is not in the source manifest")
             record = dict(records[meta["name"]])
-            shape = record["shape"]
-            e, n_out, n_in = (shape[0] if len(shape) == 3 else 1), shape[-2], shape[-1]
             flat = values[meta["name"]]
-            expected = sum(t["shape"][0] * t["shape"][1] for t in meta["tiles"])
-            if flat.size != expected:
-                raise MapError(f"{src / CSV_NAME}: layer {meta['name']} has {flat.size} values, its tiles {expected}")
-            if not np.isfinite(flat).all() or (flat < 0).any() or (flat > g_max * (1 + 1e-5)).any():
-                raise MapError(f"{src / CSV_NAME}: layer {meta['name']}: conductances outside [0, g_max = {g_max} uS]")
-            magnitude = np.zeros((e, n_in, n_out), dtype=np.float32)
-            start = 0
-            for tile in meta["tiles"]:
-                (i0, ni), (o0, no) = tile["inputs"], tile["outputs"]
-                block = flat[start:start + no * ni].astype(np.float32).reshape(no, ni)
-                magnitude[tile["expert"], i0:i0 + ni, o0:o0 + no] = block.T
-                start += no * ni
-            bits = np.unpackbits(np.frombuffer(base64.b64decode(meta["signs"]), dtype=np.uint8))[: e * n_in * n_out]
-            negative = bits.reshape(e, n_in, n_out).astype(bool)
-            pair = {"g_plus": np.where(negative, np.float32(0), magnitude),
-                    "g_minus": np.where(negative, magnitude, np.float32(0))}
-            for key, where in meta.get("negative_zeros", {}).items():
-                flat_g, idx = pair[key].reshape(-1), np.asarray(where, dtype=np.int64)
-                flat_g[idx[flat_g[idx] == 0]] = np.float32(-0.0)  # unless the CSV now holds a value there
-            g_plus, g_minus = torch.from_numpy(pair["g_plus"]), torch.from_numpy(pair["g_minus"])
-            step = device["level_step_uS"]
-            dtype = level_dtype(device["levels"])
-            arrays = {
-                "g_plus": g_plus, "g_minus": g_minus,
-                "level_plus": torch.round(g_plus / step).to(dtype), "level_minus": torch.round(g_minus / step).to(dtype),
-                "scale": torch.tensor(meta["scale"], dtype=torch.float64).float(),
-            }
-            if meta["bias"] is not None:
-                arrays["bias"] = torch.tensor(meta["bias"], dtype=torch.float64).float()
+            _check_conductances(src / CSV_NAME, meta, flat, g_max)
+            arrays = _layer_arrays(meta, record["shape"], flat, manifest["device"])
             file = tmp / record["file"]
             save_layer_file(arrays, file, {"format": FORMAT_NAME, "target": manifest["target"], "layer": record["name"]})
             record["sha256"], record["bytes"] = sha256_file(file), file.stat().st_size

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from analogllm.data import token_blocks
 from analogllm.eval.perplexity import evaluate_lm
 from analogllm.export.manifest import (
-    AnalogLayer, MapError, analog_layers, check_model_fits_map, load_map, scale_per_input,
+    AnalogLayer, AnalogMap, MapError, analog_layers, check_model_fits_map, load_map, scale_per_input,
 )
 from analogllm.export.writer import require_ranges
 from analogllm.ops.noise import seeded
@@ -159,39 +159,11 @@ def verify_map(
 
     replica = copy.deepcopy(model)
     replica_layers = {layer.name: layer for layer in analog_layers(replica)}
-    module = amap.target_module
-    exact, quantized = module.SOURCES
+    exact, quantized = amap.target_module.SOURCES
     if amap.device_record.get("phase_bits", 0) is None:
         quantized = exact
-    checks = []
-    for layer in tqdm(layers, desc="verify layers", unit="layer", disable=not progress):
-        lmap = amap.layers[layer.name]
-        record = lmap.record
-        if tuple(record["shape"]) != layer.shape:
-            raise MapError(f"{lmap.file}: layer {layer.name} has shape {record['shape']} in the map but "
-                           f"{list(layer.shape)} in the model (wrong shape)")
-        arrays = lmap.arrays()
-        w = layer.stacked_weight()
-        scale = scale_per_input(layer.matrix.normalised_tiles(w)[1].squeeze(-1), layer.matrix.rows, w.shape[-1]).double()
-        w = w.double()
-        w_map = module.target_weight(arrays, record, amap.device_record, exact)
-        w_q = w_map if quantized == exact else module.target_weight(arrays, record, amap.device_record, quantized)
-        twin = replica_layers[layer.name]
-        module.install(twin, arrays, record, amap.device_record)
-        dac_error, bias_error = _install_digital(twin, layer, arrays, record)
-        real = layer.matrix.realised_weight(layer.weight).double()
-        real_map = twin.matrix.realised_weight(twin.weight).double()
-        gain_map = float(twin.matrix.chip.gain[0])
-        checks.append(LayerCheck(
-            name=layer.name,
-            target_error=float(((w_map - w).abs() / scale).max()),
-            bound=module.target_bound(amap.device_record),
-            quantized_error=_relative(w_q, w),
-            chip_error=_relative(real_map, real),
-            gain_error=abs(gain_map / record["gain"] - 1.0) if record["gain"] else abs(gain_map),
-            dac_range_error=dac_error,
-            bias_error=bias_error,
-        ))
+    checks = [_check_layer(amap, layer, replica_layers[layer.name], exact, quantized)
+              for layer in tqdm(layers, desc="verify layers", unit="layer", disable=not progress)]
 
     ref_logits = _logits(model, blocks, batch_size, seed)
     map_logits = _logits(replica, blocks, batch_size, seed)
@@ -203,6 +175,38 @@ def verify_map(
         logit_max_abs=float((map_logits - ref_logits).abs().max()),
         perplexity_model=score_model.perplexity, perplexity_map=score_map.perplexity,
         tokens=score_model.tokens, tolerance=tolerance,
+    )
+
+
+def _check_layer(amap: AnalogMap, layer: AnalogLayer, twin: AnalogLayer, exact: str, quantized: str) -> LayerCheck:
+    """Compare the weights rebuilt from one layer's files with the model's, then program ``twin`` (the
+    replica's layer) from those files and compare what the two chips realise."""
+    module, device_record = amap.target_module, amap.device_record
+    lmap = amap.layers[layer.name]
+    record = lmap.record
+    if tuple(record["shape"]) != layer.shape:
+        raise MapError(f"{lmap.file}: layer {layer.name} has shape {record['shape']} in the map but "
+                       f"{list(layer.shape)} in the model (wrong shape)")
+    arrays = lmap.arrays()
+    w = layer.stacked_weight()
+    scale = scale_per_input(layer.matrix.normalised_tiles(w)[1].squeeze(-1), layer.matrix.rows, w.shape[-1]).double()
+    w = w.double()
+    w_map = module.target_weight(arrays, record, device_record, exact)
+    w_q = w_map if quantized == exact else module.target_weight(arrays, record, device_record, quantized)
+    module.install(twin, arrays, record, device_record)
+    dac_error, bias_error = _install_digital(twin, layer, arrays, record)
+    real = layer.matrix.realised_weight(layer.weight).double()
+    real_map = twin.matrix.realised_weight(twin.weight).double()
+    gain_map = float(twin.matrix.chip.gain[0])
+    return LayerCheck(
+        name=layer.name,
+        target_error=float(((w_map - w).abs() / scale).max()),
+        bound=module.target_bound(device_record),
+        quantized_error=_relative(w_q, w),
+        chip_error=_relative(real_map, real),
+        gain_error=abs(gain_map / record["gain"] - 1.0) if record["gain"] else abs(gain_map),
+        dac_range_error=dac_error,
+        bias_error=bias_error,
     )
 
 

@@ -119,6 +119,28 @@ def analogize_(
     if getattr(model, "analog_config", None) is not None:
         raise ValueError("model is already analogue (it has an analog_config); convert a fresh digital model")
 
+    report = _convert_modules(model, config)
+    model.analog_config = config  # type: ignore[assignment]
+    model.analog_report = report  # type: ignore[assignment]
+    if config.analog_attention:
+        from analogllm.nn.attention import enable_analog_attention
+
+        enable_analog_attention(model, config)
+    if calibration is not None:
+        from analogllm.mapping import map_
+
+        report.mapping = map_(model, calibration, config.mapping, progress)
+    if attach:
+        from analogllm.hf.quantizer import attach as attach_quantizer
+
+        attach_quantizer(model)
+    return model
+
+
+def _convert_modules(model: nn.Module, config: AnalogConfig) -> ConversionReport:
+    """Convert, in one walk, every module an adapter takes and ``config`` selects (weight-side where a family
+    rule says the model reads its weight directly); a converted module's submodules go with it. Returns
+    the rows of what runs where."""
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     weight_side = [re.compile(p) for p in WEIGHT_SIDE_RULES.get(model_type, ())]
     report = ConversionReport()
@@ -146,21 +168,7 @@ def analogize_(
             adapter.convert(module, config, name)
             report.rows.append((name, kind, shape, "analog", adapter.name))
         handled.add(name)
-    model.analog_config = config  # type: ignore[assignment]
-    model.analog_report = report  # type: ignore[assignment]
-    if config.analog_attention:
-        from analogllm.nn.attention import enable_analog_attention
-
-        enable_analog_attention(model, config)
-    if calibration is not None:
-        from analogllm.mapping import map_
-
-        report.mapping = map_(model, calibration, config.mapping, progress)
-    if attach:
-        from analogllm.hf.quantizer import attach as attach_quantizer
-
-        attach_quantizer(model)
-    return model
+    return report
 
 
 def analog_matrices(model: nn.Module):

@@ -298,6 +298,39 @@ def _step(model, raw, blocks, spec: TrainSection, step: int, teacher, accelerato
     return float(accelerator.reduce(total, reduction="mean"))
 
 
+def _check_run(blocks: torch.Tensor, spec: TrainSection, teacher: Teacher | None,
+               output_dir: str | os.PathLike | None, resume: bool) -> None:
+    """Refuse arguments that cannot make a run, before any process group or optimiser is set up."""
+    if spec.distill.enabled and teacher is None:
+        raise ValueError("train.distill.enabled needs a teacher (the frozen digital model)")
+    if (spec.checkpoint_every or resume) and output_dir is None:
+        raise ValueError("checkpoints and resume need an output_dir")
+    if len(blocks) == 0:
+        raise ValueError("no training blocks")
+
+
+def _prepare(model: nn.Module, spec: TrainSection, teacher: Teacher | None, accelerator):
+    """The accelerator (one for this machine unless given; MoE models need ``find_unused_parameters``), with
+    the model, optimiser and scheduler prepared on it and the teacher on its device. Returns (accelerator,
+    prepared model, unwrapped model, optimizer, scheduler)."""
+    moe = any(hasattr(m, "analog_matrices") or getattr(m, "num_experts", 0) for m in model.modules())
+    accelerator = accelerator or make_accelerator(find_unused_parameters=moe)
+    not_ready = [m for m in model.modules() if isinstance(m, AnalogMatrix) and m.config.dac.range == "learned"
+                 and not m.range_set]
+    if accelerator.num_processes > 1 and not_ready:
+        raise ValueError(
+            "learned DAC ranges are not initialised: with several processes each would initialise them from "
+            "its own first batch; calibrate them first (analog.calibration_batches >= 1)"
+        )
+    optimizer, scheduler = _optimizer(model, spec)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it once per process
+    raw = accelerator.unwrap_model(model)
+    if teacher is not None:
+        teacher.model.to(accelerator.device)
+    return accelerator, model, raw, optimizer, scheduler
+
+
 def hwa_train(
     model: nn.Module,
     blocks: torch.Tensor,
@@ -320,30 +353,10 @@ def hwa_train(
     split across jobs. Under ``torchrun``/``accelerate launch``
     every process calls this with the same arguments; gradients are averaged across processes.
     """
-    distill = spec.distill
-    if distill.enabled and teacher is None:
-        raise ValueError("train.distill.enabled needs a teacher (the frozen digital model)")
-    if (spec.checkpoint_every or resume) and output_dir is None:
-        raise ValueError("checkpoints and resume need an output_dir")
-    if len(blocks) == 0:
-        raise ValueError("no training blocks")
+    _check_run(blocks, spec, teacher, output_dir, resume)
     until = spec.steps if until is None else min(until, spec.steps)
-    moe = any(hasattr(m, "analog_matrices") or getattr(m, "num_experts", 0) for m in model.modules())
-    accelerator = accelerator or make_accelerator(find_unused_parameters=moe)
+    accelerator, model, raw, optimizer, scheduler = _prepare(model, spec, teacher, accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
-    not_ready = [m for m in model.modules() if isinstance(m, AnalogMatrix) and m.config.dac.range == "learned"
-                 and not m.range_set]
-    if world > 1 and not_ready:
-        raise ValueError(
-            "learned DAC ranges are not initialised: with several processes each would initialise them from "
-            "its own first batch; calibrate them first (analog.calibration_batches >= 1)"
-        )
-    optimizer, scheduler = _optimizer(model, spec)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it once per process
-    raw = accelerator.unwrap_model(model)
-    if teacher is not None:
-        teacher.model.to(accelerator.device)
 
     # Training noise, dropout and the rest draw from the global RNG: seeded per run and process, and
     # restored afterwards, so a run is reproducible and leaves the caller's random streams as they were.
