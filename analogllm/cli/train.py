@@ -4,6 +4,7 @@
     analogllm train smollm2-pcm-hwa --set train.steps=40
     analogllm eval smollm2-pcm-hwa                # digital / analogue / analogue + HWA at every drift time
     torchrun --nproc_per_node 2 -m analogllm train quickstart    # data parallel (CPU or GPU)
+    torchrun --nproc_per_node 2 -m analogllm train quickstart --set train.fsdp=true   # sharded (FSDP2)
 """
 
 from __future__ import annotations

@@ -44,15 +44,27 @@ def check_destination(path: Path, kind: str = "analogue checkpoint") -> None:
         raise ValueError(f"{path} exists and is not an {kind}; choose another output folder or empty it")
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """Write ``model`` (analogue) as an HF checkpoint at ``path``, atomically (temp folder + rename)."""
+def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
+                    state_dict: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (analogue) as an HF checkpoint at ``path``, atomically (temp folder + rename).
+
+    ``state_dict``: the weights to write instead of ``model.state_dict()``: the whole state dict of a
+    model sharded across processes (:func:`analogllm.training.hwa.full_state_dict`), written by the
+    main process; the checkpoint is the same as the unsharded model's."""
     if getattr(model, "analog_config", None) is None:
         raise ValueError("model is not analogue: call analogllm.analogize_(model, config) first")
     _refuse_read_back(model)
     path = Path(path)
     check_destination(path)
+    quantizer = getattr(model, "hf_quantizer", None)
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
+        if state_dict is not None and quantizer is not None:
+            quantizer.state_dict_to_save = state_dict  # transformers takes the weights from the quantizer
+        try:
+            model.save_pretrained(tmp, state_dict=state_dict)
+        finally:
+            if quantizer is not None:
+                quantizer.state_dict_to_save = None
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return path

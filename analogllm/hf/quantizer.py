@@ -112,6 +112,10 @@ class AnalogHfQuantizer(HfQuantizer):
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
         return True
 
+    #: weights :func:`analogllm.hf.checkpoint.save_pretrained` was given for a sharded model (transformers
+    #: replaces ``save_pretrained``'s own ``state_dict`` argument by what this quantizer returns)
+    state_dict_to_save: dict | None = None
+
     def get_state_dict_and_metadata(self, model):
         """Called by ``save_pretrained`` before anything is written: refuses a deployed model (its digital
         weights were freed) and refreshes the quantization config from the model."""
@@ -122,7 +126,7 @@ class AnalogHfQuantizer(HfQuantizer):
                              "freed, so there is nothing to save; save it before deploying (the chip is "
                              "reproduced from its seed and drift time)")
         self.quantization_config.refresh(model)
-        return None, {}
+        return self.state_dict_to_save, {}
 
     @property
     def is_trainable(self) -> bool:

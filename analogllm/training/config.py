@@ -134,6 +134,11 @@ class TrainSection:
         else fp32) or ``no``.
     checkpoint_every: save a resumable checkpoint every N optimiser steps (0 = none); the newest
         ``keep_checkpoints`` are kept.
+    fsdp: shard the parameters, gradients and optimiser state across the processes (FSDP2
+        ``fully_shard``, each decoder layer a unit) instead of replicating them (data parallel). Needs
+        several processes (``torchrun`` / ``accelerate launch``); ``accelerate launch --use_fsdp
+        --fsdp_version 2`` turns it on too. Checkpoints are then sharded too, and ``OUTPUT/final`` is the
+        full analogue checkpoint, as from one process.
     """
 
     steps: int = 100
@@ -154,6 +159,7 @@ class TrainSection:
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, "train.steps", f"must be >= 0, got {self.steps}")
@@ -226,6 +232,9 @@ class HWARecipe:
         check(bool(self.output_dir), "output_dir", "must not be empty")
         check(not self.train.distill.enabled or self.train.hardware_aware, "train.distill.enabled",
               "distillation needs hardware_aware: true (the teacher is the digital model itself)")
+        check(not self.train.fsdp or self.train.hardware_aware, "train.fsdp",
+              "sharded training needs hardware_aware: true (the plain baseline converts the model after "
+              "training, which a sharded model cannot be)")
 
     def check_files(self) -> None:
         """Fail now, naming the key, when a path in the recipe does not exist (instead of after the

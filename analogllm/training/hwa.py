@@ -16,7 +16,9 @@ on top, following Analog Foundation Models (Büchel et al., NeurIPS 2025):
 * frozen digital parts: embeddings, norms and the LM head by default (:func:`freeze_`);
 * the loop (:func:`hwa_train`): LR schedule, gradient accumulation, bf16 autocast, ``accelerate`` for
   device placement and data parallelism, and checkpoints that resume the *same* run: same data order
-  (a pure function of the step), optimiser, scheduler and RNG streams.
+  (a pure function of the step), optimiser, scheduler and RNG streams;
+* sharded training (``train.fsdp``): FSDP2 through accelerate's FSDP plugin, on CPU processes (gloo)
+  too (:func:`fsdp_plugin`, :func:`use_fsdp`, :func:`full_state_dict`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from analogllm.config.schema import ConfigError
 from analogllm.nn.convert import analog_matrices
 from analogllm.nn.matrix import AnalogMatrix
 from analogllm.chip.program import mode, modes
@@ -88,15 +91,39 @@ def freeze_(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str
 @torch.no_grad()
 def clamp_weights_(model: nn.Module) -> int:
     """Clip every analogue weight in place to ±clip_sigma·σ of its output channel (the training-time
-    clipping made permanent). Returns how many matrices were clamped (those with ``clip_sigma`` set)."""
+    clipping made permanent). Returns how many matrices were clamped (those with ``clip_sigma`` set).
+    A sharded model (FSDP) is clamped shard by shard, with the statistics of whole channels."""
     count = 0
     for _, matrix, weight in analog_matrices(model):
-        bound = clip_bound(weight, matrix.config.training.clip_sigma)
-        if bound is None:
+        sigma = matrix.config.training.clip_sigma
+        if sigma is None:
             continue
-        weight.clamp_(min=-bound, max=bound)  # ``weight`` may be a view (Conv1D, experts): writes through
+        if _is_dtensor(weight):
+            _clamp_shard_(weight, sigma)
+        else:
+            bound = clip_bound(weight, sigma)
+            weight.clamp_(min=-bound, max=bound)  # ``weight`` may be a view (Conv1D, experts): writes through
         count += 1
     return count
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _clamp_shard_(weight, sigma: float) -> None:
+    """Clamp this process's shard of a sharded (…, out, in) weight. Where every output channel lies whole
+    on one process (``nn.Linear`` and expert weights are sharded on their first dimension) the shard's
+    own rows give the bounds; a weight sharded along its input dimension (GPT-2's ``Conv1D``, stored
+    (in, out)) gathers the whole matrix for them (a collective, in the same order on every process)."""
+    from torch.distributed.tensor import Shard
+
+    local = weight.to_local()  # a view of the shard: in-place writes reach the parameter
+    split = any(isinstance(p, Shard) and p.dim % weight.dim() == weight.dim() - 1 for p in weight.placements)
+    bound = clip_bound(weight.full_tensor() if split else local, sigma)
+    local.clamp_(min=-bound, max=bound)
 
 
 # ----- distillation -----------------------------------------------------------------------------------------
@@ -191,7 +218,8 @@ class TrainResult:
     steps: optimiser steps completed in total (including those before a resume);
     resumed_from: the step the call started at (0 for a fresh run);
     losses: mean training loss of every optimiser step of the whole run, averaged over processes;
-    seconds: wall time of this call's loop; tokens: tokens this call trained on, over all processes.
+    seconds: wall time of this call's loop; tokens: tokens this call trained on, over all processes;
+    sharded: trained with FSDP (the model is left sharded: :func:`full_state_dict` gathers it).
     """
 
     steps: int
@@ -200,19 +228,103 @@ class TrainResult:
     seconds: float
     tokens: int
     processes: int
+    sharded: bool = False
 
 
-def make_accelerator(find_unused_parameters: bool = False):
+def make_accelerator(find_unused_parameters: bool = False, fsdp_plugin=None):
     """An ``Accelerator`` for this machine: GPUs when there are any, else CPU processes (``cpu=True``
     makes ``torchrun``/``accelerate launch --multi_gpu`` start a real gloo process group on CPU).
     ``find_unused_parameters`` is needed by data parallelism over MoE models, whose experts that receive
     no token in a step get no gradient. Mixed precision is not set here but per run
-    (:func:`autocast`): accelerate fixes it once per process, and one process may train several times."""
+    (:func:`autocast`): accelerate fixes it once per process, and one process may train several times.
+    ``fsdp_plugin`` (:func:`fsdp_plugin`) shards the model instead of replicating it (:func:`use_fsdp`)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
-    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    if fsdp_plugin is not None:
+        use_fsdp(accelerator, fsdp_plugin)
+    return accelerator
+
+
+# ----- sharded training (FSDP2) -----------------------------------------------------------------------------
+def fsdp_requested(spec: TrainSection) -> bool:
+    """Whether this run shards the model: ``train.fsdp``, or a launch by ``accelerate launch --use_fsdp``."""
+    return spec.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def fsdp_plugin(model: nn.Module):
+    """accelerate's FSDP plugin as analogue models need it: FSDP2 (``fully_shard``), one unit per decoder
+    layer (the model's ``_no_split_modules``) plus the embeddings / final norm / LM head and the root,
+    parameters resharded after each forward, sharded (DCP) checkpoints.
+
+    The parameters of every :class:`AnalogMatrix` (the learned DAC ranges, scalars that FSDP2 cannot
+    shard, and the ADC ranges) are left out of sharding: they stay whole and identical on every
+    process, and :func:`hwa_train` averages their gradients itself. The chip buffers are not
+    parameters and are never sharded (nor saved)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        reshard_after_forward=True,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=list(getattr(model, "_no_split_modules", None) or []),
+        state_dict_type="SHARDED_STATE_DICT",
+        cpu_offload=False,
+        cpu_ram_efficient_loading=False,
+        activation_checkpointing=False,
+        ignored_modules=[m for m in model.modules() if isinstance(m, AnalogMatrix)],
+    )
+
+
+def use_fsdp(accelerator, plugin) -> None:
+    """Make ``accelerator`` shard with ``plugin``. accelerate engages its FSDP plugin only on accelerators
+    (its CPU processes always replicate with DDP), while FSDP2 itself shards on CPU over gloo as well; so
+    the accelerator's state is switched to FSDP with this plugin here, on CPU and GPU alike (in the
+    process-wide state too, which accelerate copies into the accelerator's whenever it is asked for)."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    check_fsdp_launch(accelerator.num_processes)
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
+def check_fsdp_launch(processes: int | None = None) -> None:
+    """Refuse what cannot shard, before anything is loaded: a single process (nothing to shard across;
+    ``processes`` defaults to this launch's, from the ``WORLD_SIZE`` that ``torchrun`` / ``accelerate
+    launch`` set) and ``accelerate launch --use_fsdp`` asking for FSDP1."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION", "2") != "2":
+        raise ConfigError("accelerate launch --use_fsdp: analogue models shard with FSDP2 only; add --fsdp_version 2")
+    if processes is None:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes < 2:
+        raise ConfigError("train.fsdp: sharding needs several processes; launch with "
+                          "torchrun --nproc_per_node 2 -m analogllm train RECIPE --set train.fsdp=true")
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of a sharded model, as plain CPU tensors on the main process (``{}`` on the
+    others). A collective: every process calls it. What ``save_pretrained(..., state_dict=)`` writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _average_grads_(params: list[nn.Parameter], world: int) -> None:
+    """Average the gradients of the parameters FSDP leaves whole (the converter ranges) over processes,
+    as data parallelism would: one all-reduce of them all (a missing gradient counts as zero)."""
+    import torch.distributed as dist
+
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).clone()
 
 
 def autocast(device: torch.device, precision: str):
@@ -264,14 +376,23 @@ def _resume(accelerator, output_dir) -> tuple[int, list[float]]:
     ckpt = latest_checkpoint(output_dir)
     if ckpt is None:
         return 0, []
+    from accelerate.utils.constants import FSDP_MODEL_NAME
+
+    sharded, written_sharded = accelerator.distributed_type == "FSDP", (ckpt / f"{FSDP_MODEL_NAME}_0").is_dir()
+    if sharded != written_sharded:
+        raise ConfigError(f"train.fsdp: {ckpt} was written by a {'sharded' if written_sharded else 'replicated'} run; "
+                          f"resume it with train.fsdp: {'true' if written_sharded else 'false'}")
     accelerator.load_state(str(ckpt))
     state = json.loads((ckpt / TRAINER_STATE).read_text())
     accelerator.wait_for_everyone()
     return int(state["step"]), list(state["losses"])
 
 
-def _step(model, raw, blocks, spec: TrainSection, step: int, teacher, accelerator, optimizer, scheduler) -> float:
-    """One optimiser step (``grad_accum`` micro-batches); returns its loss averaged over processes."""
+def _step(model, raw, blocks, spec: TrainSection, step: int, teacher, accelerator, optimizer, scheduler,
+          whole: list[nn.Parameter] | None = None) -> float:
+    """One optimiser step (``grad_accum`` micro-batches); returns its loss averaged over processes.
+    ``whole``: under FSDP, the trainable parameters left out of sharding (their gradients are averaged
+    here)."""
     distill = spec.distill
     world, rank = accelerator.num_processes, accelerator.process_index
     total = torch.zeros((), device=accelerator.device)
@@ -288,8 +409,12 @@ def _step(model, raw, blocks, spec: TrainSection, step: int, teacher, accelerato
                 loss = kd if loss is None else distill.weight * kd + (1 - distill.weight) * loss
             accelerator.backward(loss / spec.grad_accum)
         total += loss.detach() / spec.grad_accum
+    if whole is not None:
+        _average_grads_(whole, world)
     if spec.max_grad_norm is not None:
-        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], spec.max_grad_norm)
+        # sharded: all the model's parameters, so that accelerate takes its DTensor-aware path
+        params = list(model.parameters()) if whole is not None else [p for g in optimizer.param_groups for p in g["params"]]
+        accelerator.clip_grad_norm_(params, spec.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -310,11 +435,17 @@ def _check_run(blocks: torch.Tensor, spec: TrainSection, teacher: Teacher | None
 
 
 def _prepare(model: nn.Module, spec: TrainSection, teacher: Teacher | None, accelerator):
-    """The accelerator (one for this machine unless given; MoE models need ``find_unused_parameters``), with
-    the model, optimiser and scheduler prepared on it and the teacher on its device. Returns (accelerator,
-    prepared model, unwrapped model, optimizer, scheduler)."""
+    """The accelerator (one for this machine unless given; MoE models need ``find_unused_parameters``;
+    sharding when :func:`fsdp_requested`), with the model, optimiser and scheduler prepared on it and the
+    teacher on its device. Returns (accelerator, prepared model, unwrapped model, optimizer, scheduler,
+    the parameters FSDP leaves whole or None when not sharded)."""
     moe = any(hasattr(m, "analog_matrices") or getattr(m, "num_experts", 0) for m in model.modules())
-    accelerator = accelerator or make_accelerator(find_unused_parameters=moe)
+    fsdp = fsdp_requested(spec) or (accelerator is not None and accelerator.distributed_type == "FSDP")
+    plugin = fsdp_plugin(model) if fsdp else None
+    if accelerator is None:
+        accelerator = make_accelerator(find_unused_parameters=moe, fsdp_plugin=plugin)
+    elif plugin is not None:
+        use_fsdp(accelerator, plugin)
     not_ready = [m for m in model.modules() if isinstance(m, AnalogMatrix) and m.config.dac.range == "learned"
                  and not m.range_set]
     if accelerator.num_processes > 1 and not_ready:
@@ -328,7 +459,10 @@ def _prepare(model: nn.Module, spec: TrainSection, teacher: Teacher | None, acce
     raw = accelerator.unwrap_model(model)
     if teacher is not None:
         teacher.model.to(accelerator.device)
-    return accelerator, model, raw, optimizer, scheduler
+    whole = None
+    if fsdp:
+        whole = [p for m in plugin.ignored_modules for p in m.parameters(recurse=False) if p.requires_grad]
+    return accelerator, model, raw, optimizer, scheduler, whole
 
 
 def hwa_train(
@@ -355,7 +489,7 @@ def hwa_train(
     """
     _check_run(blocks, spec, teacher, output_dir, resume)
     until = spec.steps if until is None else min(until, spec.steps)
-    accelerator, model, raw, optimizer, scheduler = _prepare(model, spec, teacher, accelerator)
+    accelerator, model, raw, optimizer, scheduler, whole = _prepare(model, spec, teacher, accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
 
     # Training noise, dropout and the rest draw from the global RNG: seeded per run and process, and
@@ -370,7 +504,7 @@ def hwa_train(
                    disable=not (progress and accelerator.is_main_process), initial=start, total=until)
         for step in bar:
             sample_deployment_time_(raw, step, spec.seed)
-            losses.append(_step(model, raw, blocks, spec, step, teacher, accelerator, optimizer, scheduler))
+            losses.append(_step(model, raw, blocks, spec, step, teacher, accelerator, optimizer, scheduler, whole))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"training loss is {losses[-1]} at step {step + 1}; lower train.lr")
@@ -382,10 +516,12 @@ def hwa_train(
             _save_checkpoint(accelerator, Path(output_dir), until, losses, spec.keep_checkpoints)  # resumable where it stopped
         seconds = time.perf_counter() - begin
         tokens = (until - start) * spec.grad_accum * spec.batch_size * world * blocks.shape[1]
-    return TrainResult(steps=until, resumed_from=start, losses=tuple(losses), seconds=seconds, tokens=tokens, processes=world)
+    return TrainResult(steps=until, resumed_from=start, losses=tuple(losses), seconds=seconds, tokens=tokens,
+                       processes=world, sharded=whole is not None)
 
 
 __all__ = [
-    "Teacher", "TrainResult", "autocast", "batch_indices", "clamp_weights_", "distillation_loss", "freeze_",
-    "frozen_parameter_names", "hwa_train", "latest_checkpoint", "lm_loss", "make_accelerator", "sample_deployment_time_",
+    "Teacher", "TrainResult", "autocast", "batch_indices", "check_fsdp_launch", "clamp_weights_", "distillation_loss", "freeze_",
+    "frozen_parameter_names", "fsdp_plugin", "fsdp_requested", "full_state_dict", "hwa_train",
+    "latest_checkpoint", "lm_loss", "make_accelerator", "sample_deployment_time_", "use_fsdp",
 ]
