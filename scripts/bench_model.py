@@ -14,7 +14,17 @@ Reports, for a batch of ``--batch`` × ``--block`` tokens of the built-in corpus
   ``torch.cuda.max_memory_allocated`` on GPU) over programming and two steps, after loading (the
   weights copied out of the checkpoint's memory map first, in every mode); analogue eval once with
   the digital weights kept (``program_``: the model can still reprogram, drift, train and export) and
-  once deployed (``deploy_``: only the chip is kept).
+  once deployed (``deploy_``: only the chip is kept);
+* with ``--model FOLDER`` (a saved model), two more fresh processes: ``analog-streamed``, the peak over
+  the whole pipeline from process start, a streamed load (:func:`analogllm.hf.streaming.stream_deploy`:
+  built empty, each decoder block read from the safetensors, mapped with ``--calibration-blocks`` blocks
+  of the built-in text, programmed and deployed in turn) and two eval steps; and ``analog-export``, the
+  memory that writing the crossbar map adds to the loaded model (peak minus the resident size before
+  export), against four times the largest analogue layer.
+
+    python scripts/make_random_model.py --shape llama-3.2-1b --out runs/llama-3.2-1b-random
+    python scripts/bench_model.py --model runs/llama-3.2-1b-random --memory-only --batch 1 \
+        --modes digital-eval analog-deployed analog-streamed analog-export
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from analogllm.training.hwa import clamp_weights_, freeze_  # noqa: E402
 
 DAY = 86400.0
 MODES = ["digital-eval", "analog-eval", "analog-deployed", "digital-train", "analog-train"]
+FOLDER_MODES = ["analog-streamed", "analog-export"]  # need --model FOLDER (a saved model)
 
 
 def _default_model() -> str:
@@ -117,8 +128,56 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def _streamed_worker(args: argparse.Namespace) -> dict:
+    """Peak memory from process start over a streamed convert → map → program → deploy and two eval steps."""
+    from analogllm.data import calibration_blocks
+    from analogllm.hf.streaming import stream_deploy
+
+    tokenizer = load_model_tokenizer(args.model)
+    ids = token_blocks(tokenizer, "builtin", block_size=args.block, split="validation", max_blocks=args.batch)
+    calibration = calibration_blocks(tokenizer, count=args.calibration_blocks)
+    t0 = time.perf_counter()
+    model = stream_deploy(args.model, al.AnalogConfig.from_profile(args.profile), seed=0, seconds=DAY,
+                          calibration=calibration, device=args.device)
+    seconds = time.perf_counter() - t0
+    step = _eval_step(model, ids.to(args.device))
+    for _ in range(2):
+        step()
+    return {"load_s": seconds}
+
+
+def _export_worker(args: argparse.Namespace) -> dict:
+    """What exporting the crossbar map adds to the loaded, converted model's resident memory."""
+    import tempfile
+
+    from analogllm.export import export_map
+    from analogllm.nn.convert import analog_matrices
+
+    model, _ = _build(args, True, torch.device("cpu"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+    gc.collect()
+    largest = max(w.numel() * w.element_size() for _, _, w in analog_matrices(model))
+    before = _rss_kib("VmRSS") * 1024
+    Path("/proc/self/clear_refs").write_text("5")
+    with tempfile.TemporaryDirectory() as tmp:
+        export_map(model, Path(tmp) / "map", progress=False)
+    return {"before_bytes": before, "largest_layer_bytes": largest}
+
+
+def load_model_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name, local_files_only=True)
+
+
 def _memory_worker(args: argparse.Namespace) -> None:
     """One mode in this fresh process: peak memory over two steps (the first allocates optimiser state)."""
+    if args.worker in FOLDER_MODES:
+        extra = (_streamed_worker if args.worker == "analog-streamed" else _export_worker)(args)
+        print(json.dumps({"mode": args.worker, "peak_bytes": _rss_kib("VmHWM") * 1024, **extra}))
+        return
     device = torch.device(args.device)
     analog = args.worker.startswith("analog")
     model, ids = _build(args, analog, device)
@@ -146,39 +205,20 @@ def _memory_worker(args: argparse.Namespace) -> None:
     print(json.dumps({"mode": args.worker, "peak_bytes": peak}))
 
 
-def _peak_memory(args: argparse.Namespace, mode: str) -> int:
+def _peak_memory(args: argparse.Namespace, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--profile", args.profile,
-           "--batch", str(args.batch), "--block", str(args.block), "--device", args.device]
+           "--batch", str(args.batch), "--block", str(args.block), "--device", args.device,
+           "--calibration-blocks", str(args.calibration_blocks)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if done.returncode != 0:
         raise SystemExit(f"memory run for {mode} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="built-in name, Hub id or path (default: smollm2-135m if installed)")
-    p.add_argument("--profile", default="pcm")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--block", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens per timed generation (default 32)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-memory", action="store_true", help="skip the per-mode memory processes")
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.model = args.model or _default_model()
-    if args.worker:
-        _memory_worker(args)
-        return 0
-    device = torch.device(args.device)
-    print(f"{args.model}, {args.profile} profile, batch {args.batch} x {args.block} tokens, {machine()}")
+def _timings(args: argparse.Namespace, device: torch.device) -> tuple[list[list[str]], dict]:
+    """Eval, generation and train-step rows, the digital and the analogue model timed round-robin."""
     digital, ids = _build(args, False, device)
     analog, _ = _build(args, True, device)
     t0 = time.perf_counter()
@@ -199,18 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     trains = {"digital": _train_step(digital, ids, False), "analog": _train_step(analog, ids, True)}
     print(f"  timing HWA train steps, {args.rounds} rounds ...")
     train_s = round_robin(trains, args.rounds, 1, device)
-    memory = {}
-    if not args.no_memory:
-        for mode in MODES:
-            print(f"  peak memory: {mode} (fresh process) ...")
-            memory[mode] = _peak_memory(args, mode)
-
-    def mib(mode: str) -> str:
-        return f"{memory[mode] / 2**20:,.0f}" if mode in memory else "-"
-
-    def ratio(a: str, b: str) -> str:
-        return f"{memory[a] / memory[b]:.2f}x" if a in memory else "-"
-
     rows = [
         ["eval tokens/s", f"{tokens / eval_s['digital']:,.0f}", f"{tokens / eval_s['analog']:,.0f}",
          f"{eval_s['digital'] / eval_s['analog']:.2f}x"],
@@ -218,20 +246,81 @@ def main(argv: list[str] | None = None) -> int:
          f"{args.new_tokens / gen_s['analog']:,.1f}", f"{gen_s['digital'] / gen_s['analog']:.2f}x"],
         ["train step (s)", f"{train_s['digital']:.2f}", f"{train_s['analog']:.2f}",
          f"{train_s['analog'] / train_s['digital']:.2f}x"],
+    ]
+    return rows, {"tokens": tokens, "eval_s": eval_s, "generate_s": gen_s, "train_step_s": train_s,
+                  "programming_s": programming}
+
+
+def _memory_rows(memory: dict[str, dict]) -> list[list[str]]:
+    def mib(mode: str) -> str:
+        return f"{memory[mode]['peak_bytes'] / 2**20:,.0f}" if mode in memory else "-"
+
+    def ratio(a: str, b: str) -> str:
+        return f"{memory[a]['peak_bytes'] / memory[b]['peak_bytes']:.2f}x" if a in memory and b in memory else "-"
+
+    rows = [
         ["peak memory, eval (MiB)", mib("digital-eval"), mib("analog-eval"), ratio("analog-eval", "digital-eval")],
         ["peak memory, eval deployed (MiB)", mib("digital-eval"), mib("analog-deployed"),
          ratio("analog-deployed", "digital-eval")],
         ["peak memory, train (MiB)", mib("digital-train"), mib("analog-train"), ratio("analog-train", "digital-train")],
     ]
+    if "analog-streamed" in memory:
+        rows.append([f"peak memory, streamed load + map + deploy + eval, from process start (MiB; load "
+                     f"{memory['analog-streamed']['load_s']:.0f} s)", mib("digital-eval"), mib("analog-streamed"),
+                     ratio("analog-streamed", "digital-eval")])
+    if "analog-export" in memory:
+        e = memory["analog-export"]
+        added, largest = e["peak_bytes"] - e["before_bytes"], e["largest_layer_bytes"]
+        rows.append(["memory added by exporting the crossbar map (MiB; analogue: x largest layer)",
+                     f"{largest / 2**20:,.0f} (largest layer)", f"{added / 2**20:,.0f}", f"{added / largest:.2f}x"])
+    return [r for r in rows if r[2] != "-" or r[1] != "-"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="built-in name, Hub id or path (default: smollm2-135m if installed)")
+    p.add_argument("--profile", default="pcm")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens per timed generation (default 32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-mode memory processes")
+    p.add_argument("--memory-only", action="store_true", help="only the memory processes (no timing)")
+    p.add_argument("--modes", nargs="+", choices=MODES + FOLDER_MODES, default=None,
+                   help="memory modes to measure (default: all that apply)")
+    p.add_argument("--calibration-blocks", type=int, default=4,
+                   help="blocks of built-in text that map the streamed model (default 4)")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--worker", choices=MODES + FOLDER_MODES, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.model = args.model or _default_model()
+    if args.worker:
+        _memory_worker(args)
+        return 0
+    device = torch.device(args.device)
+    folder = Path(args.model).is_dir()
+    modes = args.modes or MODES + (FOLDER_MODES if folder else [])
+    if not folder and set(modes) & set(FOLDER_MODES):
+        raise SystemExit(f"{', '.join(sorted(set(modes) & set(FOLDER_MODES)))} need --model FOLDER (a saved model)")
+    print(f"{args.model}, {args.profile} profile, batch {args.batch} x {args.block} tokens, {machine()}")
+    rows, timing = ([], {}) if args.memory_only else _timings(args, device)
+    memory = {}
+    if not args.no_memory:
+        for mode in modes:
+            print(f"  peak memory: {mode} (fresh process) ...")
+            memory[mode] = _peak_memory(args, mode)
+    rows += _memory_rows(memory)
     print()
     print(f"{args.model}, {args.profile}, batch {args.batch} x {args.block} tokens, {machine()}, "
           f"median of {args.rounds} rounds")
     print(markdown(["", "digital", "analogue", "analogue / digital"], rows))
     if args.json:
-        args.json.write_text(json.dumps({
-            "model": args.model, "profile": args.profile, "machine": machine(), "tokens": tokens,
-            "eval_s": eval_s, "train_step_s": train_s, "programming_s": programming, "peak_bytes": memory,
-        }, indent=2))
+        args.json.write_text(json.dumps({"model": args.model, "profile": args.profile, "machine": machine(),
+                                         **timing, "memory": memory}, indent=2))
     return 0
 
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import analogllm as al
 from analogllm.data import token_blocks
@@ -29,6 +30,9 @@ def test_hadamard_orders_are_orthogonal_and_fast_transform_matches_dense(n):
     assert set(h.unique().tolist()) == {-1.0, 1.0}
     x = torch.randn(5, n, dtype=torch.float64)
     assert torch.allclose(fwht(x), x @ h / math.sqrt(n), atol=1e-12)
+    assert torch.allclose(fwht(x, transpose=True), x @ h.T / math.sqrt(n), atol=1e-12)  # Paley factors: H ≠ Hᵀ
+    rot = Rotation(n, seed=1)
+    assert torch.allclose(rot.inverse(x), x @ rot.matrix().T, atol=1e-12)
 
 
 def test_rotation_falls_back_to_a_dense_orthogonal_matrix():
@@ -38,6 +42,7 @@ def test_rotation_falls_back_to_a_dense_orthogonal_matrix():
     assert not rot.fast and torch.allclose(q @ q.T, torch.eye(100, dtype=q.dtype), atol=1e-12)
     x = torch.randn(4, 100)
     assert torch.allclose(rot(x).double(), x.double() @ q, atol=1e-5)
+    assert torch.allclose(rot.inverse(rot(x)), x, atol=1e-5)
     assert rot.macs_per_token() == 100 * 100
 
 
@@ -177,6 +182,40 @@ def test_mapped_checkpoint_round_trips(tmp_path, outlier_model):
     assert sum(mm.transform is not None for mm in back.modules() if isinstance(mm, al.nn.matrix.AnalogMatrix)) > 0
     with torch.no_grad(), seeded(5):
         a = m(input_ids=ids).logits
+    with torch.no_grad(), seeded(5):
+        b = back(input_ids=ids).logits
+    assert torch.equal(a, b)
+
+
+def test_a_tied_digital_head_stays_tied_under_the_residual_rotation(tmp_path):
+    base, tok = load_model("tiny-llama")
+    base.config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(base.config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = _blocks(tok, "validation", 2)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    params = sum(p.numel() for p in model.parameters())
+    mapped = copy.deepcopy(model)
+    al.analogize_(mapped, al.AnalogConfig.from_profile("ideal", **ALL_STEPS), calibration=_blocks(tok, "train", 8))
+    with torch.no_grad():
+        out = mapped(input_ids=ids).logits
+    assert (out - ref).abs().max().item() < 1e-5
+    rotation = mapped.analog_report.mapping.rotation
+    assert rotation["online_tied_head"] and not rotation["untied_lm_head"]
+    assert mapped.lm_head.weight is mapped.model.embed_tokens.weight  # no second vocabulary × hidden matrix
+    assert torch.equal(mapped.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert sum(p.numel() for p in mapped.parameters()) == params
+    assert not torch.equal(mapped.model.embed_tokens(ids), model.model.embed_tokens(ids))  # rotated online
+    # a noisy chip round-trips through a checkpoint with the online rotation rebuilt
+    chip = copy.deepcopy(model)
+    al.analogize_(chip, al.AnalogConfig.from_profile("pcm"), calibration=_blocks(tok, "train", 8))
+    al.program_(chip, seed=2)
+    save_pretrained(chip, tmp_path / "ckpt", tokenizer=tok)
+    back = from_pretrained(tmp_path / "ckpt")
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    with torch.no_grad(), seeded(5):
+        a = chip(input_ids=ids).logits
     with torch.no_grad(), seeded(5):
         b = back(input_ids=ids).logits
     assert torch.equal(a, b)

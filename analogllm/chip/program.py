@@ -8,8 +8,10 @@ buffers (:class:`~analogllm.chip.state.Chip`), so these functions only say *whic
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -25,11 +27,21 @@ def _require_analog(model: nn.Module) -> None:
         raise ValueError("model is not analogue: call analogllm.analogize_(model, config) first")
 
 
-def program_(model: nn.Module, seed: int = 0, seconds: float = 0.0) -> nn.Module:
-    """Program ``model`` onto chip instance ``seed`` (programming noise frozen), read at ``seconds``."""
+def program_(model: nn.Module, seed: int = 0, seconds: float = 0.0, lazy: bool = False) -> nn.Module:
+    """Program ``model`` onto chip instance ``seed`` (programming noise frozen), read at ``seconds``.
+
+    ``lazy``: only say which chip it is; each matrix is realised on its first use (the same chip, as a
+    chip is a function of weights, seed, module name and time), so a job that visits one layer at a time
+    (writing a map) never holds every chip at once."""
     _require_analog(model)
     for _, matrix, weight in analog_matrices(model):
-        matrix.program(weight, seed, seconds)
+        if lazy:
+            matrix.chip.check_writable(matrix.name)
+            matrix.require_digital()
+            matrix.chip.clear()
+            matrix.chip.seed, matrix.chip.seconds = seed, float(seconds)
+        else:
+            matrix.program(weight, seed, seconds)
     return model
 
 
@@ -56,24 +68,48 @@ def deploy_(model: nn.Module, seed: int = 0, seconds: float = 0.0) -> nn.Module:
     generation and LoRA adapters trained by backprop through the chip work; training the base,
     reprogramming, drift, export, saving and physics-aware training raise. Set the DAC ranges before."""
     _require_analog(model)
-    for _, matrix, weight in analog_matrices(model):
+    return deploy_matrices_(model, seed, seconds)
+
+
+def deploy_matrices_(module: nn.Module, seed: int = 0, seconds: float = 0.0) -> nn.Module:
+    """:func:`deploy_` for the analogue matrices inside ``module`` (a whole model or one decoder block of
+    a model loaded block by block, :mod:`analogllm.hf.streaming`). Each digital weight is freed as soon
+    as its chip is realised, so the peak is the model plus one layer's chip, not two models."""
+    owners = {id(param): (owner, name) for owner in module.modules()
+              for name, param in owner.named_parameters(recurse=False)}
+    for _, matrix, weight in analog_matrices(module):
         if matrix.config.is_identity:
             raise ValueError("the ideal profile computes with the digital weights themselves: nothing to deploy")
-        if not matrix.chip.deployed:
-            matrix.program(weight, seed, seconds)
-            matrix.chip.deployed = True
-            matrix.mode = "chip"
-    _free_weights(model)
-    return model
+        if matrix.chip.deployed:
+            continue
+        matrix.program(weight, seed, seconds)
+        matrix.chip.deployed = True
+        matrix.mode = "chip"
+        owner, name = owners[id(weight if weight._base is None else weight._base)]
+        param = getattr(owner, name)
+        if not is_freed(param):
+            setattr(owner, name, free(param))
+        del weight, param
+        return_freed_memory()
+    return module
 
 
-def _free_weights(model: nn.Module) -> None:
-    """Swap every deployed matrix's digital parameter for a FreedWeight (in its owning module)."""
-    owners = {id(w if w._base is None else w._base) for _, m, w in analog_matrices(model) if m.chip.deployed}
-    for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if id(param) in owners and not is_freed(param):
-                setattr(module, name, free(param))
+def return_freed_memory() -> None:
+    """Hand the pages of freed tensors back to the operating system. glibc keeps freed heap memory for
+    reuse (once large blocks have been freed it serves even multi-megabyte tensors from the heap), so
+    without this a deployed model would keep the footprint of the digital weights it freed: measured on
+    SmolLM2-135M, 1,526 MiB resident after ``deploy_`` instead of 956 MiB. A no-op without glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def deployed(model: nn.Module) -> bool:
@@ -133,4 +169,4 @@ def chip_info(model: nn.Module) -> dict[str, float | int | None]:
     return {"seed": None, "seconds": 0.0}
 
 
-__all__ = ["calibrate_", "chip_info", "deploy_", "deployed", "drift_", "mode", "modes", "program_", "set_mode"]
+__all__ = ["calibrate_", "chip_info", "deploy_", "deploy_matrices_", "deployed", "drift_", "mode", "modes", "program_", "set_mode"]

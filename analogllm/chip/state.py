@@ -133,6 +133,13 @@ class Chip(nn.Module):
         self.adc_offset = None if state.adc_offset is None else state.adc_offset.to(**kw)
         self.seed, self.seconds, self.source = seed, float(seconds), source
 
+    def clear(self) -> None:
+        """Drop the realised arrays, keeping which chip this is (seed, time): it is realised again, the
+        same, on next use. What lets a map be written layer by layer without holding every chip."""
+        for name in ("tiles", "scale", "read_var", "gain", "adc_gain", "adc_offset"):
+            setattr(self, name, None)
+        self.source = None
+
     def dense(self) -> torch.Tensor:
         """The (E, out, in·padded) matrix the chip computes, scale and gain folded in (no converters)."""
         w = (self.tiles.transpose(-1, -2) * self.scale.unsqueeze(-1)) * self.gain.view(-1, 1, 1, 1)

@@ -89,7 +89,8 @@ def run_export(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tokenizer, is_checkpoint = load_analog_model(args.model, config)
     if args.seed is not None or not is_checkpoint:
-        program_(model, seed=0 if args.seed is None else args.seed)
+        # lazily: each layer is realised as it is written, so the export never holds every chip at once
+        program_(model, seed=0 if args.seed is None else args.seed, lazy=True)
     calibration = calibrate(model, tokenizer, args.calibration_blocks)
     source = str(Path(args.model).expanduser().resolve()) if Path(args.model).expanduser().is_dir() else args.model
     loaded = time.perf_counter()

@@ -7,6 +7,10 @@ chip from ``--calibration-blocks`` blocks of the built-in text. The chip instanc
 programmed and aged ``--seconds``; every generated token is one read of every analogue layer (fresh read
 noise), so two runs with the same ``--sample-seed`` give the same text. ``--compare`` also generates
 with the digital model and prints both speeds.
+
+``--stream`` loads a saved digital model (a folder of safetensors) block by block straight onto the chip
+(:func:`analogllm.hf.streaming.stream_deploy`): it never holds more than one decoder block of digital
+weights, so a model runs in about its own size. Its digital weights are gone afterwards (no ``--compare``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample", action="store_true", help="sample (temperature 1) instead of greedy decoding")
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the read noise and of sampling (default 0)")
     p.add_argument("--compare", action="store_true", help="also generate with the digital model and compare speed")
+    p.add_argument("--stream", action="store_true",
+                   help="load a saved digital model block by block onto the chip (bounded memory; no --compare)")
     p.set_defaults(func=run_generate)
 
 
@@ -46,12 +52,15 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.seconds < 0:
         raise ValueError(f"--seconds must be >= 0, got {args.seconds}")
     config = AnalogConfig.from_profile(args.profile, **parse_overrides(args.set))
-    model, tokenizer, is_checkpoint = load_analog_model(
-        args.model, config, calibration_blocks=args.calibration_blocks, progress=True)
-    if is_checkpoint and (args.set or args.profile != "pcm"):
-        print(f"note: {Path(args.model)} is an analogue checkpoint; its own config is used (--profile/--set ignored)")
-    model.eval()
-    program_(model, seed=args.seed, seconds=args.seconds)
+    if args.stream:
+        model, tokenizer = _streamed(args, config)
+    else:
+        model, tokenizer, is_checkpoint = load_analog_model(
+            args.model, config, calibration_blocks=args.calibration_blocks, progress=True)
+        if is_checkpoint and (args.set or args.profile != "pcm"):
+            print(f"note: {Path(args.model)} is an analogue checkpoint; its own config is used (--profile/--set ignored)")
+        model.eval()
+        program_(model, seed=args.seed, seconds=args.seconds)
     text, n, seconds = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.sample, args.sample_seed)
     print(f"chip {args.seed} at t = {args.seconds:g} s ({model.analog_config.name}):")
     print(args.prompt + text)
@@ -65,3 +74,26 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"\n{n_d} tokens in {seconds_d:.2f} s: {n_d / seconds_d:.1f} tokens/s digital; "
               f"chip / digital speed {(n / seconds) / (n_d / seconds_d):.2f}x")
     return 0
+
+
+def _streamed(args: argparse.Namespace, config: AnalogConfig):
+    """(model, tokenizer): the saved digital folder ``args.model`` loaded block by block onto the chip."""
+    from transformers import AutoTokenizer
+
+    from analogllm.data import calibration_blocks
+    from analogllm.hf.checkpoint import is_analog_checkpoint
+    from analogllm.hf.streaming import stream_deploy
+
+    folder = Path(args.model).expanduser()
+    if args.compare:
+        raise ValueError("--stream keeps no digital weights, so there is nothing to --compare with; drop one of them")
+    if not folder.is_dir() or is_analog_checkpoint(folder):
+        raise ValueError(f"--stream needs a folder holding a saved digital model (safetensors), not {args.model!r}; "
+                         "save one with save_pretrained, or drop --stream")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{folder}: no tokenizer to read ({exc}); save it beside the model") from None
+    calibration = calibration_blocks(tokenizer, count=args.calibration_blocks)
+    model = stream_deploy(folder, config, seed=args.seed, seconds=args.seconds, calibration=calibration, progress=True)
+    return model, tokenizer

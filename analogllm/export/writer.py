@@ -122,6 +122,7 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
     if not torch.isfinite(weight).all():
         raise ValueError(f"layer {layer.name}: the weight has NaN or infinite values; nothing can be programmed")
     matrix = layer.matrix
+    held = matrix.chip.programmed
     matrix.ensure_programmed(layer.weight)  # the instance the model runs on (programs it if it never was)
     chip = matrix.chip
     wn, scale = matrix.normalised_tiles(weight)
@@ -139,7 +140,7 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
     if layer.placement == "analog" and dac.range != "dynamic":
         r = matrix.input_range.detach().abs().float()
         dac_range = r.tolist()
-    return {
+    record = {
         "name": layer.name,
         "kind": layer.kind,
         "placement": layer.placement,
@@ -159,6 +160,9 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
         "bytes": file.stat().st_size,
         "arrays": {k: {"dtype": DTYPE_NAMES[v.dtype], "shape": list(v.shape)} for k, v in arrays.items()},
     }
+    if not held:  # realised only for this record: the model holds no chip it did not hold before
+        chip.clear()
+    return record
 
 
 def _converters(config: AnalogConfig) -> dict[str, Any]:

@@ -57,7 +57,8 @@ class MappingReport:
         lines = [f"mapping ({self.seconds:.1f} s):"]
         if self.rotation:
             lines.append(f"  residual stream rotated (d = {self.rotation['residual']}, value heads d = "
-                         f"{self.rotation['value_heads']}{', LM head untied' if self.rotation['untied_lm_head'] else ''})")
+                         f"{self.rotation['value_heads']}{', LM head untied' if self.rotation['untied_lm_head'] else ''}"
+                         f"{'; tied LM head kept: rotated online at the embedding and the head' if self.rotation.get('online_tied_head') else ''})")
         if self.rescaled:
             chosen = [c for c in self.rescaled.values() if c.alpha is not None]
             folded = sum(c.folded for c in chosen)
@@ -98,26 +99,43 @@ def map_(model: nn.Module, blocks: torch.Tensor, spec: MappingConfig | None = No
     if spec.rotate:
         if supports_rotation(model):
             report.rotation = rotate_(model, spec.seed)
+            report.digital_macs_per_token += report.rotation.get("digital_macs_per_token", 0)
         else:
             report.notes.append("residual rotation skipped: the family is not a pre-norm RMSNorm transformer")
+    inputs = capture_inputs(model, blocks, spec.tokens, seed=spec.seed, progress=progress)
+    map_layers_(model, inputs, spec, report, progress=progress)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+@torch.no_grad()
+def map_layers_(model: nn.Module, inputs: dict, spec: MappingConfig, report: MappingReport,
+                names: set[str] | None = None, progress: bool = False) -> None:
+    """The per-layer steps of :func:`map_` (rescaling, online rotations, converter ranges) for the analogue
+    matrices called ``names`` (default: all), from their captured ``inputs``; adds to ``report``. Every
+    step reads and writes only the layers of one decoder block, so a model mapped block by block
+    (:mod:`analogllm.hf.streaming`) gets the same result as one mapped whole."""
     weight_side = {id(p.analog) for p in model.modules() if isinstance(p, AnalogWeight)}
-    layers = {n: (m, w) for n, m, w in analog_matrices(model) if id(m) not in weight_side}
+    layers = {n: (m, w) for n, m, w in analog_matrices(model)
+              if id(m) not in weight_side and (names is None or n in names)}
     patterns = [re.compile(p) for p in spec.online_rotation]
     rotations = {n: Rotation(m.in_features, _rotation_seed(spec.seed, n)) for n, (m, _) in layers.items()
                  if m.experts is None and any(p.search(n) for p in patterns)}
-    inputs = capture_inputs(model, blocks, spec.tokens, seed=spec.seed, progress=progress)
+    online: list[str] = []
     if spec.rescale or rotations:
         choices = rescale_(rescale_groups(model, set(layers)), layers, inputs, rotations,
                            spec.alphas if spec.rescale else (), spec.seconds, spec.adc, progress)
-        report.rescaled = choices if spec.rescale else {}
-        report.online = sorted(r for c in choices.values() for r in c.rotated)
-    for name in report.online:
+        if spec.rescale:
+            report.rescaled.update(choices)
+        online = sorted(r for c in choices.values() for r in c.rotated)
+    for name in online:
         add_rotation(layers[name][0], layers[name][1], rotations[name])
+    report.online = sorted(report.online + online)
     if spec.ranges != "none":
-        report.ranges = calibrate_ranges_(model, inputs, spec.ranges, spec.adc, spec.std_alpha, spec.seconds, progress)
-    report.digital_macs_per_token = sum(m.transform.macs_per_token() for m, _ in layers.values() if m.transform is not None)
-    report.seconds = time.perf_counter() - start
-    return report
+        report.ranges.update(calibrate_ranges_(model, inputs, spec.ranges, spec.adc, spec.std_alpha, spec.seconds,
+                                               progress, names=set(layers)))
+    report.digital_macs_per_token += sum(m.transform.macs_per_token() for m, _ in layers.values()
+                                         if m.transform is not None)
 
 
 def add_rotation(matrix: AnalogMatrix, weight: torch.Tensor, rotation: Rotation) -> None:
@@ -130,7 +148,7 @@ def add_rotation(matrix: AnalogMatrix, weight: torch.Tensor, rotation: Rotation)
         transform.inv_scale.copy_(old.inv_scale)
     transform.rotation = rotation.to(weight.device)
     transform.rotation_seed = rotation.seed
-    weight.copy_((weight.double() @ rotation.matrix().to(weight.device)).to(weight.dtype))
+    weight.copy_(rotation.to(weight.device).exact(weight).to(weight.dtype))
 
 
 def transform_specs(model: nn.Module) -> dict[str, dict]:
@@ -148,4 +166,4 @@ def restore_transforms_(model: nn.Module, specs: dict[str, dict]) -> None:
         matrices[name].set_transform(scale=bool(spec.get("scale")), rotation_seed=spec.get("rotation_seed"))
 
 
-__all__ = ["MappingReport", "add_rotation", "digital", "map_", "restore_transforms_", "transform_specs"]
+__all__ = ["MappingReport", "add_rotation", "digital", "map_", "map_layers_", "restore_transforms_", "transform_specs"]

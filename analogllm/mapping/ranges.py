@@ -86,12 +86,14 @@ def layer_model(matrix: AnalogMatrix, weight: torch.Tensor, x: torch.Tensor, sec
 
 @torch.no_grad()
 def calibrate_ranges_(model: nn.Module, inputs: dict[Key, torch.Tensor], method: str = "error", adc: str = "tile",
-                      std_alpha: float = 12.0, seconds: float = 0.0,
-                      progress: bool = False) -> dict[str, RangeChoice]:
-    """Set the DAC range and ADC ranges of every analogue matrix that ``inputs`` has samples for."""
+                      std_alpha: float = 12.0, seconds: float = 0.0, progress: bool = False,
+                      names: set[str] | None = None) -> dict[str, RangeChoice]:
+    """Set the DAC range and ADC ranges of every analogue matrix that ``inputs`` has samples for (of
+    those called ``names``, when given)."""
     weight_side = {id(p.analog) for p in model.modules() if isinstance(p, AnalogWeight)}
     out: dict[str, RangeChoice] = {}
-    items = [(n, m, w) for n, m, w in analog_matrices(model) if id(m) not in weight_side]
+    items = [(n, m, w) for n, m, w in analog_matrices(model)
+             if id(m) not in weight_side and (names is None or n in names)]
     for name, matrix, weight in tqdm(items, desc="calibrating ranges", disable=not progress, leave=False):
         experts = [None] if matrix.experts is None else list(range(matrix.experts))
         for e in experts:

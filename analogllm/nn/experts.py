@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from analogllm.config import AnalogConfig
-from analogllm.nn.matrix import AnalogMatrix
+from analogllm.nn.matrix import AnalogMatrix, beside
 
 
 def is_experts(module: nn.Module) -> bool:
@@ -86,7 +86,6 @@ def to_analog_experts(module: nn.Module, config: AnalogConfig, name: str) -> nn.
     module.__class__ = _analog_class(type(module))
     e, _, up_in = module._matrix(module._up_name()).shape
     down_in = module._matrix("down_proj").shape[-1]
-    device = module.down_proj.device
-    module.analog_up = AnalogMatrix(config, f"{name}.up", up_in, experts=e).to(device)
-    module.analog_down = AnalogMatrix(config, f"{name}.down", down_in, experts=e).to(device)
+    module.analog_up = beside(AnalogMatrix(config, f"{name}.up", up_in, experts=e), module.down_proj)
+    module.analog_down = beside(AnalogMatrix(config, f"{name}.down", down_in, experts=e), module.down_proj)
     return module

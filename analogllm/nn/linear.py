@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from analogllm.config import AnalogConfig
-from analogllm.nn.matrix import AnalogMatrix
+from analogllm.nn.matrix import AnalogMatrix, beside
 
 
 class AnalogLinear(nn.Linear):
@@ -31,14 +31,14 @@ class AnalogLinear(nn.Linear):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.analog = AnalogMatrix(config or AnalogConfig(), name, in_features).to(self.weight.device)
+        self.analog = beside(AnalogMatrix(config or AnalogConfig(), name, in_features), self.weight)
 
     @classmethod
     def from_linear(cls, module: nn.Linear, config: AnalogConfig, name: str) -> AnalogLinear:
         """Turn ``module`` (called ``name`` in its model) into an AnalogLinear in place (same parameter
         objects, same hooks)."""
         module.__class__ = cls
-        module.analog = AnalogMatrix(config, name, module.in_features).to(module.weight.device)
+        module.analog = beside(AnalogMatrix(config, name, module.in_features), module.weight)
         return module  # type: ignore[return-value]
 
     def analog_weight(self) -> torch.Tensor:
@@ -56,7 +56,7 @@ class AnalogConv1D(Conv1D):
     @classmethod
     def from_conv1d(cls, module: Conv1D, config: AnalogConfig, name: str) -> AnalogConv1D:
         module.__class__ = cls
-        module.analog = AnalogMatrix(config, name, module.weight.shape[0]).to(module.weight.device)
+        module.analog = beside(AnalogMatrix(config, name, module.weight.shape[0]), module.weight)
         return module  # type: ignore[return-value]
 
     def analog_weight(self) -> torch.Tensor:

@@ -23,6 +23,7 @@ Its mode is explicit and independent of ``nn.Module.training`` (so ``model.train
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from analogllm.ops.quant import clip_bound
 from analogllm.ops.read import read, tile_weight, untile_weight
 
 MODES = ("chip", "hwa", "digital")
+M = TypeVar("M", bound=nn.Module)
 _EPS = 1e-12
 
 
@@ -242,4 +244,12 @@ class AnalogMatrix(nn.Module):
                 "so it can only read its chip. Reload the model to train, reprogram, drift, export or save it.")
 
 
-__all__ = ["MODES", "AnalogMatrix"]
+def beside(module: M, weight: torch.Tensor) -> M:
+    """``module`` (the analogue state or a digital transform of a weight) on ``weight``'s device; left where
+    it was made for a weight on the meta device (a model built empty: transformers' loader fills the
+    state in, a streamed load keeps it on the CPU until its block's weights arrive,
+    :mod:`analogllm.hf.streaming`)."""
+    return module if weight.is_meta else module.to(weight.device)
+
+
+__all__ = ["MODES", "AnalogMatrix", "beside"]

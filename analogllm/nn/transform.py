@@ -58,7 +58,7 @@ class InputTransform(nn.Module):
         if self.inv_scale is not None:
             w = w / self.inv_scale.double()
         if self.rotation is not None:
-            w = w @ self.rotation.matrix().to(w.device)
+            w = self.rotation.exact(w)
         return w.to(weight.dtype)
 
     def macs_per_token(self) -> int:

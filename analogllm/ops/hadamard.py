@@ -92,8 +92,9 @@ def hadamard_matrix(n: int) -> torch.Tensor:
     return torch.kron(_small(m), sylvester)
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """x @ H / √n along the last axis in O(n log n), H = H_m ⊗ H_{2^k} (:func:`hadamard_matrix`)."""
+def fwht(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """x @ H / √n (``transpose``: x @ Hᵀ / √n) along the last axis in O(n log n), H = H_m ⊗ H_{2^k}
+    (:func:`hadamard_matrix`; only a Paley factor H_m is not symmetric)."""
     n = x.shape[-1]
     split = factor(n)
     if split is None:
@@ -108,7 +109,7 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
         h *= 2
     y = y.reshape(-1, m, p)
     if m > 1:  # (H_m ⊗ H_p) acts on index i·p + j as H_m on i and H_p on j
-        y = torch.einsum("ba,nbp->nap", _small(m).to(y.dtype).to(y.device), y)
+        y = torch.einsum("ab,nbp->nap" if transpose else "ba,nbp->nap", _small(m).to(y.dtype).to(y.device), y)
     return (y * (1.0 / math.sqrt(n))).reshape(*lead, n)
 
 
@@ -152,6 +153,23 @@ class Rotation(torch.nn.Module):
         if not self.fast:
             return x @ self.dense.to(x.dtype)
         return fwht(x * self.signs.to(x.dtype))
+
+    def exact(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """x R (``transpose``: x Rᵀ) in float64, to fold into weights: the fast transform where the order
+        has one (O(n log n) per row: rotating a 2048 × 8192 weight costs 0.2 G operations instead of a
+        275 GFLOP dense product), else the dense matrix regenerated in float64."""
+        x = x.double()
+        if not self.fast:
+            q = self.matrix().to(x.device)
+            return x @ (q.T if transpose else q)
+        signs = self.signs.to(x.device, torch.float64)
+        return fwht(x, transpose=True) * signs if transpose else fwht(x * signs)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """x ↦ x Rᵀ, undoing :meth:`forward` (R is orthogonal)."""
+        if not self.fast:
+            return x @ self.dense.to(x.dtype).T
+        return fwht(x, transpose=True) * self.signs.to(x.dtype)
 
 
 def _haar(n: int, gen: torch.Generator) -> torch.Tensor:
