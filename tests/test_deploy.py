@@ -61,6 +61,25 @@ def test_deployed_chip_still_trains_adapters(mode):
     assert all(torch.isfinite(p).all() for _, p in lora.adapter_parameters(peft_model))
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3-moe"])
+def test_deploy_frees_each_digital_weight_as_its_chip_is_realised(name, monkeypatch):
+    """The peak of deploy_ is the model plus one layer's chip: when a matrix is programmed, every matrix
+    programmed before it has given its digital weight up already."""
+    model, _ = _calibrated(name)
+    names = [n for n, _, _ in al.analog_matrices(model)]
+    live_at_program = []
+    real = al.nn.matrix.AnalogMatrix.program
+
+    def program(self, weight, *args, **kwargs):
+        live_at_program.append(sum(not isinstance(w.data, FreedWeight) and not isinstance(w, FreedWeight)
+                                   for _, _, w in al.analog_matrices(model)))
+        return real(self, weight, *args, **kwargs)
+
+    monkeypatch.setattr(al.nn.matrix.AnalogMatrix, "program", program)
+    al.deploy_(model, seed=1)
+    assert live_at_program == list(range(len(names), 0, -1))
+
+
 def test_everything_that_needs_the_digital_weights_refuses(tmp_path):
     model, ids = _calibrated()
     al.deploy_(model, seed=0)

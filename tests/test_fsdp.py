@@ -167,3 +167,27 @@ def test_fsdp_that_cannot_shard_is_refused_in_one_line(tmp_path, capsys, monkeyp
     al.analogize_(model, "pcm")
     with pytest.raises(ConfigError, match=r"train\.fsdp: sharding needs several processes"):
         hwa_train(model, torch.randint(0, 512, (8, 16)), TrainSection(steps=1, batch_size=2, fsdp=True), progress=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (FSDP over NCCL)")
+def test_fsdp_run_shards_on_two_gpus(tmp_path):
+    """The same sharded run on two GPUs (NCCL): each process holds half of every analogue weight in its
+    checkpoint, and OUTPUT/final is the ordinary analogue checkpoint."""
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(yaml.safe_dump({**RECIPE, "output_dir": str(tmp_path / "fsdp")}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env["ANALOGLLM_CACHE"] = str(tmp_path / "cache")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "analogllm", "train", str(path), "--quiet"]
+    assert f"trained steps 0→{STEPS} of {STEPS} on 2 process(es)" in _launch(torchrun, env).stdout
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = tmp_path / "fsdp" / "checkpoints" / f"step-{STEPS:08d}"
+    meta = dcp.FileSystemReader(str(ckpt / "pytorch_model_fsdp_0")).read_metadata()
+    trained = from_pretrained(tmp_path / "fsdp" / "final")
+    for name in _analog_weights(trained):
+        assert len(meta.state_dict_metadata[f"model.{name}"].chunks) == 2, name
+    al.program_(trained.cuda(), seed=0)
+    with torch.no_grad():
+        assert torch.isfinite(trained(input_ids=torch.randint(0, 512, (1, 16), device="cuda")).logits).all()

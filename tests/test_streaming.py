@@ -137,3 +137,38 @@ def test_export_writes_layer_by_layer_without_keeping_chips(tmp_path):
     assert [(r["sha256"], r["gain"], r["seed"]) for r in lazy] == [(r["sha256"], r["gain"], r["seed"]) for r in held]
     ids = calibration_blocks(tok, count=1)[:, :32]
     assert torch.equal(_logits(model, ids), _logits(twin, ids))  # realised on first use: the same chip
+
+
+def test_a_deployed_block_keeps_no_digital_weight_alive(tmp_path, monkeypatch):
+    """Once a block is deployed nothing may still reference the digital weights read for it (else a
+    streamed load peaks at the chip plus the digital model): checked while the next blocks load."""
+    import gc
+    import weakref
+
+    import analogllm.hf.streaming as streaming
+
+    folder, tok = _saved(tmp_path, "tiny-llama")
+    refs: dict[str, list] = {}
+    deployed_blocks: list[str] = []
+    leaks = []
+    real_load, real_deploy = streaming._Reader.load, chip_program.deploy_matrices_
+
+    def load(self, module, prefix, recurse=True):
+        loaded = real_load(self, module, prefix, recurse)
+        refs.setdefault(prefix, []).extend(weakref.ref(sub._parameters[pname]) for sub, pname in loaded
+                                           if isinstance(sub, al.AnalogLinear) and pname == "weight")
+        return loaded
+
+    def deploy(module, seed=0, seconds=0.0):
+        out = real_deploy(module, seed, seconds)
+        gc.collect()
+        leaks.extend(b for b in deployed_blocks if any(r() is not None for r in refs[b]))
+        prefix = next((p for p in refs if p.startswith("model.layers.") and refs[p] and p not in deployed_blocks), None)
+        if prefix is not None:
+            deployed_blocks.append(prefix)
+        return out
+
+    monkeypatch.setattr(streaming._Reader, "load", load)
+    monkeypatch.setattr(chip_program, "deploy_matrices_", deploy)
+    stream_deploy(folder, "pcm", calibration=calibration_blocks(tok, count=2))
+    assert len(deployed_blocks) == 2 and not leaks, (deployed_blocks, leaks)

@@ -132,12 +132,19 @@ class _Reader:
                     child.to(self.device)
         return loaded
 
+    def forget(self, loaded: list[tuple[nn.Module, str]]) -> None:
+        """Drop the reader's references to what :meth:`load` read (a deployed block's weights must not
+        outlive their FreedWeight placeholders)."""
+        read = {id(sub._parameters[pname]) for sub, pname in loaded}
+        for key in [k for k, (_, v) in self.done.items() if id(v) in read]:
+            del self.done[key]
+
     def release(self, loaded: list[tuple[nn.Module, str]]) -> None:
         """Put the parameters that :meth:`load` read back on the meta device (only those: the mapping's
         converter ranges live in the same modules)."""
+        self.forget(loaded)
         for sub, pname in loaded:
             param = sub._parameters[pname]
-            self.done.pop(next((k for k, (_, v) in self.done.items() if v is param), None), None)
             sub._parameters[pname] = nn.Parameter(torch.empty_like(param, device="meta"),
                                                   requires_grad=param.requires_grad)
 
@@ -203,9 +210,11 @@ def stream_deploy(source: str | Path, config: AnalogConfig | str | None = None, 
             mapper.capture()
     names = [n for n, _, _ in analog_matrices(model)]
     for i, block in enumerate(tqdm(blocks, desc="programming blocks", disable=not progress, leave=False)):
-        (mapper.reading(reader) if mapper else reader.load)(block, f"{prefix}.{i}")
+        loaded = (mapper.reading(reader) if mapper else reader.load)(block, f"{prefix}.{i}")
         if mapper is not None:
             mapper.map({n for n in names if n.startswith(f"{prefix}.{i}.")})
+        reader.forget(loaded)
+        del loaded
         deploy_matrices_(block, seed, seconds)
     outside = {n for n in names if not n.startswith(prefix + ".")}
     if mapper is not None and outside:
