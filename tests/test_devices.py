@@ -175,3 +175,21 @@ def test_chip_noise_streams_do_not_depend_on_the_thread_count():
     assert abs(z.mean().item()) < 5e-3 and abs(z.std().item() - 1) < 5e-3  # 1.05M samples
     chunks = z.split(1 << 18)
     assert not torch.equal(chunks[0][:100], chunks[1][:100])  # streams are distinct
+
+
+@pytest.mark.parametrize("seconds", [0.0, 86400.0, 3.15e7])
+def test_pcm_realises_device_by_device_exactly_as_its_pair_state(seconds):
+    """PCM programs a layer one device at a time (bounded memory); the chip must be the one its full
+    pair state describes, bit for bit, with the same draws (ν is drawn at t = 0 as well)."""
+    from analogllm.chip.state import chip_generator
+
+    dev = al.AnalogConfig.from_profile("pcm").device
+    w = torch.rand(3, 64, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    s = dev.pair_state(w, seconds, chip_generator(0, 1))
+    real = dev.realise(w, seconds, chip_generator(0, 1))
+    assert torch.equal(real.weight, (s.g_plus - s.g_minus) / dev.g_max)
+    assert torch.equal(real.read_std, s.read_std)
+    if seconds > 0:
+        assert torch.equal(real.reference, (s.ref_plus - s.ref_minus) / dev.g_max)
+    else:
+        assert real.reference is None

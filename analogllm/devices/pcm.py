@@ -148,8 +148,31 @@ class PCM(Device):
         )
 
     def realise(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
-        s = self.pair_state(weight, seconds, generator)
-        return Realisation(
-            weight=(s.g_plus - s.g_minus) / self.g_max, read_std=s.read_std,
-            reference=None if s.ref_plus is None else (s.ref_plus - s.ref_minus) / self.g_max,
-        )
+        if self.stuck_low or self.stuck_high:  # the stuck draws follow both devices': hold both pairs
+            s = self.pair_state(weight, seconds, generator)
+            return Realisation(
+                weight=(s.g_plus - s.g_minus) / self.g_max, read_std=s.read_std,
+                reference=None if s.ref_plus is None else (s.ref_plus - s.ref_minus) / self.g_max,
+            )
+        return self._realise_by_device(weight, seconds, generator)
+
+    def _realise_by_device(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
+        """What :meth:`pair_state` gives without stuck devices, bit for bit (the same draws in the same
+        order: G+'s programming noise and ν, then G−'s), one device at a time and summed into the outputs
+        as it goes: the transient memory of programming a layer is a few copies of it, not a dozen."""
+        out = ref = var = None
+        for sign, g_target in ((1.0, weight.clamp(min=0) * self.g_max), (-1.0, (-weight).clamp(min=0) * self.g_max)):
+            g_prog = (g_target + self.prog_std(g_target) * randn_like(g_target, generator)).clamp(min=0)
+            nu = self.drift_nu(g_target, generator)  # drawn at t = 0 too: the draws of G− must not move
+            g_t = g_prog * ((seconds + self.drift_t0) / self.drift_t0) ** nu.neg_() if seconds > 0 else g_prog
+            del nu
+            if self.read_noise_scale > 0:
+                r2 = self.read_std(g_t, g_target, seconds).square()
+                var = r2 if var is None else var.add_(r2)
+            del g_target
+            out = g_t if out is None else out.sub_(g_t)
+            if seconds > 0:
+                ref = g_prog if ref is None else ref.sub_(g_prog)
+            del g_prog, g_t
+        return Realisation(weight=out.div_(self.g_max), read_std=None if var is None else var.sqrt_().div_(self.g_max),
+                           reference=None if ref is None else ref.div_(self.g_max))

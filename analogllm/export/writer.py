@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from analogllm.chip import chip_info
+from analogllm.chip.program import return_freed_memory
 from analogllm.config import AnalogConfig
 from analogllm.export import crossbar, photonic
 from analogllm.export.manifest import (
@@ -162,6 +163,8 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
     }
     if not held:  # realised only for this record: the model holds no chip it did not hold before
         chip.clear()
+    del arrays, wn, scale
+    return_freed_memory()  # the layer's pages go back to the OS before the next one is encoded
     return record
 
 
