@@ -62,9 +62,6 @@ class Checkpoint:
             for key, info in header.items():
                 self.entries[key] = (path, 8 + size, info)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.entries
-
     def get(self, key: str) -> torch.Tensor:
         path, base, info = self.entries[key]
         if info["dtype"] not in _DTYPES:
@@ -214,7 +211,6 @@ def stream_deploy(source: str | Path, config: AnalogConfig | str | None = None, 
         if mapper is not None:
             mapper.map({n for n in names if n.startswith(f"{prefix}.{i}.")})
         reader.forget(loaded)
-        del loaded
         deploy_matrices_(block, seed, seconds)
     outside = {n for n in names if not n.startswith(prefix + ".")}
     if mapper is not None and outside:
@@ -241,19 +237,12 @@ class _Mapper:
     blocks and the input capture first, then the per-block steps as each block is read again."""
 
     def __init__(self, model: nn.Module, config: AnalogConfig, blocks: torch.Tensor, progress: bool) -> None:
-        from analogllm.mapping import MappingReport
-        from analogllm.mapping.rotate import ResidualRotation, supports_rotation
+        from analogllm.mapping import MappingReport, begin_rotation
 
         self.model, self.spec, self.blocks, self.progress = model, config.mapping, blocks, progress
         self.start = time.perf_counter()
         self.report = MappingReport()
-        self.rotations = None
-        if self.spec.rotate and supports_rotation(model):
-            self.rotations = ResidualRotation(model, self.spec.seed)
-            self.report.rotation = self.rotations.rotate_outside_()
-            self.report.digital_macs_per_token += self.report.rotation.get("digital_macs_per_token", 0)
-        elif self.spec.rotate:
-            self.report.notes.append("residual rotation skipped: the family is not a pre-norm RMSNorm transformer")
+        self.rotations = begin_rotation(model, self.spec, self.report)
         self.inputs: dict = {}
 
     def reading(self, reader: _Reader) -> Callable[[nn.Module, str], list]:

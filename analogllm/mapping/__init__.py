@@ -32,7 +32,7 @@ from analogllm.mapping.capture import capture_inputs, digital
 from analogllm.mapping.families import rescale_groups
 from analogllm.mapping.ranges import RangeChoice, calibrate_ranges_
 from analogllm.mapping.rescale import ScaleChoice, rescale_
-from analogllm.mapping.rotate import rotate_, supports_rotation
+from analogllm.mapping.rotate import ResidualRotation, supports_rotation
 from analogllm.nn.convert import analog_matrices
 from analogllm.nn.matrix import AnalogMatrix
 from analogllm.nn.weight import AnalogWeight
@@ -96,16 +96,29 @@ def map_(model: nn.Module, blocks: torch.Tensor, spec: MappingConfig | None = No
     spec = spec or model.analog_config.mapping
     start = time.perf_counter()
     report = MappingReport()
-    if spec.rotate:
-        if supports_rotation(model):
-            report.rotation = rotate_(model, spec.seed)
-            report.digital_macs_per_token += report.rotation.get("digital_macs_per_token", 0)
-        else:
-            report.notes.append("residual rotation skipped: the family is not a pre-norm RMSNorm transformer")
+    rotation = begin_rotation(model, spec, report)
+    if rotation is not None:
+        for layer in model.model.layers:
+            rotation.rotate_layer_(layer)
     inputs = capture_inputs(model, blocks, spec.tokens, seed=spec.seed, progress=progress)
     map_layers_(model, inputs, spec, report, progress=progress)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def begin_rotation(model: nn.Module, spec: MappingConfig, report: MappingReport) -> ResidualRotation | None:
+    """Step 1 outside the decoder layers, as ``spec.rotate`` says, recorded in ``report``: the residual
+    rotation, whose :meth:`~ResidualRotation.rotate_layer_` the caller applies to every decoder layer
+    (all at once, or each as it is read), or None when there is none."""
+    if not spec.rotate:
+        return None
+    if not supports_rotation(model):
+        report.notes.append("residual rotation skipped: the family is not a pre-norm RMSNorm transformer")
+        return None
+    rotation = ResidualRotation(model, spec.seed)
+    report.rotation = rotation.rotate_outside_()
+    report.digital_macs_per_token += report.rotation.get("digital_macs_per_token", 0)
+    return rotation
 
 
 @torch.no_grad()
@@ -166,4 +179,4 @@ def restore_transforms_(model: nn.Module, specs: dict[str, dict]) -> None:
         matrices[name].set_transform(scale=bool(spec.get("scale")), rotation_seed=spec.get("rotation_seed"))
 
 
-__all__ = ["MappingReport", "add_rotation", "digital", "map_", "map_layers_", "restore_transforms_", "transform_specs"]
+__all__ = ["MappingReport", "add_rotation", "begin_rotation", "digital", "map_", "map_layers_", "restore_transforms_", "transform_specs"]

@@ -97,16 +97,6 @@ def residual_seed(model: nn.Module) -> int | None:
     return emb.residual.seed if isinstance(emb, RotatedEmbedding) else None
 
 
-@torch.no_grad()
-def rotate_(model: nn.Module, seed: int = 0) -> dict[str, object]:
-    """Rotate ``model``'s residual stream and value heads in place; returns what was done."""
-    rotation = ResidualRotation(model, seed)
-    info = rotation.rotate_outside_()
-    for layer in model.model.layers:
-        rotation.rotate_layer_(layer)
-    return info
-
-
 class ResidualRotation:
     """The residual rotation Q and value-head rotation R of one model, applied in two parts: what lies
     outside the decoder layers (embeddings, final norm, LM head) and each decoder layer, so a model loaded
@@ -176,5 +166,5 @@ def _fold_readers(readers: list[nn.Module], norm: nn.Module, q: Rotation) -> Non
     norm.weight.fill_(1.0)
 
 
-__all__ = ["RotatedEmbedding", "RotatedHead", "ResidualRotation", "keep_head_tied_", "residual_seed", "rotate_",
+__all__ = ["RotatedEmbedding", "RotatedHead", "ResidualRotation", "keep_head_tied_", "residual_seed",
            "supports_rotation"]
