@@ -115,25 +115,25 @@ class ResidualRotation:
 
     @torch.no_grad()
     def rotate_outside_(self) -> dict[str, object]:
-        """Rotate the embeddings and fold the final norm into the (untied first) LM head."""
+        """Rotate the embeddings and fold the final norm into the LM head: a tied digital head stays tied
+        (rotated online at both ends), an analogue one is untied first."""
         model, base = self.model, self.model.model
-        q = self.q.to(base.embed_tokens.weight.device)
         head = model.get_output_embeddings()
         tied = head is not None and head.weight is base.embed_tokens.weight
-        info = {"residual": self.hidden, "value_heads": self.d, "untied_lm_head": False, "seed": self.seed}
+        info = {"residual": self.hidden, "value_heads": self.d, "seed": self.seed}
         if tied and type(head) is nn.Linear:  # a digital head: keep the tie, rotate online at both ends
-            return {**info, "online_tied_head": True, "digital_macs_per_token": keep_head_tied_(model, self.seed)}
-        untied = tied
-        if untied:
+            return {**info, "untied_lm_head": False, "online_tied_head": True,
+                    "digital_macs_per_token": keep_head_tied_(model, self.seed)}
+        if tied:
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
             model.config.tie_word_embeddings = False
             if hasattr(model, "_tied_weights_keys"):
                 model._tied_weights_keys = None
-        _rotate_rows_(base.embed_tokens.weight, q)
+        _rotate_rows_(base.embed_tokens.weight, self.q.to(base.embed_tokens.weight.device))
         if head is not None:
             _rotate_rows_(head.weight, self.q.to(head.weight.device), base.norm.weight.double().to(head.weight.device))
             base.norm.weight.fill_(1.0)
-        return {**info, "untied_lm_head": untied}
+        return {**info, "untied_lm_head": tied}
 
     @torch.no_grad()
     def rotate_layer_(self, layer: nn.Module) -> None:
