@@ -398,3 +398,30 @@ def test_identical_exports_have_identical_files_and_manifest_hashes(tmp_path):
     other, _ = analog_model("tiny-qwen3-moe", "pcm", seed=4, seconds=60.0)  # another chip instance
     c = json.loads((export_map(other, tmp_path / "c", progress=False) / "manifest.json").read_text())
     assert c["manifest_sha256"] != ma["manifest_sha256"]
+
+
+def test_layer_files_are_written_array_by_array_as_safetensors_lays_them_out(tmp_path):
+    """The layer writer streams each array (deferred ones made only then) into safetensors' own layout:
+    its data section is the library's, byte for byte, and a declared shape that is not made fails."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from analogllm.export.manifest import Deferred, save_layer_file
+
+    g = torch.Generator().manual_seed(0)
+    arrays = {"g_plus": torch.randn(2, 5, 7, generator=g), "g_minus": torch.randn(2, 7, 5, generator=g).transpose(1, 2),
+              "level_plus": torch.randint(0, 255, (2, 5, 7), generator=g, dtype=torch.uint8),
+              "level_minus": torch.randint(0, 9, (2, 5, 7), generator=g, dtype=torch.int32), "scale": torch.rand(2, 3)}
+    made = []
+    written = dict(arrays, g_plus=Deferred((2, 5, 7), torch.float32, lambda: made.append(1) or arrays["g_plus"].clone()))
+    save_layer_file(written, tmp_path / "a.safetensors", {"layer": "x", "format": "f"})
+    assert made == [1]
+    reference = save({k: v.contiguous() for k, v in arrays.items()})
+    data = (tmp_path / "a.safetensors").read_bytes()
+    assert data[8 + int.from_bytes(data[:8], "little"):] == reference[8 + int.from_bytes(reference[:8], "little"):]
+    with safe_open(tmp_path / "a.safetensors", "pt") as f:
+        assert f.metadata() == {"layer": "x", "format": "f"}
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in arrays.items())
+    wrong = dict(arrays, scale=Deferred((2, 4), torch.float32, lambda: torch.zeros(2, 3)))
+    with pytest.raises(RuntimeError, match="declared"):
+        save_layer_file(wrong, tmp_path / "b.safetensors", {})

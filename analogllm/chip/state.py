@@ -153,7 +153,8 @@ def normalised_tiles(weight: torch.Tensor, tiles: int, rows: int) -> tuple[torch
 
     wt = tile_weight(weight, tiles, rows)
     scale = wt.abs().amax(-1, keepdim=True).clamp(min=_EPS)
-    return wt / scale, scale
+    # written contiguous: the devices realise it flat without another copy
+    return torch.div(wt, scale, out=torch.empty(wt.shape, dtype=wt.dtype, device=wt.device)), scale
 
 
 @torch.no_grad()
@@ -170,21 +171,27 @@ def realise(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, s
     if targets is not None:
         wn = targets
     flat = wn.reshape(-1, *wn.shape[-2:])
-    real = device.realise(flat, seconds, chip_generator(seed, uid))
+    # the normalised tiles are this function's own (not the caller's targets): the device may overwrite them
+    realise_flat = device.realise if targets is not None else device.realise_consuming
+    real = realise_flat(flat, seconds, chip_generator(seed, uid))
     gain = torch.full((w.shape[0],), float(real.gain))
     adc_gain, adc_offset = adc_errors(config, wn.shape[:-1], seed, uid)
     if config.drift.compensation and device.drifts and seconds > 0:
-        ref = real.reference
-        ref_read = None
+        ref, ref_read = real.reference, None
         if ref is None:
             at0 = device.realise(flat, 0.0, chip_generator(seed, uid))
             ref, ref_read = at0.weight, at0.read_std
         gain = gain * drift_compensation(config, ref, ref_read, real.weight, real.read_std, seed, uid,
                                          adc_gain=adc_gain, adc_offset=adc_offset)
-    eff = real.weight.view_as(wn).transpose(-1, -2).contiguous()  # (E, T, rows, out)
+        del ref, ref_read
+    # from here on each array is dropped as soon as its successor exists: the peak is a few copies of a layer
+    shape, real.reference, flat, wn = wn.shape, None, None, None
+    eff = real.weight.view(shape).transpose(-1, -2).contiguous()  # (E, T, rows, out)
+    real.weight = None
     read_var = None
     if real.read_std is not None:
-        rv = real.read_std.view_as(wn).square()  # (E, T, out, rows)
+        rv = real.read_std.view(shape).square_()  # (E, T, out, rows)
+        real.read_std = None
         read_var = rv.transpose(-1, -2).contiguous() if config.exact_read_noise else rv.mean(-1)
     return Programmed(tiles=eff, scale=scale.squeeze(-1), read_var=read_var, gain=gain, adc_gain=adc_gain,
                       adc_offset=adc_offset)
@@ -233,8 +240,8 @@ def drift_compensation(config: AnalogConfig, ref: torch.Tensor, ref_read: torch.
             u = x.unsqueeze(0).expand(w.shape[0], -1, -1)
             y = y - ir_drop_attenuation(u, w.transpose(-1, -2), rho).transpose(-1, -2)
         var = torch.full_like(y, out_var)
-        if std is not None:
-            var = var + torch.matmul(std.square(), x.T.square())
+        if std is not None:  # x is ±1, so every vector's read variance is Σ std² along the row (no squared copy)
+            var = var + torch.linalg.vector_norm(std, dim=-1, keepdim=True).square_()
         y = y + torch.randn(y.shape, generator=gen, dtype=y.dtype) * var.sqrt()
         return y if errors is None else y * errors[0] + errors[1]
 

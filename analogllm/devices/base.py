@@ -35,6 +35,9 @@ class Realisation:
     reference: for a drifting device realised at t > 0, the weight the same instance had at t = 0
               (what global drift compensation calibrates against), or ``None``: the layer then
               realises the instance again at t = 0.
+
+    The tensors are the caller's: a device returns fresh ones (never its own state), so the layer
+    may transform them in place while it builds its tiles.
     """
 
     weight: torch.Tensor
@@ -74,6 +77,12 @@ class Device(abc.ABC):
         random numbers in a fixed order: realising the same layer at two drift times then sees the
         same programmed conductances, which is what makes drift of one chip instance consistent.
         """
+
+    def realise_consuming(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
+        """:meth:`realise` for a caller that no longer needs ``weight``: the device may write its result
+        over it, so programming a large layer holds one copy less. A device that does so returns the
+        reference itself whenever it drifts (the caller cannot realise ``weight`` again at t = 0)."""
+        return self.realise(weight, seconds, generator)
 
     def summary(self) -> str:
         """Key parameters in a few words, for ``analogllm profiles``."""

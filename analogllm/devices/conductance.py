@@ -43,9 +43,13 @@ class PairState:
 
 def weight_to_pair(weight: torch.Tensor, g_max: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Target conductances (µS) of the differential pair: w>0 on G+, w<0 on G−, the other at 0."""
-    g_plus = weight.clamp(min=0) * g_max
-    g_minus = (-weight).clamp(min=0) * g_max
-    return g_plus, g_minus
+    return pair_target(weight, g_max, 1), pair_target(weight, g_max, -1)
+
+
+def pair_target(weight: torch.Tensor, g_max: float, side: int) -> torch.Tensor:
+    """Target conductance (µS) of one device of every pair: G+ = max(w, 0)·g_max (``side`` 1) or
+    G− = max(−w, 0)·g_max (``side`` −1); one side at a time bounds the memory of a large layer."""
+    return (weight if side > 0 else -weight).clamp(min=0).mul_(g_max)
 
 
 def polyval(coeffs: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:

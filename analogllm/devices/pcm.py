@@ -30,12 +30,15 @@ import torch
 
 from analogllm.devices.base import Device, Realisation
 from analogllm.devices.conductance import (
-    PairState, apply_stuck, polyval, randn_like, stuck_devices, weight_to_pair,
+    PairState, apply_stuck, pair_target, polyval, randn_like, stuck_devices, weight_to_pair,
 )
 from analogllm.config.schema import check
+from analogllm.ops.noise import STREAM, gaussian_block, stream_seeds
 
 #: aihwkit's floor on x = G/g_max inside ln x (PCMLikeNoiseModel's _ZERO_CLIP)
 _X_FLOOR = 1e-7
+#: devices realised at once when a layer is programmed block by block (a multiple of the noise streams)
+_BLOCK = 4 * STREAM
 
 
 @dataclass(frozen=True)
@@ -99,12 +102,16 @@ class PCM(Device):
 
     def drift_nu(self, g_target: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Drift exponents ν = |N(μν(x_T), σν(x_T))| of devices with target ``g_target``, spread included."""
+        return self._nu(g_target, randn_like(g_target, generator))
+
+    def _nu(self, g_target: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """ν from the standard normals ``z`` (consumed)."""
         log_x = torch.log((g_target / self.g_max).abs().clamp(min=_X_FLOOR))
         a, b, lo, hi = self.drift_mu
         mu = (a * log_x + b).clamp(lo, hi)
         a, b, lo, hi = self.drift_sigma
-        sigma = (a * log_x + b).clamp(lo, hi)
-        return (mu + sigma * randn_like(g_target, generator)).abs() * self.drift_scale
+        sigma = log_x.mul_(a).add_(b).clamp_(lo, hi)
+        return z.mul_(sigma).add_(mu).abs_().mul_(self.drift_scale)
 
     def read_std(self, g: torch.Tensor, g_target: torch.Tensor, seconds: float) -> torch.Tensor:
         """1/f read noise std (µS) of devices now at conductance ``g``, programmed to ``g_target``, read
@@ -156,23 +163,45 @@ class PCM(Device):
             )
         return self._realise_by_device(weight, seconds, generator)
 
-    def _realise_by_device(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
-        """What :meth:`pair_state` gives without stuck devices, bit for bit (the same draws in the same
-        order: G+'s programming noise and ν, then G−'s), one device at a time and summed into the outputs
-        as it goes: the transient memory of programming a layer is a few copies of it, not a dozen."""
-        out = ref = var = None
-        for sign, g_target in ((1.0, weight.clamp(min=0) * self.g_max), (-1.0, (-weight).clamp(min=0) * self.g_max)):
-            g_prog = (g_target + self.prog_std(g_target) * randn_like(g_target, generator)).clamp(min=0)
-            nu = self.drift_nu(g_target, generator)  # drawn at t = 0 too: the draws of G− must not move
-            g_t = g_prog * ((seconds + self.drift_t0) / self.drift_t0) ** nu.neg_() if seconds > 0 else g_prog
-            del nu
-            if self.read_noise_scale > 0:
-                r2 = self.read_std(g_t, g_target, seconds).square()
-                var = r2 if var is None else var.add_(r2)
-            del g_target
-            out = g_t if out is None else out.sub_(g_t)
-            if seconds > 0:
-                ref = g_prog if ref is None else ref.sub_(g_prog)
-            del g_prog, g_t
-        return Realisation(weight=out.div_(self.g_max), read_std=None if var is None else var.sqrt_().div_(self.g_max),
-                           reference=None if ref is None else ref.div_(self.g_max))
+    def realise_consuming(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
+        if self.stuck_low or self.stuck_high or not weight.is_contiguous():
+            return self.realise(weight, seconds, generator)
+        return self._realise_by_device(weight, seconds, generator, into=weight)
+
+    def _realise_by_device(self, weight: torch.Tensor, seconds: float, generator: torch.Generator,
+                           into: torch.Tensor | None = None) -> Realisation:
+        """What :meth:`pair_state` gives without stuck devices (the same draws: G+'s programming noise and
+        ν, then G−'s), computed one stream-aligned block of devices at a time and written into the
+        outputs as it goes, so the transient memory of programming a layer is its outputs (weight,
+        reference, read noise) plus a few blocks, not a dozen copies of it. Equal to :meth:`pair_state`
+        up to the last bit of the vectorised transcendental functions at block edges. With ``into``
+        (the weight itself) the weight is written over, block by block, once both targets are taken."""
+        flat = weight.reshape(-1)
+        seeds = [stream_seeds(flat.numel(), generator) for _ in range(4)]  # G+ noise, G+ ν, G− noise, G− ν
+        out = torch.empty_like(flat) if into is None else into.view(-1)
+        ref = torch.empty_like(flat) if seconds > 0 else None
+        var = torch.empty_like(flat) if self.read_noise_scale > 0 else None
+        step = _BLOCK if seeds[0] is not None else max(flat.numel(), 1)
+        decay = (seconds + self.drift_t0) / self.drift_t0
+        for start in range(0, flat.numel(), step):
+            w = flat[start:start + step]
+            targets = [pair_target(w, self.g_max, 1), pair_target(w, self.g_max, -1)]  # before out overwrites w
+            for k, g_target in zip((0, 2), targets):
+                z = gaussian_block(w, seeds[k], start, generator)
+                g_prog = z.mul_(self.prog_std(g_target)).add_(g_target).clamp_(min=0)
+                nu = self._nu(g_target, gaussian_block(w, seeds[k + 1], start, generator))  # at t = 0 too
+                g_t = g_prog * decay ** nu.neg_() if seconds > 0 else g_prog
+                del nu
+                parts = [(out, g_t, -1), (ref, g_prog, -1)]  # G+ − G−; the read noises add in variance
+                if var is not None:
+                    parts.append((var, self.read_std(g_t, g_target, seconds).square_(), 1))
+                for total, part, sign in parts:
+                    if total is not None:
+                        block = total[start:start + step]
+                        if k == 0:
+                            block.copy_(part)
+                        else:
+                            block.add_(part, alpha=sign)
+        return Realisation(weight=out.div_(self.g_max).view_as(weight),
+                           read_std=None if var is None else var.sqrt_().div_(self.g_max).view_as(weight),
+                           reference=None if ref is None else ref.div_(self.g_max).view_as(weight))

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from analogllm.chip.state import Programmed, chip_generator, realise, reference_gain
 from analogllm.config import AnalogConfig
 from analogllm.devices.base import Device, Realisation, Replay
-from analogllm.devices.conductance import weight_to_pair
+from analogllm.devices.conductance import pair_target
 from analogllm.devices.pcm import PCM
 from analogllm.devices.rram import RRAM
-from analogllm.export.manifest import DTYPE_NAMES, AnalogLayer, MapError, column_peaks, scale_per_input, spans
+from analogllm.export.manifest import DTYPE_NAMES, AnalogLayer, Deferred, MapError, column_peaks, scale_per_input, spans
 from analogllm.ops.noise import seeded
 
 NAME = "crossbar"
@@ -73,23 +73,28 @@ def device_record(device: Device, levels: int | None) -> dict[str, Any]:
 
 
 def encode(layer: AnalogLayer, wn: torch.Tensor, scale: torch.Tensor, device: Device,
-           record: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Normalised tiles (E, T, out, rows) → the layer's arrays and its tile grid."""
+           record: dict[str, Any]) -> tuple[dict[str, torch.Tensor | Deferred], dict[str, Any]]:
+    """Normalised tiles (E, T, out, rows) → the layer's arrays and its tile grid. The conductances and
+    levels are :class:`Deferred`: each is made from one dense copy of the tiles as it is written."""
     e, t, out, rows = wn.shape
     in_features = layer.shape[-1]
     dense = wn.transpose(-1, -2).reshape(e, t * rows, out)[:, :in_features]  # (E, in, out): rows = inputs
-    g_max = record["g_max_uS"]
-    g_plus, g_minus = weight_to_pair(dense, g_max)
-    if isinstance(device, RRAM):  # the device writes only its levels: these are its real targets
-        g_plus, g_minus = device.quantize_levels(g_plus), device.quantize_levels(g_minus)
-    step = record["level_step_uS"]
-    dtype = level_dtype(record["levels"])
+    g_max, step = record["g_max_uS"], record["level_step_uS"]
+    rram = device if isinstance(device, RRAM) else None
+
+    def target(side: int) -> torch.Tensor:  # an RRAM device writes only its levels: these are its targets
+        g = pair_target(dense, g_max, side)
+        return g if rram is None else rram.quantize_levels(g)
+
+    def level(side: int) -> torch.Tensor:
+        return target(side).div_(step).round_().to(level_dtype(record["levels"]))
+
+    shape = tuple(dense.shape)
     cols = layer.matrix.config.tiling.cols or out
-    arrays = {
-        "g_plus": g_plus, "g_minus": g_minus,
-        "level_plus": torch.round(g_plus / step).to(dtype), "level_minus": torch.round(g_minus / step).to(dtype),
-        "scale": scale,
-    }
+    arrays: dict[str, torch.Tensor | Deferred] = {"scale": scale}
+    for name, side in (("plus", 1), ("minus", -1)):
+        arrays[f"g_{name}"] = Deferred(shape, dense.dtype, lambda side=side: target(side))
+        arrays[f"level_{name}"] = Deferred(shape, level_dtype(record["levels"]), lambda side=side: level(side))
     tiles = {
         "rows": rows, "cols": cols, "grid": [e, t, -(-out // cols)],
         "inputs": spans(in_features, rows, t), "outputs": spans(out, cols),

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -132,23 +133,47 @@ def column_peaks(normalised: torch.Tensor) -> torch.Tensor:
 
 
 # ----- files ------------------------------------------------------------------------------------------
-def save_layer_file(arrays: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file whose bytes depend only on its content.
+@dataclass(frozen=True)
+class Deferred:
+    """An array of a layer file made only when the file is written (``make()``), so that a large layer's
+    arrays are produced, written and dropped one at a time: the header needs only its shape and dtype."""
 
-    safetensors serialises the ``__metadata__`` table from a hash map, so the same arrays and metadata
-    come out with the keys in a different order from call to call, and with them a different SHA-256.
-    The tensors' own header is deterministic; the metadata is put in front of it with sorted keys,
-    so identical content gives an identical file, an identical checksum and an identical manifest."""
-    data = save({k: v.contiguous() for k, v in arrays.items()})
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    header = {"__metadata__": dict(sorted(metadata.items())), **header}
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+
+def save_layer_file(arrays: Mapping[str, torch.Tensor | Deferred], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose bytes depend only on its content, one array at a time.
+
+    The layout is safetensors' own (its order of arrays, by dtype then name, taken from the library
+    itself; 8-byte aligned data), so any safetensors reader loads it. safetensors serialises the
+    ``__metadata__`` table from a hash map, in an order that changes from call to call; here the
+    metadata comes first with sorted keys, so identical content gives an identical file, checksum and
+    manifest. Each array's bytes go straight from its tensor to the file (no image of the whole file in
+    memory) and a :class:`Deferred` array exists only while it is written."""
+    probe = save({k: torch.empty(0, dtype=v.dtype) for k, v in arrays.items()})
+    order = list(json.loads(probe[8:8 + int.from_bytes(probe[:8], "little")]))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in order:
+        shape, dtype = tuple(arrays[name].shape), arrays[name].dtype
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # data stays 8-byte aligned, as safetensors writes it
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
-        f.write(data[8 + n:])
+        for name in order:
+            value = arrays[name]
+            t = value.make() if isinstance(value, Deferred) else value
+            if tuple(t.shape) != tuple(value.shape) or t.dtype != value.dtype:
+                raise RuntimeError(f"array {name} of {path.name}: made {t.dtype} {tuple(t.shape)}, "
+                                   f"declared {value.dtype} {tuple(value.shape)}")
+            f.write(t.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().data)
+            del t
 
 
 def sha256_file(path: Path) -> str:

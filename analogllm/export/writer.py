@@ -126,21 +126,6 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
     held = matrix.chip.programmed
     matrix.ensure_programmed(layer.weight)  # the instance the model runs on (programs it if it never was)
     chip = matrix.chip
-    wn, scale = matrix.normalised_tiles(weight)
-    scale = scale.squeeze(-1)
-    arrays, tiles = module.encode(layer, wn, scale, matrix.config.device, device_record)
-    experts = layer.experts
-    if layer.bias is not None:
-        arrays["bias"] = layer.bias.detach().float().reshape(experts, -1)
-    arrays = {k: v.detach().contiguous() for k, v in arrays.items()}
-    name = f"{LAYER_DIR}/{index:04d}.safetensors"
-    file = tmp / name
-    save_layer_file(arrays, file, {"format": FORMAT_NAME, "target": target, "layer": layer.name})
-    dac = matrix.config.dac
-    dac_range = None
-    if layer.placement == "analog" and dac.range != "dynamic":
-        r = matrix.input_range.detach().abs().float()
-        dac_range = r.tolist()
     record = {
         "name": layer.name,
         "kind": layer.kind,
@@ -149,21 +134,27 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
         "shape": list(layer.shape),
         "experts": matrix.experts,
         "bias": layer.bias is not None,
-        "dac_range": dac_range,
+        "dac_range": None if layer.placement != "analog" or matrix.config.dac.range == "dynamic"
+        else matrix.input_range.detach().abs().float().tolist(),
         "gain": float(chip.gain[0]),
         "adc_range": None if layer.placement != "analog" or not hasattr(matrix, "output_range")
         else matrix.output_range.detach().float().reshape(-1).tolist(),
         "seed": chip.seed,
         "seconds": chip.seconds,
-        "tiles": tiles,
-        "file": name,
-        "sha256": sha256_file(file),
-        "bytes": file.stat().st_size,
-        "arrays": {k: {"dtype": DTYPE_NAMES[v.dtype], "shape": list(v.shape)} for k, v in arrays.items()},
     }
     if not held:  # realised only for this record: the model holds no chip it did not hold before
         chip.clear()
-    del arrays, wn, scale
+    wn, scale = matrix.normalised_tiles(weight)
+    arrays, tiles = module.encode(layer, wn, scale.squeeze(-1), matrix.config.device, device_record)
+    del wn, scale  # the encoder keeps what it needs: its arrays are made one at a time as they are written
+    if layer.bias is not None:
+        arrays["bias"] = layer.bias.detach().float().reshape(layer.experts, -1)
+    name = f"{LAYER_DIR}/{index:04d}.safetensors"
+    file = tmp / name
+    save_layer_file(arrays, file, {"format": FORMAT_NAME, "target": target, "layer": layer.name})
+    record.update(tiles=tiles, file=name, sha256=sha256_file(file), bytes=file.stat().st_size,
+                  arrays={k: {"dtype": DTYPE_NAMES[v.dtype], "shape": list(v.shape)} for k, v in arrays.items()})
+    del arrays
     return_freed_memory()  # the layer's pages go back to the OS before the next one is encoded
     return record
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analogllm.chip.state import Chip, realise, stable_id
+from analogllm.chip.state import Chip, normalised_tiles, realise, stable_id
 from analogllm.config import AnalogConfig
 from analogllm.nn.transform import InputTransform
 from analogllm.ops.quant import clip_bound
@@ -233,9 +233,7 @@ class AnalogMatrix(nn.Module):
         scales (..., T, out, 1): what the arrays hold. The exporter uses this very function, so a map's
         targets are the layer's bit for bit."""
         self.require_digital()
-        wt = tile_weight(weight, self.tiles, self.rows)
-        scale = wt.abs().amax(-1, keepdim=True).clamp(min=_EPS)
-        return wt / scale, scale
+        return normalised_tiles(weight, self.tiles, self.rows)
 
     def require_digital(self) -> None:
         if self.chip.deployed:

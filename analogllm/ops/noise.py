@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-_CHUNK = 1 << 18  # samples per generator stream; below this the thread hand-off costs more than it saves
+STREAM = 1 << 18  # samples per generator stream; below this the thread hand-off costs more than it saves
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None
 
 
@@ -54,18 +54,49 @@ def gaussian(shape: tuple[int, ...] | torch.Size, like: torch.Tensor, generator:
     On CPU the split into streams depends only on the size, never on the thread count, so a given
     generator state gives the same samples on any machine (same chip instance for the same seed)."""
     out = torch.empty(shape, dtype=like.dtype, device=like.device)
-    chunks = -(-out.numel() // _CHUNK)
-    if like.device.type != "cpu" or chunks < 2:
+    if like.device.type != "cpu":
         return PendingNoise(out.normal_(generator=generator), [])
-    seeds = torch.randint(0, 2**62, (chunks,), generator=generator).tolist()
-    parts = out.view(-1).split(_CHUNK)
+    seeds = stream_seeds(out.numel(), generator)
+    if seeds is None:
+        return PendingNoise(out.normal_(generator=generator), [])
+    return _fill_streams(out, seeds)
+
+
+def stream_seeds(numel: int, generator: torch.Generator | None) -> list[int] | None:
+    """The seeds of the streams :func:`gaussian` cuts a CPU draw of ``numel`` samples into (one per
+    :data:`STREAM` samples, drawn from ``generator``), or None when the draw is one stream of
+    ``generator`` itself. Taking the seeds first lets a caller draw the samples block by block:
+    :func:`gaussian_block` gives any stream-aligned block of them, bit for bit."""
+    chunks = -(-numel // STREAM)
+    if chunks < 2:
+        return None
+    return torch.randint(0, 2**62, (chunks,), generator=generator).tolist()
+
+
+def gaussian_block(like: torch.Tensor, seeds: list[int] | None, first: int,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """Samples ``first`` … ``first + like.numel()`` of the draw whose streams are ``seeds``
+    (:func:`stream_seeds`), shaped like ``like``; ``first`` is a multiple of :data:`STREAM`. With
+    ``seeds`` None the block is the whole draw, taken from ``generator``."""
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    if seeds is None:
+        return out.normal_(generator=generator)
+    if first % STREAM:
+        raise ValueError(f"a block of streamed samples starts at a multiple of {STREAM}, not at {first}")
+    lo = first // STREAM
+    return _fill_streams(out, seeds[lo:lo - (-out.numel() // STREAM)]).wait()
+
+
+def _fill_streams(out: torch.Tensor, seeds: list[int]) -> PendingNoise:
+    """Fill the contiguous ``out`` with one stream of :data:`STREAM` samples per seed, on the thread pool."""
+    parts = out.view(-1).split(STREAM)
     workers = torch.get_num_threads()
     if workers < 2:
-        for part, seed in zip(parts, seeds):
+        for part, seed in zip(parts, seeds, strict=True):
             _fill(part, seed)
         return PendingNoise(out, [])
     pool = _executor(workers)
-    return PendingNoise(out, [pool.submit(_fill, part, seed) for part, seed in zip(parts, seeds)])
+    return PendingNoise(out, [pool.submit(_fill, part, seed) for part, seed in zip(parts, seeds, strict=True)])
 
 
 def _fill(part: torch.Tensor, seed: int) -> None:
