@@ -79,7 +79,7 @@ def encode(layer: AnalogLayer, wn: torch.Tensor, scale: torch.Tensor, device: De
     e, t, out, rows = wn.shape
     in_features = layer.shape[-1]
     dense = wn.transpose(-1, -2).reshape(e, t * rows, out)[:, :in_features]  # (E, in, out): rows = inputs
-    g_max, step = record["g_max_uS"], record["level_step_uS"]
+    g_max, step, dtype = record["g_max_uS"], record["level_step_uS"], level_dtype(record["levels"])
     rram = device if isinstance(device, RRAM) else None
 
     def target(side: int) -> torch.Tensor:  # an RRAM device writes only its levels: these are its targets
@@ -87,14 +87,14 @@ def encode(layer: AnalogLayer, wn: torch.Tensor, scale: torch.Tensor, device: De
         return g if rram is None else rram.quantize_levels(g)
 
     def level(side: int) -> torch.Tensor:
-        return target(side).div_(step).round_().to(level_dtype(record["levels"]))
+        return target(side).div_(step).round_().to(dtype)
 
     shape = tuple(dense.shape)
     cols = layer.matrix.config.tiling.cols or out
     arrays: dict[str, torch.Tensor | Deferred] = {"scale": scale}
     for name, side in (("plus", 1), ("minus", -1)):
         arrays[f"g_{name}"] = Deferred(shape, dense.dtype, lambda side=side: target(side))
-        arrays[f"level_{name}"] = Deferred(shape, level_dtype(record["levels"]), lambda side=side: level(side))
+        arrays[f"level_{name}"] = Deferred(shape, dtype, lambda side=side: level(side))
     tiles = {
         "rows": rows, "cols": cols, "grid": [e, t, -(-out // cols)],
         "inputs": spans(in_features, rows, t), "outputs": spans(out, cols),
