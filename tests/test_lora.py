@@ -381,6 +381,24 @@ def test_finetune_over_chips_and_ages_against_a_baseline(tmp_path):
     assert "± " in result.table("shakespeare") and (tmp_path / "r" / "drift.png").is_file()
 
 
+def test_finetune_trains_on_text_the_baseline_writes_itself(tmp_path, monkeypatch):
+    # data.source: generated: the adapters' training blocks are the digital baseline's own samples (the ones
+    # the HWA recipe samples, from the same cache), scores stay on the built-in and held-out texts
+    from analogllm.training.finetune import recipe_texts
+    from analogllm.training.selfgen import generated_blocks
+
+    monkeypatch.setenv("ANALOGLLM_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(FinetuneRecipe, "finetune-tiny", {
+        "data.source": "generated", "data.generated_blocks": 6, "data.block_size": 16, "data.eval_blocks": 2})
+    digital, tok = load_model("tiny-llama")
+    train, texts = recipe_texts(recipe, tok, digital)
+    assert torch.equal(train, generated_blocks(digital, tok, 6, 16, 1.0, recipe.train.seed))
+    assert train.shape == (6, 16) and list(texts) == ["builtin", "shakespeare"]
+    assert not torch.equal(train, texts["builtin"][: len(train)])
+    with pytest.raises(ConfigError, match="baseline"):
+        recipe_texts(recipe, tok, None)
+
+
 def test_cli_finetune_bad_settings_are_one_line_errors(capsys):
     assert main(["finetune", "finetune-tiny", "--set", "train.modes=[sideways]"]) == 2
     assert "train.modes[0]" in capsys.readouterr().err

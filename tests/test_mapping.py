@@ -35,6 +35,22 @@ def test_hadamard_orders_are_orthogonal_and_fast_transform_matches_dense(n):
     assert torch.allclose(rot.inverse(x), x @ rot.matrix().T, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [64, 100])  # fast Hadamard and the dense fallback
+def test_exact_rotation_block_by_block_matches_the_dense_matrix(n, monkeypatch):
+    import analogllm.ops.hadamard as hadamard
+
+    monkeypatch.setattr(hadamard, "_BLOCK", 3 * n)  # 3 rows a block: 10 rows span four blocks, the last partial
+    rot, x = Rotation(n, seed=2), torch.randn(10, n, dtype=torch.float64)
+    q = rot.matrix()
+    assert torch.allclose(rot.exact(x), x @ q, atol=1e-12)
+    assert torch.allclose(rot.exact(x, transpose=True), x @ q.T, atol=1e-12)
+    w = x.float().clone()
+    assert rot.exact(w, out=w) is w and torch.allclose(w.double(), x @ q, atol=1e-5)  # in place, float32
+    wt = x.float().T.clone().T  # a transposed (non-contiguous) destination
+    rot.exact(wt, out=wt)
+    assert torch.allclose(wt.double(), x @ q, atol=1e-5)
+
+
 def test_rotation_falls_back_to_a_dense_orthogonal_matrix():
     assert factor(100) is None  # 100 = 25·4 and 25 is no Hadamard order built here
     rot = Rotation(100, seed=3)

@@ -8,10 +8,8 @@ buffers (:class:`~analogllm.chip.state.Chip`), so these functions only say *whic
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 
 import torch
 from torch import nn
@@ -19,6 +17,7 @@ from torch import nn
 from analogllm.chip.state import free, is_freed
 from analogllm.nn.convert import analog_matrices
 from analogllm.nn.matrix import MODES, AnalogMatrix
+from analogllm.ops.memory import return_freed_memory
 from analogllm.ops.noise import seeded
 
 
@@ -92,24 +91,6 @@ def deploy_matrices_(module: nn.Module, seed: int = 0, seconds: float = 0.0) -> 
         del weight, param
         return_freed_memory()
     return module
-
-
-def return_freed_memory() -> None:
-    """Hand the pages of freed tensors back to the operating system. glibc keeps freed heap memory for
-    reuse (once large blocks have been freed it serves even multi-megabyte tensors from the heap), so
-    without this a deployed model would keep the footprint of the digital weights it freed: measured on
-    SmolLM2-135M, 1,526 MiB resident after ``deploy_`` instead of 956 MiB. A no-op without glibc."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def deployed(model: nn.Module) -> bool:

@@ -30,11 +30,11 @@ class Table:
     values: torch.Tensor
 
     def lookup(self, a: torch.Tensor) -> torch.Tensor:
+        # in place where autograd allows: a layer-sized lookup would otherwise hold ten copies of it
         table = self.values.to(device=a.device, dtype=a.dtype)
-        pos = a.clamp(0, 1) * (len(table) - 1)
-        lo = pos.floor().long().clamp(max=len(table) - 2)
-        f = pos - lo
-        return table[lo] * (1 - f) + table[lo + 1] * f
+        pos = a.clamp(0, 1).mul_(len(table) - 1)
+        lo = pos.floor().long().clamp_(max=len(table) - 2)
+        return table[lo].addcmul_(table.diff()[lo], pos.sub_(lo))
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:
         """w + sign(w)·bias(|w|): the mean realised weight (for a bias table)."""

@@ -20,15 +20,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from analogllm.chip import chip_info
-from analogllm.chip.program import return_freed_memory
 from analogllm.config import AnalogConfig
 from analogllm.export import crossbar, photonic
 from analogllm.export.manifest import (
     DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, LAYER_DIR, MANIFEST_NAME, AnalogLayer, analog_layers,
     save_layer_file, seal_manifest, sha256_file,
 )
-from analogllm.ops.quant import adc_step, dac_levels
 from analogllm.fileio import atomic_dir
+from analogllm.ops.memory import return_freed_memory
+from analogllm.ops.quant import adc_step, dac_levels
 
 #: target name → module implementing it (device_record, encode, array_specs, check_values,
 #: target_weight, target_bound, install)

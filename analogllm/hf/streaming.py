@@ -185,6 +185,7 @@ def stream_deploy(source: str | Path, config: AnalogConfig | str | None = None, 
     from analogllm.chip.program import deploy_matrices_
     from analogllm.hf.quantizer import attach
     from analogllm.nn.convert import analog_matrices, analogize_
+    from analogllm.ops.memory import return_freed_memory
 
     device = torch.device(device)
     ckpt = Checkpoint(source)
@@ -205,11 +206,13 @@ def stream_deploy(source: str | Path, config: AnalogConfig | str | None = None, 
     if mapper is not None:
         with _blocks_on_demand(blocks, prefix, mapper.reading(reader), reader.release):
             mapper.capture()
+        return_freed_memory()
     names = [n for n, _, _ in analog_matrices(model)]
     for i, block in enumerate(tqdm(blocks, desc="programming blocks", disable=not progress, leave=False)):
         loaded = (mapper.reading(reader) if mapper else reader.load)(block, f"{prefix}.{i}")
         if mapper is not None:
             mapper.map({n for n in names if n.startswith(f"{prefix}.{i}.")})
+            return_freed_memory()  # the mapping's temporaries, before programming adds its own
         reader.forget(loaded)
         deploy_matrices_(block, seed, seconds)
     outside = {n for n in names if not n.startswith(prefix + ".")}

@@ -161,7 +161,7 @@ def add_rotation(matrix: AnalogMatrix, weight: torch.Tensor, rotation: Rotation)
         transform.inv_scale.copy_(old.inv_scale)
     transform.rotation = rotation.to(weight.device)
     transform.rotation_seed = rotation.seed
-    weight.copy_(rotation.to(weight.device).exact(weight).to(weight.dtype))
+    rotation.to(weight.device).exact(weight, out=weight)
 
 
 def transform_specs(model: nn.Module) -> dict[str, dict]:

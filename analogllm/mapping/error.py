@@ -74,40 +74,44 @@ class LayerModel:
         x = x.detach().float()
         self.x = x
         pad = tiles * rows - w.shape[-1]
-        wt = torch.nn.functional.pad(w, (0, pad)).reshape(w.shape[0], tiles, rows).transpose(0, 1)  # T, out, R
-        self.m2 = wt.abs().amax(-1).clamp(min=1e-12).square()  # T, out
-        wn = wt / self.m2.sqrt().unsqueeze(-1)
-        self.g = torch.einsum("to,tor->tr", self.m2, wn.square())  # DAC error weights
-        self.h = torch.einsum("to,tor->tr", self.m2, variance.lookup(wn.abs()))  # weight-noise weights
         self.xt = torch.nn.functional.pad(x, (0, pad)).reshape(x.shape[0], tiles, rows).transpose(0, 1)  # T, N, R
-        self.wn = wn
         sig = (x @ w.T).square().sum(-1)
         self.inv_den = 1.0 / (sig + _FLOOR * sig.mean()).clamp(min=1e-30)  # per-token weight of the score
         self.n = x.shape[0]
         self.rms = float(x.square().mean().sqrt().clamp(min=1e-12))
         self.amax = float(x.abs().max().clamp(min=1e-12))
-        # |normalised tile outputs| at the reference range r0 = rms, without the DAC: y(r) ≈ y0 · r0 / r
-        y0 = torch.bmm(self.xt / self.rms, wn.transpose(1, 2)).abs()  # T, N, out
+        # One tile at a time: the normalised weight and its variance lookup are several copies of the
+        # tile, and a billion-parameter layer's all at once would be a gigabyte of transient memory.
+        m2, g, h, y0 = [], [], [], []
+        for t in range(tiles):
+            wt = torch.nn.functional.pad(w[:, t * rows:(t + 1) * rows], (0, max(0, (t + 1) * rows - w.shape[-1])))
+            m2.append(wt.abs().amax(-1).clamp(min=1e-12).square())  # out
+            wn = wt / m2[-1].sqrt().unsqueeze(-1)
+            g.append(m2[-1] @ wn.square())  # DAC error weights
+            h.append(m2[-1] @ variance.lookup(wn.abs()))  # weight-noise weights
+            # |normalised tile outputs| at the reference range r0 = rms, without the DAC: y(r) ≈ y0 · r0 / r
+            y0.append((self.xt[t] / self.rms @ wn.T).abs())  # N, out
+        self.m2, self.g, self.h = torch.stack(m2), torch.stack(g), torch.stack(h)  # T, out / T, R / T, R
         a, b = config.device.output_var_terms()
         self.out_var = config.output.noise**2 + b
         # the detector's signal-dependent term a·|y|, weighted like the score: Σ_n w_n Σ_o m2 |y0|
-        self.shot = a * float(torch.einsum("tno,to,n->", y0, self.m2, self.inv_den)) if a else 0.0
+        self.shot = a * sum(float(self.inv_den @ y @ m) for y, m in zip(y0, m2)) if a else 0.0
         self.m2w = self.m2.sum(-1) * float(self.inv_den.sum())  # T: Σ_o m2 · Σ_n w_n
         # ADC saturation for any threshold c (in y0 units): Σ ω (y0 − c)₊² = S2 − 2c·S1 + c²·S0 over the
         # outputs above c, ω = m2[t, o]·w[n]. The sums come from a histogram of |y0| per tile on
         # :data:`_BINS` log-spaced bins (suffix sums over bins; a sort would cost 5× more), so a bin's
         # values count once the threshold is below the bin's lower edge: relative error < 1 bin width.
-        tiles = y0.shape[0]
-        flat = y0.reshape(tiles, -1)
-        weights = (self.m2[:, None, :] * self.inv_den[None, :, None]).reshape(tiles, -1)
-        top = float(flat.max().clamp(min=1e-30))
+        top = float(max(y.max() for y in y0).clamp(min=1e-30))
         self.edges = top * torch.logspace(-_DECADES, 0, _BINS + 1, dtype=torch.float64)[:-1]  # lower edges
-        idx = torch.bucketize(flat.double(), self.edges, right=True).clamp_(min=1) - 1  # bins 0.._BINS-1
-        sums = []
-        for v in (weights, weights * flat, weights * flat * flat):
-            s = torch.zeros(tiles, _BINS, dtype=torch.float64).scatter_add_(1, idx, v.double())
-            sums.append(torch.cat([s.flip(-1).cumsum(-1).flip(-1), torch.zeros(tiles, 1, dtype=torch.float64)], -1))
-        self.s0, self.s1, self.s2 = sums
+        sums = torch.zeros(3, tiles, _BINS, dtype=torch.float64)
+        for t, (y, m) in enumerate(zip(y0, m2)):
+            flat = y.flatten().double()
+            idx = torch.bucketize(flat, self.edges, right=True).clamp_(min=1) - 1  # bins 0.._BINS-1
+            weights = (self.inv_den[:, None] * m[None, :]).flatten().double()
+            for k, v in enumerate((weights, weights * flat, weights * flat * flat)):
+                sums[k, t].scatter_add_(0, idx, v)
+        sums = torch.cat([sums.flip(-1).cumsum(-1).flip(-1), torch.zeros(3, tiles, 1, dtype=torch.float64)], -1)
+        self.s0, self.s1, self.s2 = sums.unbind(0)
 
     def _saturation(self, c: torch.Tensor) -> torch.Tensor:
         """Σ_n w_n Σ_o m2 (y0 − c_t)₊² per tile, for thresholds ``c`` (T,) or (K, T) in y0 units."""

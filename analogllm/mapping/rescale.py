@@ -44,7 +44,7 @@ def _score(x: torch.Tensor, w: torch.Tensor, matrix: AnalogMatrix, rotation: Rot
            adc: str) -> float:
     """A reader's expected relative error at its best DAC range (coarse search) and ADC ranges."""
     if rotation is not None:
-        x, w = rotation(x), rotation.exact(w).float()
+        x, w = rotation(x), rotation.exact(w, out=torch.empty_like(w))
     lm = LayerModel(x, w, matrix.tiles, matrix.rows, matrix.config, device_variance(matrix.config, seconds))
     best = float("inf")
     for r in _candidates(lm, 10):

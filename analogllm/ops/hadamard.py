@@ -22,6 +22,9 @@ from functools import lru_cache
 
 import torch
 
+#: elements of a weight that :meth:`Rotation.exact` transforms at a time
+_BLOCK = 1 << 20
+
 
 def _is_prime(q: int) -> bool:
     return q >= 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
@@ -154,16 +157,29 @@ class Rotation(torch.nn.Module):
             return x @ self.dense.to(x.dtype)
         return fwht(x * self.signs.to(x.dtype))
 
-    def exact(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """x R (``transpose``: x Rᵀ) in float64, to fold into weights: the fast transform where the order
+    def exact(self, x: torch.Tensor, transpose: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x R (``transpose``: x Rᵀ) computed in float64, to fold into weights, written into ``out`` (any
+        dtype, may be ``x`` itself) or returned in float64. The fast transform where the order
         has one (O(n log n) per row: rotating a 2048 × 8192 weight costs 0.2 G operations instead of a
-        275 GFLOP dense product), else the dense matrix regenerated in float64."""
-        x = x.double()
-        if not self.fast:
-            q = self.matrix().to(x.device)
-            return x @ (q.T if transpose else q)
+        275 GFLOP dense product), else the dense matrix regenerated in float64. Rows go :data:`_BLOCK`
+        elements at a time: the butterflies' float64 temporaries of a whole large weight would be ten
+        times its size."""
+        if out is None:
+            out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
+        elif not out.is_contiguous():  # a transposed view (GPT-2's Conv1D weights): rows are not rows there
+            return out.copy_(self.exact(x, transpose))
+        rows, dest = x.reshape(-1, self.n), out.view(-1, self.n)
+        q = None if self.fast else self.matrix().to(x.device)
         signs = self.signs.to(x.device, torch.float64)
-        return fwht(x, transpose=True) * signs if transpose else fwht(x * signs)
+        step = max(1, _BLOCK // self.n)
+        for start in range(0, rows.shape[0], step):
+            block = rows[start:start + step].double()
+            if q is not None:
+                block = block @ (q.T if transpose else q)
+            else:
+                block = fwht(block, transpose=True) * signs if transpose else fwht(block * signs)
+            dest[start:start + step] = block
+        return out
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         """x ↦ x Rᵀ, undoing :meth:`forward` (R is orthogonal)."""

@@ -26,7 +26,6 @@ no allocator statistics), reported above the level right before the loop.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -45,13 +44,15 @@ from tqdm.auto import tqdm
 from analogllm.chip import program_
 from analogllm.config import AnalogConfig
 from analogllm.nn.convert import analogize_
-from analogllm.data import token_blocks
+from analogllm.data import BUILTIN, token_blocks
 from analogllm.eval.perplexity import LMScore, evaluate_lm
 from analogllm.hf.models import load_model
 from analogllm.hf.checkpoint import save_pretrained
+from analogllm.ops.memory import return_freed_memory
 from analogllm.ops.noise import seeded
 from analogllm.training.config import DistillSection
 from analogllm.training.hwa import Teacher, distillation_loss, lm_loss
+from analogllm.training.selfgen import GENERATED, generated_blocks
 from analogllm.config.schema import ConfigError, check, to_dict
 from analogllm.tuners.lora import (
     ADAPTERS_DIR,
@@ -101,17 +102,24 @@ class ChipSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    """Text: ``source`` as in :func:`analogllm.data.token_blocks` for training and calibration;
-    ``eval_blocks`` held-out blocks of its validation tail and of every text in ``heldout``."""
+    """Text: ``source`` as in :func:`analogllm.data.token_blocks` for training and calibration, or
+    ``generated``: ``generated_blocks`` blocks the digital baseline writes itself at ``temperature``
+    (:mod:`analogllm.training.selfgen`; the HWA recipe's text when the settings match, so it is sampled
+    once); ``eval_blocks`` held-out blocks of the source's validation tail (the built-in corpus's for
+    ``generated``) and of every text in ``heldout``."""
 
     source: str = "builtin"
     block_size: int = 128
     train_blocks: int | None = None
     eval_blocks: int = 16
     heldout: tuple[str, ...] = ("shakespeare",)
+    generated_blocks: int = 256
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         check(self.block_size >= 2, "data.block_size", f"must be >= 2, got {self.block_size}")
+        check(self.generated_blocks >= 1, "data.generated_blocks", f"must be >= 1, got {self.generated_blocks}")
+        check(self.temperature > 0, "data.temperature", f"must be > 0, got {self.temperature}")
         check(self.eval_blocks >= 1, "data.eval_blocks", f"must be >= 1, got {self.eval_blocks}")
         check(self.train_blocks is None or self.train_blocks >= 1, "data.train_blocks", "must be >= 1 or null")
 
@@ -300,14 +308,6 @@ def _status_mib(field: str) -> float | None:
     return None
 
 
-def _release_free_memory() -> None:
-    """Return freed heap pages to the OS (glibc), so a mode's peak is not hidden by the previous one's."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class _PeakMemory:
     """Peak resident memory of the block, from the kernel's high-water mark.
 
@@ -318,7 +318,7 @@ class _PeakMemory:
     """
 
     def __enter__(self) -> _PeakMemory:
-        _release_free_memory()
+        return_freed_memory()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -456,12 +456,22 @@ def score(model: torch.nn.Module, blocks: torch.Tensor, recipe: FinetuneRecipe, 
         return evaluate_lm(model, blocks, batch_size=recipe.eval.batch_size, progress=progress, desc=desc)
 
 
-def recipe_texts(recipe: FinetuneRecipe, tokenizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(training blocks, held-out text name → blocks)."""
+def recipe_texts(recipe: FinetuneRecipe, tokenizer, digital: torch.nn.Module | None = None,
+                 progress: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(training blocks, held-out text name → blocks); ``digital`` writes the training text of
+    ``data.source: generated``."""
     d = recipe.data
-    train = token_blocks(tokenizer, d.source, block_size=d.block_size, split="train", max_blocks=d.train_blocks)
-    texts = {d.source: token_blocks(tokenizer, d.source, block_size=d.block_size, split="validation",
-                                    max_blocks=d.eval_blocks)}
+    source = BUILTIN if d.source == GENERATED else d.source
+    if d.source == GENERATED:
+        if digital is None:
+            raise ConfigError("data.source: generated: the digital model writes the training text; name it as "
+                              "`baseline` (an analogue checkpoint cannot)")
+        train = generated_blocks(digital, tokenizer, d.generated_blocks, d.block_size, d.temperature,
+                                 recipe.train.seed, progress)[: d.train_blocks]
+    else:
+        train = token_blocks(tokenizer, source, block_size=d.block_size, split="train", max_blocks=d.train_blocks)
+    texts = {source: token_blocks(tokenizer, source, block_size=d.block_size, split="validation",
+                                  max_blocks=d.eval_blocks)}
     for name in d.heldout:
         texts[name] = token_blocks(tokenizer, name, block_size=d.block_size, split="all", max_blocks=d.eval_blocks)
     return train, texts
@@ -504,11 +514,11 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
         raise ConfigError(f"train.modes: unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
     out = Path(recipe.out) if recipe.out else None
     model, tokenizer = load_model(recipe.model)
-    train, texts = recipe_texts(recipe, tokenizer)
-    log(f"{recipe.model}: {len(train)} training blocks; held-out: "
-        + ", ".join(f"{k} ({len(v)} blocks)" for k, v in texts.items()))
     digital_model = load_model(recipe.baseline)[0] if recipe.baseline else (
         None if getattr(model, "analog_config", None) is not None else model)
+    train, texts = recipe_texts(recipe, tokenizer, digital_model, progress)
+    log(f"{recipe.model}: {len(train)} training blocks{' (written by the digital model)' if recipe.data.source == GENERATED else ''}; "
+        "held-out: " + ", ".join(f"{k} ({len(v)} blocks)" for k, v in texts.items()))
     digital = {k: score(digital_model, v, recipe, f"digital ({k})", progress)
                for k, v in texts.items()} if recipe.eval.digital and digital_model is not None else {}
     teacher = _teacher(recipe, digital_model)

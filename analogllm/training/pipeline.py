@@ -38,10 +38,7 @@ from analogllm.hf.checkpoint import from_pretrained, save_pretrained
 from analogllm.config.schema import to_dict
 from analogllm.training.config import HWARecipe
 from analogllm.training.hwa import Teacher, TrainResult, check_fsdp_launch, fsdp_requested, full_state_dict, hwa_train
-from analogllm.training.selfgen import generated_blocks
-
-#: ``data.source`` of text the digital model writes itself (see :mod:`analogllm.training.selfgen`)
-GENERATED = "generated"
+from analogllm.training.selfgen import GENERATED, generated_blocks
 
 FINAL = "final"
 BEFORE = "analogue"

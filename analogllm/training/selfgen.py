@@ -23,6 +23,9 @@ from analogllm.data import cache_dir, tokenizer_fingerprint
 from analogllm.fileio import atomic_write_bytes
 from analogllm.ops.noise import seeded
 
+#: the ``data.source`` of the recipes that train on text the digital model writes itself
+GENERATED = "generated"
+
 
 def _fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
@@ -72,4 +75,4 @@ def generated_blocks(model: nn.Module, tokenizer, count: int, block_size: int, t
     return blocks
 
 
-__all__ = ["generated_blocks", "sample"]
+__all__ = ["GENERATED", "generated_blocks", "sample"]
