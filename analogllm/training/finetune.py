@@ -517,8 +517,9 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
     digital_model = load_model(recipe.baseline)[0] if recipe.baseline else (
         None if getattr(model, "analog_config", None) is not None else model)
     train, texts = recipe_texts(recipe, tokenizer, digital_model, progress)
-    log(f"{recipe.model}: {len(train)} training blocks{' (written by the digital model)' if recipe.data.source == GENERATED else ''}; "
-        "held-out: " + ", ".join(f"{k} ({len(v)} blocks)" for k, v in texts.items()))
+    written = " (written by the digital model)" if recipe.data.source == GENERATED else ""
+    log(f"{recipe.model}: {len(train)} training blocks{written}; held-out: "
+        + ", ".join(f"{k} ({len(v)} blocks)" for k, v in texts.items()))
     digital = {k: score(digital_model, v, recipe, f"digital ({k})", progress)
                for k, v in texts.items()} if recipe.eval.digital and digital_model is not None else {}
     teacher = _teacher(recipe, digital_model)
