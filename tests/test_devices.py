@@ -200,3 +200,23 @@ def test_pcm_realises_device_by_device_exactly_as_its_pair_state(seconds, shape)
     consumed = dev.realise_consuming(mine, seconds, chip_generator(0, 1))
     assert consumed.weight.data_ptr() == mine.data_ptr() and torch.equal(consumed.weight, real.weight)
     assert torch.equal(consumed.read_std, real.read_std)
+
+
+def test_statistics_table_interpolates_linearly_with_its_slope_as_gradient():
+    # the table is looked up on every HWA step (device noise) with a gradient through |w|: values are the
+    # linear interpolation between grid points, the gradient is the segment's slope (0 where |w| is clipped)
+    from analogllm.chip.statistics import Table
+
+    values = torch.rand(65, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    table = Table(values)
+    a = torch.linspace(-0.1, 1.1, 1001, dtype=torch.float64, requires_grad=True)
+    got = table.lookup(a)
+    pos = a.detach().clamp(0, 1) * 64
+    lo = pos.floor().long().clamp(max=63)
+    f = pos - lo
+    assert torch.allclose(got, values[lo] * (1 - f) + values[lo + 1] * f, atol=1e-12)
+    assert torch.allclose(table.lookup(torch.linspace(0, 1, 65, dtype=torch.float64)), values, atol=1e-12)
+    got.sum().backward()
+    inside = (a.detach() > 0) & (a.detach() < 1)
+    slope = (values[lo + 1] - values[lo]) * 64
+    assert torch.allclose(a.grad[inside], slope[inside], atol=1e-9) and torch.all(a.grad[~inside] == 0)
