@@ -44,10 +44,10 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def _rotate_rows_(weight: torch.Tensor, q: Rotation, gamma: torch.Tensor | None = None) -> None:
-    """weight ← (weight ⊙ γ) Q, a block of rows at a time."""
+    """weight ← (weight ⊙ γ) Q in place; γ is applied in float64 a block of rows at a time."""
     for start in range(0, weight.shape[0], _ROWS):
-        rows = weight[start:start + _ROWS].double()
-        _set(weight[start:start + _ROWS], q.exact(rows if gamma is None else rows * gamma))
+        rows = weight[start:start + _ROWS]
+        q.exact(rows if gamma is None else rows.double() * gamma, out=rows)
 
 
 class RotatedEmbedding(nn.Embedding):
