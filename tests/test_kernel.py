@@ -89,9 +89,59 @@ def test_kernel_read_equals_the_reference_read(case):
     close = (k[0] - r[0]).abs() <= 1e-4 * (1 + r[0].abs())
     assert close.float().mean() > 0.995
     if k[1].numel():
-        assert ((k[1] - r[1]).abs() > 1e-4).float().mean() < 0.005
+        assert k[1].dtype == r[1].dtype == (torch.bool if case != "tanh" else torch.float32)
+        assert ((k[1].float() - r[1].float()).abs() > 1e-4).float().mean() < 0.005
     if k[2].numel():
         assert ((k[2] - r[2]).abs() > 1e-3).float().mean() < 0.005
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["dense", "tiled"])
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("inl", [0.0, 0.7])
+def test_kernel_dac_backward_equals_the_reference(layout, per_row, inl):
+    # gradients of x (clipped straight-through), of the DAC range (LSQ) and the inputs the weights saw,
+    # from a dense (N, in) or tiled (T, N, rows) gradient; rows of clipped inputs, a padded last tile
+    g = torch.Generator().manual_seed(1)
+    n, rows, tiles = 70, 40, 3
+    x = torch.randn(n, tiles * rows - 9, generator=g) * 2
+    r = torch.rand(n, 1, generator=g) * 3 + 0.5 if per_row else torch.tensor(2.5)
+    shape = (tiles, n, rows) if layout == "tiled" else (n, x.shape[1])
+    grad_u = torch.randn(*shape, generator=g)
+    if layout == "tiled":
+        grad_u[:, :, rows - 9:][-1] = 0.0  # the padding's gradient is dropped (untile_input), as the kernel's
+    rg = torch.tensor(1.3)
+    args = (x, grad_u, rg, r, 8, inl, rows)
+    for need in [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]:
+        fused = readop.dac_backward(*args, *need)
+        ref = readop.dac_backward_reference(*args, *need)
+        for a, b, wanted in zip(fused, ref, need):
+            assert a.shape == b.shape and (a.numel() > 0) == wanted
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (layout, per_row, inl, need)
+    _, _, ur = readop.dac_backward(*args, False, False, True)
+    seen, u = readop.untile_input(ur, x.shape[1]), readop.dac(x, r, 8, inl) * r
+    assert torch.equal(seen, u) if not inl else torch.allclose(seen, u, atol=1e-6)  # u·r (the bow to rounding)
+    assert ur[-1, :, rows - 9:].abs().max() == 0  # zero padding
+
+
+@needs_kernel
+def test_kernel_adc_range_sums_equal_torch():
+    # a learned ADC range's derivative: Σ_n g·resid per tile column; columns not a multiple of the
+    # kernel's 64-column blocks, and a column of zero gradient
+    g = torch.Generator().manual_seed(2)
+    grad, resid = torch.randn(300, 150, generator=g), torch.randn(3, 300, 150, generator=g)
+    grad[:, 7] = 0.0
+    sums = readop.adc_grad_sums(grad, resid)
+    ref = torch.einsum("no,tno->to", grad.double(), resid.double())
+    assert sums.shape == (3, 150) and torch.allclose(sums.double(), ref, rtol=1e-5, atol=1e-4)
+    assert torch.all(sums[:, 7] == 0)
+    torch.library.opcheck(readop.adc_grad_sums, (grad, resid), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_dac_backward_op_traces_with_fake_tensors():
+    x, grad_u = torch.randn(16, 30), torch.randn(2, 16, 16)
+    torch.library.opcheck(readop.dac_backward, (x, grad_u, torch.tensor(1.0), torch.tensor(2.0), 8, 0.0, 16,
+                                                True, True, True), test_utils=("test_schema", "test_faketensor"))
 
 
 def _layer(profile, overrides, inp=96, out=40):

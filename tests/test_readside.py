@@ -274,7 +274,7 @@ def test_kernel_read_equals_the_reference_read_with_every_read_side_effect(sat):
     r = _op(x, tiles, **kw)
     plain = _op(x, tiles, **{**kw, "rho": 0.0, "inl": 0.0, "adc_gain": None, "adc_offset": None})
     assert ((k[0] - r[0]).abs() > 1e-4 * (1 + r[0].abs())).float().mean() < 0.005
-    assert ((k[1] - r[1]).abs() > 1e-4).float().mean() < 0.005
+    assert ((k[1].float() - r[1].float()).abs() > 1e-4).float().mean() < 0.005
     assert ((k[2] - r[2]).abs() > 1e-3).float().mean() < 0.005
     assert (r[0] - plain[0]).abs().mean() > 0.05 * plain[0].abs().mean()  # the effects are on
 

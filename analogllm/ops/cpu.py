@@ -123,6 +123,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.analogllm_read.restype = i64
     lib.analogllm_dac.argtypes = [vp, vp, vp, i64, i64, i64, i64, vp, ci, f32, f32, ci]
     lib.analogllm_dac.restype = None
+    lib.analogllm_dac_backward.argtypes = [vp, vp, i64, i64, f32, vp, vp, vp, i64, i64, i64, i64, vp, ci, f32, f32, ci]
+    lib.analogllm_dac_backward.restype = None
+    lib.analogllm_adc_grad.argtypes = [vp, vp, vp, i64, i64, i64, ci]
+    lib.analogllm_adc_grad.restype = None
     lib.analogllm_normals.argtypes = [vp, i64, i64, i64, u64]
     lib.analogllm_normals.restype = None
     return lib
@@ -180,6 +184,42 @@ def dac(x: torch.Tensor, r: torch.Tensor, step: float | None, tiles: int, rows: 
     return u.view(n, tiles, rows).transpose(0, 1), usq
 
 
+def dac_backward(x: torch.Tensor, grad_u: torch.Tensor, gscale: float, r: torch.Tensor, step: float | None,
+                 tiles: int, rows: int, inl: float, need_x: bool, need_r: bool, need_u: bool,
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The DAC's share of a read's backward in one pass (see ``analogllm_dac_backward``): for the
+    gradient ``gscale``·``grad_u`` at the DAC outputs, dense (N, in) or tiled (T, N, rows), returns the
+    gradient of ``x`` (N, in), the range's derivative per row (N,) and the inputs the weights saw, u·r, as
+    (T, N, rows) tiles (zero-padded), each only when asked for."""
+    lib = library()
+    assert lib is not None
+    x = x.detach().contiguous()
+    n, n_in = x.shape
+    grad_u = grad_u.contiguous()
+    ts, ns = (n * rows, rows) if grad_u.dim() == 3 else (rows, n_in)  # tiled (T, N, rows) or dense (N, in)
+    r = r.detach().reshape(-1).contiguous().float()
+    gx = torch.empty_like(x) if need_x else None
+    gr = torch.empty(n, dtype=x.dtype) if need_r else None
+    ur = torch.empty(n, tiles * rows, dtype=x.dtype) if need_u else None
+    ptr = lambda v: None if v is None else v.data_ptr()  # noqa: E731
+    lib.analogllm_dac_backward(x.data_ptr(), grad_u.data_ptr(), ts, ns, gscale, ptr(gx), ptr(gr), ptr(ur), n, n_in,
+                               tiles, rows, r.data_ptr(), int(r.numel() > 1), step or 0.0, inl, _threads(n))
+    return gx, gr, None if ur is None else ur.view(n, tiles, rows).transpose(0, 1)
+
+
+def adc_grad(g: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    """Σ_n g[n, o] · resid[t, n, o] per tile column (T, O) for a read's gradient ``g`` (N, O) and its ADC
+    derivative ``resid`` (T, N, O) (see ``analogllm_adc_grad``), without (T, N, O) temporaries."""
+    lib = library()
+    assert lib is not None
+    g, resid = g.contiguous(), resid.contiguous()
+    t, n, o = resid.shape
+    out = torch.empty(t, o, dtype=g.dtype)
+    lib.analogllm_adc_grad(g.data_ptr(), resid.data_ptr(), out.data_ptr(), t, n, o,
+                           max(1, min(torch.get_num_threads(), t * -(-o // 64))))
+    return out
+
+
 def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: torch.Tensor | None,
          shot2: float, const_var: float, key: int, sat: float | None,
          adc: tuple[torch.Tensor, torch.Tensor] | None, bias: torch.Tensor | None, need_gate: bool,
@@ -188,7 +228,7 @@ def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: 
          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
     """Σ_t ADC(errors(nonlinearity(y_t − IR drop + noise))) · scale_t (+ bias) for tile outputs ``y``
     (T, N, O); returns (out, gate, resid, clipped): the straight-through gate (T, N, O) when
-    ``need_gate`` and a nonlinearity or ADC is on, the ADC-range derivative when ``need_resid``, and the
+    ``need_gate`` and a nonlinearity or ADC is on (float with a nonlinearity, else the ADC's inside mask as bool), the ADC-range derivative when ``need_resid``, and the
     number of saturated outputs. scale (T, O); usq (T, N) and rv (T, O) give the read-noise variance
     usq·rv; shot2 the variance per unit |y|; const_var the output and thermal variance; adc (bound,
     1/step) per tile or None; ir (column loads (T, N, O), position-weighted products (T, N, O), ρ·rows)
@@ -203,7 +243,9 @@ def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: 
     bias = None if bias is None else bias.detach().contiguous()
     noise = usq is not None or shot2 > 0 or const_var > 0
     out = torch.empty(n, o, dtype=y.dtype)
-    gate = torch.empty_like(y) if need_gate and (sat or adc is not None) else None
+    # the gate: the nonlinearity's derivative (float), or the ADC's inside mask alone (bool: a quarter the memory)
+    gate = (torch.empty_like(y, dtype=y.dtype if sat else torch.bool) if need_gate and (sat or adc is not None)
+            else None)
     resid = torch.empty_like(y) if need_resid and adc is not None else None
     ptr = lambda v: None if v is None else v.data_ptr()  # noqa: E731
     bound, inv_step = (adc[0].contiguous(), adc[1].contiguous()) if adc is not None else (None, None)
@@ -223,4 +265,4 @@ def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: 
     return out, gate, resid, int(clipped)
 
 
-__all__ = ["BuildError", "build", "compiler", "dac", "library", "normals", "read", "reset"]
+__all__ = ["BuildError", "adc_grad", "build", "compiler", "dac", "dac_backward", "library", "normals", "read", "reset"]

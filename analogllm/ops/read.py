@@ -227,7 +227,7 @@ def reference(x: Tensor, tiles: Tensor, scale: Tensor, dac_range: Tensor, gain: 
             y = y * adc_gain.to(y.dtype).unsqueeze(1) + adc_offset_units(adc_offset, adc_range, adc_bits).to(y.dtype).unsqueeze(1)
         bound = adc_range.to(y.dtype).view(-1, 1, 1)
         inside = y.abs() <= bound
-        gate = inside.to(y.dtype) if gate is None else gate * inside
+        gate = inside if gate is None else gate * inside  # the ADC alone: a boolean mask
         step = adc_steps(adc_range, adc_bits).to(y.dtype).view(-1, 1, 1)
         codes = torch.round(torch.minimum(torch.maximum(y, -bound), bound) * (1.0 / step))
         if need_resid:
@@ -304,7 +304,8 @@ def _(x, tiles, scale, dac_range, gain, adc_range, read_var, bias, weight, clip,
       shot, saturation, need_gate, need_resid, adc_gain=None, adc_offset=None, ir_drop=0.0, dac_inl=0.0):
     t_count, _, outs = tiles.shape
     gated = need_gate and (saturation > 0 or adc_range is not None)
-    gate = x.new_empty(t_count, x.shape[0], outs) if gated else x.new_empty(0)
+    gate = (x.new_empty(t_count, x.shape[0], outs, dtype=x.dtype if saturation > 0 else torch.bool) if gated
+            else x.new_empty(0))
     resid = x.new_empty(t_count, x.shape[0], outs) if need_resid and adc_range is not None else x.new_empty(0)
     return x.new_empty(x.shape[0], outs), gate, resid, x.new_empty((), dtype=torch.int64)
 
@@ -314,18 +315,75 @@ def _setup(ctx, inputs, output) -> None:
      _, _, adc_gain, _, _, dac_inl) = inputs
     _, gate, resid, clipped = output
     if gate.numel() and not saturation:
-        # the gate is only the ADC's inside mask: none at all when the kernel saw nothing saturate (every
-        # tile then passes the same gradient), else kept as booleans (a quarter of the memory)
+        # the gate is only the ADC's inside mask (booleans): none at all when the kernel saw nothing
+        # saturate (every tile then passes the same gradient)
         known = type(clipped) is torch.Tensor and clipped.device.type == "cpu"  # not traced (fake / functional)
-        gate = gate.new_empty(0) if known and int(clipped) == 0 else gate.bool()
+        gate = gate.new_empty(0) if known and int(clipped) == 0 else gate
     # the ADCs' gain errors multiply the chip's product like its realised weights do (not the ADC range's
     # derivative, which is taken at the ADC's own input)
     weight_scale = scale * adc_gain if adc_gain is not None and adc_range is not None else scale
     ctx.save_for_backward(x, tiles, scale, weight_scale, dac_range, gain, adc_range, weight, clip, gate, resid)
     ctx.dac_bits, ctx.adc_bits, ctx.dac_inl = dac_bits, adc_bits, dac_inl
+    ctx.set_materialize_grads(False)  # gate, resid and clipped are never differentiated: no zero tensors for them
+
+
+def dac_backward_reference(x: Tensor, grad_u: Tensor, rg: Tensor, r: Tensor, dac_bits: int, dac_inl: float,
+                           rows: int, need_x: bool, need_r: bool, need_u: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The DAC's share of a read's backward in torch (see :func:`dac_backward`)."""
+    tiles = math.ceil(x.shape[-1] / rows)
+    if grad_u.dim() == 3:
+        grad_u = untile_input(grad_u, x.shape[-1])
+    grad_u = grad_u * rg
+    xr = x / r
+    inside = xr.abs() <= 1.0
+    grad_x = grad_u * inside / r if need_x else x.new_empty(0)
+    u = dac(x, r, dac_bits, dac_inl) if (need_u or need_r) else None
+    grad_r = (grad_u * (u - xr * inside) / r).sum(-1) if need_r else x.new_empty(0)
+    ur = tile_input(u * r, tiles, rows) if need_u else x.new_empty(0)
+    return grad_x, grad_r, ur
+
+
+@torch.library.custom_op("analogllm::dac_backward", mutates_args=())
+def dac_backward(x: Tensor, grad_u: Tensor, rg: Tensor, r: Tensor, dac_bits: int, dac_inl: float, rows: int,
+                 need_x: bool, need_r: bool, need_u: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The DAC's share of a read's backward, for the gradient ``rg``·``grad_u`` at the DAC outputs, dense
+    (N, in) or tiled (T, N, rows) as the tile matmuls leave it: (the gradient of ``x``, clipped
+    straight-through; the LSQ derivative of the range r (a scalar or (N, 1)) summed per row, (N,); the
+    inputs the weights saw, u·r, as (T, N, rows) tiles), each empty when not asked for. An op of its own
+    so that the backward traces (``torch.compile``) while the CPU kernel does it in one pass over x
+    instead of about fifteen."""
+    if x.device.type == "cpu" and x.dtype == grad_u.dtype == torch.float32 and cpu.library() is not None:
+        grad_x, grad_r, ur = cpu.dac_backward(x, grad_u, float(rg), r, dac_step(dac_bits), math.ceil(x.shape[-1] / rows),
+                                              rows, dac_inl_coefficient(dac_bits, dac_inl), need_x, need_r, need_u)
+        return tuple(x.new_empty(0) if t is None else t for t in (grad_x, grad_r, ur))
+    return dac_backward_reference(x, grad_u, rg, r, dac_bits, dac_inl, rows, need_x, need_r, need_u)
+
+
+@dac_backward.register_fake
+def _(x, grad_u, rg, r, dac_bits, dac_inl, rows, need_x, need_r, need_u):
+    tiles = math.ceil(x.shape[-1] / rows)
+    return (x.new_empty(x.shape if need_x else 0), x.new_empty(x.shape[0] if need_r else 0),
+            x.new_empty(x.shape[0], tiles, rows).transpose(0, 1) if need_u else x.new_empty(0))
+
+
+@torch.library.custom_op("analogllm::adc_grad_sums", mutates_args=())
+def adc_grad_sums(g: Tensor, resid: Tensor) -> Tensor:
+    """Σ_n g[n, o] · resid[t, n, o] per tile column, (T, out): a learned ADC range's derivative before its
+    column factors, for the read's gradient g (N, out) and ADC derivative ``resid`` (T, N, out). The CPU
+    kernel makes no (T, N, out) temporary (two of them in torch, each a fresh allocation)."""
+    if g.device.type == "cpu" and g.dtype == resid.dtype == torch.float32 and cpu.library() is not None:
+        return cpu.adc_grad(g, resid)
+    return (g.unsqueeze(0) * resid).sum(1)
+
+
+@adc_grad_sums.register_fake
+def _(g, resid):
+    return g.new_empty(resid.shape[0], resid.shape[2])
 
 
 def _backward(ctx, grad, _grad_gate, _grad_resid, _grad_clipped):
+    if grad is None:  # the output was not used (grads are not materialised): nothing flows back
+        return (None,) * len(ctx.needs_input_grad)
     x, tiles, scale, weight_scale, dac_range, gain, adc_range, weight, clip, gate, resid = ctx.saved_tensors
     t_count, rows, outs = tiles.shape
     features = x.shape[-1]
@@ -339,28 +397,22 @@ def _backward(ctx, grad, _grad_gate, _grad_resid, _grad_clipped):
         gt = None
         grad_u = g.mm(untile_weight(realised, features).to(g.dtype))
     else:
-        gt = g.unsqueeze(0) * gate.to(g.dtype)
-        grad_u = untile_input(tile_mm(gt, realised), features)
-    grad_u = grad_u * rg
-    xr = x / r
-    inside = xr.abs() <= 1.0
-    grad_x = grad_u * inside / r if need_x else None
-    u = dac(x, r, ctx.dac_bits, ctx.dac_inl) if (need_w or need_r) else None
-    grad_r = None
-    if need_r:
-        d = grad_u * (u - xr * inside) / r
-        grad_r = d.sum(-1).reshape(dac_range.shape) if row_range else d.sum().reshape(dac_range.shape)
+        gt = torch.where(gate, g.unsqueeze(0), 0.0) if gate.dtype == torch.bool else g.unsqueeze(0) * gate
+        grad_u = tile_mm(gt, realised)
+    need_u = need_w and weight is not None
+    grad_x, grad_r, ur = dac_backward(x, grad_u, rg, r, ctx.dac_bits, ctx.dac_inl, rows, need_x, need_r, need_u)
+    grad_x = grad_x if need_x else None
+    grad_r = (grad_r.reshape(dac_range.shape) if row_range else grad_r.sum().reshape(dac_range.shape)) if need_r else None
     grad_w = None
-    if need_w and weight is not None:
-        ur = u * (r if row_range else dac_range.reshape(()))
-        grad_w = (g.t().mm(ur) if gt is None else
-                  untile_weight(tile_mm(gt.transpose(1, 2), tile_input(ur, t_count, rows)), features))
+    if need_u:
+        grad_w = (g.t().mm(untile_input(ur, features)) if gt is None else
+                  untile_weight(tile_mm(gt.transpose(1, 2), ur), features))
         if clip is not None:
             grad_w = grad_w * (weight.abs() <= clip)
     grad_adc = None
     if need_adc and adc_range is not None and resid.numel():
         per = (scale * gain * (1.0 if row_range else dac_range.reshape(()))).unsqueeze(1)  # (T, 1, out)
-        grad_adc = (g.unsqueeze(0) * per * resid).sum((1, 2)).reshape(adc_range.shape)
+        grad_adc = (adc_grad_sums(g, resid) * per.squeeze(1)).sum(-1).reshape(adc_range.shape)
     grad_b = grad.sum(0) if need_b else None
     return (grad_x, None, None, grad_r, None, grad_adc, None, grad_b, grad_w, None, None, None, None, None, None, None,
             None, None, None, None, None, None)
@@ -369,6 +421,6 @@ def _backward(ctx, grad, _grad_gate, _grad_resid, _grad_clipped):
 read.register_autograd(_backward, setup_context=_setup)
 
 
-__all__ = ["adc_offset_units", "adc_steps", "dac", "dac_inl_coefficient", "dac_step", "fusable", "ir_drop_attenuation",
+__all__ = ["adc_grad_sums", "adc_offset_units", "adc_steps", "dac", "dac_backward", "dac_backward_reference", "dac_inl_coefficient", "dac_step", "fusable", "ir_drop_attenuation",
            "ir_factor", "ir_profile", "read", "reference", "tile_input", "tile_mm", "tile_weight", "untile_input",
            "untile_weight"]

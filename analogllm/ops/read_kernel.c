@@ -146,7 +146,7 @@ static inline float ir_factor(float a) {
  * saturated, (Q − v)/bound inside (the LSQ estimate), for learned ADC ranges. */
 static inline __attribute__((always_inline)) int64_t tile_row(
         const float* restrict yr, float* restrict acc, const float* restrict sc, const float* restrict rvt,
-        const float* restrict z, float* restrict gr, float* restrict rr, const float* restrict cr,
+        const float* restrict z, void* restrict gr, float* restrict rr, const float* restrict cr,
         const float* restrict ydr, const float* restrict ag, const float* restrict ao, int64_t O, float un,
         float shot2, float c, float sat, float bound, float inv_step, float irk, const int ir, const int aerr,
         const int noise, const int saturate, const int adc, const int gate, const int resid) {
@@ -170,7 +170,10 @@ static inline __attribute__((always_inline)) int64_t tile_row(
             if (resid) rr[o] = outside ? (v < 0.0f ? -1.0f : 1.0f) : (code / inv_step - v) / bound;
             v = code;
         }
-        if (gate) gr[o] = g;
+        if (gate) {  /* the nonlinearity's derivative, or (ADC only) a mask of bytes */
+            if (saturate) ((float*)gr)[o] = g;
+            else ((uint8_t*)gr)[o] = g != 0.0f;
+        }
         acc[o] += v * sc[o];
     }
     return clipped;
@@ -185,7 +188,7 @@ static inline __attribute__((always_inline)) int64_t tile_row(
 /* Returns the number of outputs the ADC clipped, or -1 when scratch rows could not be allocated.
  * rv == NULL means no read noise; bound == NULL no ADC; gate, when not NULL, receives the straight-
  * through gradient gate per tile output, (T, N, O): the nonlinearity's derivative times 1[inside the
- * ADC bound]; resid likewise the ADC-range derivative (see tile_row). cur == NULL means no IR drop, else
+ * ADC bound] as floats with a nonlinearity (sat > 0), else 1[inside] as bytes (bool); resid likewise the ADC-range derivative (see tile_row). cur == NULL means no IR drop, else
  * cur and yd (T, N, O) are the column loads and the position-weighted products of the IR drop, and irk
  * turns a load into a = ρ·rows·load; again == NULL means ideal ADCs, else again and aoff (T, O) are the
  * static gain and offset (normalised units) of every column's ADC. Rows are split over `threads`
@@ -194,7 +197,7 @@ static inline __attribute__((always_inline)) int64_t tile_row(
 int64_t analogllm_read(const float* y, float* out, int64_t T, int64_t N, int64_t O, int threads,
                        const float* usq, const float* rv, float shot2, float c, int noise, uint64_t key,
                        float sat, const float* bound, const float* inv_step, const float* scale, const float* bias,
-                       float* gate, float* resid, const float* cur, const float* yd, float irk, const float* again,
+                       void* gate, float* resid, const float* cur, const float* yd, float irk, const float* again,
                        const float* aoff) {
     uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
     int64_t padded = (O + 4 * BLOCK - 1) / (4 * BLOCK) * (4 * BLOCK), clipped = 0;
@@ -216,7 +219,7 @@ int64_t analogllm_read(const float* y, float* out, int64_t T, int64_t N, int64_t
             const float* yr = y + (t * N + n) * O;
             const float* sc = scale + t * O;
             const float* rvt = rv ? rv + t * O : zeros;
-            float* gr = gate ? gate + (t * N + n) * O : NULL;
+            void* gr = gate ? (char*)gate + (size_t)((t * N + n) * O) * (sat > 0.0f ? sizeof(float) : 1) : NULL;
             float* rr = resid ? resid + (t * N + n) * O : NULL;
             const float* cr = cur ? cur + (t * N + n) * O : NULL;
             const float* ydr = yd ? yd + (t * N + n) * O : NULL;
@@ -277,5 +280,84 @@ void analogllm_dac(const float* x, float* u, float* usq, int64_t N, int64_t in, 
             for (int64_t i = hi; i < lo + rows; i++) ur[i] = 0.0f;
             if (usq) usq[t * N + n] = sq;
         }
+    }
+}
+
+/* One tile's inputs of one row through the DAC's backward (see analogllm_dac_backward). The flags are
+ * compile-time constants at the call site, so each combination is its own vectorised loop. */
+static inline __attribute__((always_inline)) float dac_back_row(
+        const float* restrict xr, const float* restrict gr, float* restrict gxr, float* restrict urr,
+        int64_t lo, int64_t hi, float range, float step, float inl, float gscale,
+        const int bow, const int want_x, const int want_r, const int want_u) {
+    float dr = 0.0f, inv = 1.0f / range;
+    #pragma omp simd reduction(+:dr)
+    for (int64_t i = lo; i < hi; i++) {
+        float v = xr[i] / range, g = gr[i - lo] * gscale;
+        float inside = (v >= -1.0f && v <= 1.0f) ? 1.0f : 0.0f;
+        float q = v < -1.0f ? -1.0f : v > 1.0f ? 1.0f : v;
+        if (step > 0.0f) q = rintf(q / step) * step;
+        if (bow) q += inl * q * (1.0f - q * q);
+        if (want_x) gxr[i] = g * inside * inv;
+        if (want_r) dr += g * (q - v * inside) * inv;
+        if (want_u) urr[i] = q * range;
+    }
+    return dr;
+}
+
+#define DAC_BACK(k) case (k): dr += dac_back_row(xr, gr, gxr, urr, lo, hi, range, step, inl, gscale, \
+                                                 ((k) >> 3) & 1, ((k) >> 2) & 1, ((k) >> 1) & 1, (k) & 1); break;
+
+/* The DAC's part of a read's backward, in one pass over x (N, in) instead of about fifteen in torch:
+ * with g = gscale · gu (the gradient reaching the DAC outputs) and u = Q(x/r) as analogllm_dac makes it,
+ *     gx[n, i]  = g · 1[|x| ≤ r] / r                         the clipped straight-through gradient
+ *     gr[n]     = Σ_i g · (u − (x/r) · 1[|x| ≤ r]) / r       the LSQ derivative of the range, per row
+ *     ur[n, :]  = u · r, zero-padded into (N, T·rows)         the inputs the weights saw
+ * each written only when its pointer is not NULL. gu is read at gu[t·ts + n·ns + k] for input
+ * i = t·rows + k, so it may be dense (N, in) (ts = rows, ns = in) or tiled (T, N, rows) (ts = N·rows,
+ * ns = rows), as the tile matmuls leave it. */
+void analogllm_dac_backward(const float* x, const float* gu, int64_t ts, int64_t ns, float gscale, float* gx,
+                            float* grr, float* ur, int64_t N, int64_t in, int64_t T, int64_t rows, const float* r,
+                            int r_per_row, float step, float inl, int threads) {
+    int mode = (inl != 0.0f ? 8 : 0) | (gx ? 4 : 0) | (grr ? 2 : 0) | (ur ? 1 : 0);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const float* xr = x + n * in;
+        float* gxr = gx ? gx + n * in : NULL;
+        float* urr = ur ? ur + n * T * rows : NULL;
+        float range = r[r_per_row ? n : 0], dr = 0.0f;
+        for (int64_t t = 0; t < T; t++) {
+            int64_t lo = t * rows, hi = lo + rows < in ? lo + rows : in;
+            const float* gr = gu + t * ts + n * ns;
+            switch (mode) {
+                DAC_BACK(0) DAC_BACK(1) DAC_BACK(2) DAC_BACK(3) DAC_BACK(4) DAC_BACK(5) DAC_BACK(6) DAC_BACK(7)
+                DAC_BACK(8) DAC_BACK(9) DAC_BACK(10) DAC_BACK(11) DAC_BACK(12) DAC_BACK(13) DAC_BACK(14)
+                DAC_BACK(15)
+            }
+            if (urr)
+                for (int64_t i = hi; i < lo + rows; i++) urr[i] = 0.0f;
+        }
+        if (grr) grr[n] = dr;
+    }
+}
+
+/* The per-column sums of a learned ADC range's derivative: out[t, o] = Σ_n g[n, o] · resid[t, n, o], for
+ * the gradient g (N, O) of a read and its ADC derivative resid (T, N, O). In torch this is a product and
+ * a sum over two (T, N, O) temporaries; here every thread owns a block of columns of one tile, so it
+ * makes no temporary and needs no reduction across threads. */
+#define ADC_COLS 64
+void analogllm_adc_grad(const float* g, const float* resid, float* out, int64_t T, int64_t N, int64_t O,
+                        int threads) {
+    int64_t blocks = (O + ADC_COLS - 1) / ADC_COLS;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t job = 0; job < T * blocks; job++) {
+        int64_t t = job / blocks, lo = (job % blocks) * ADC_COLS, hi = lo + ADC_COLS < O ? lo + ADC_COLS : O;
+        float acc[ADC_COLS] = {0.0f};
+        for (int64_t n = 0; n < N; n++) {
+            const float* gr = g + n * O;
+            const float* rr = resid + (t * N + n) * O;
+            #pragma omp simd
+            for (int64_t o = lo; o < hi; o++) acc[o - lo] += gr[o] * rr[o];
+        }
+        for (int64_t o = lo; o < hi; o++) out[t * O + o] = acc[o - lo];
     }
 }
