@@ -220,3 +220,24 @@ def test_statistics_table_interpolates_linearly_with_its_slope_as_gradient():
     inside = (a.detach() > 0) & (a.detach() < 1)
     slope = (values[lo + 1] - values[lo]) * 64
     assert torch.allclose(a.grad[inside], slope[inside], atol=1e-9) and torch.all(a.grad[~inside] == 0)
+
+
+@pytest.mark.parametrize("rows, extra", [(512, {}), (400, {"ir_drop.wire_resistance": 0.35, "adc.gain_std": 0.02,
+                                                                "adc.offset_std": 0.5})])
+def test_gain_calibrated_block_by_block_is_the_realised_chips_gain(rows, extra):
+    # an exported map's record needs only the gain: calibrated from the device's blocks (more than one
+    # 2^20-device block, rows that split across blocks, IR drop and ADC errors in the calibration read),
+    # it is the gain of the chip realised whole, and another seed or time gives another gain
+    from analogllm.chip.state import calibrated_gain, realise
+
+    cfg = al.AnalogConfig.from_profile("pcm", **{"tiling.rows": rows, **extra})
+    w = torch.randn(700, 1536, generator=torch.Generator().manual_seed(0))
+    tiles = math.ceil(1536 / rows)
+    rows = math.ceil(1536 / tiles)
+    assert w.numel() > 1 << 20 and ((1 << 20) % rows != 0) == bool(extra)  # 384 rows: a block ends inside a row
+    day = 86400.0
+    whole = realise(cfg, w, tiles, rows, 3, 77, day).gain
+    blocks = calibrated_gain(cfg, w, tiles, rows, 3, 77, day)
+    assert torch.allclose(blocks, whole, rtol=1e-6) and whole.item() > 1.05  # drift compensated
+    assert not torch.allclose(calibrated_gain(cfg, w, tiles, rows, 4, 77, day), whole, rtol=1e-5)
+    assert calibrated_gain(cfg, w, tiles, rows, 3, 77, 0.0).item() == realise(cfg, w, tiles, rows, 3, 77, 0.0).gain.item() == 1.0

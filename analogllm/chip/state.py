@@ -239,15 +239,106 @@ def drift_compensation(config: AnalogConfig, ref: torch.Tensor, ref_read: torch.
         if rho > 0:  # the same IR drop as a read: inputs (tiles, vectors, rows), tiles (tiles, rows, out)
             u = x.unsqueeze(0).expand(w.shape[0], -1, -1)
             y = y - ir_drop_attenuation(u, w.transpose(-1, -2), rho).transpose(-1, -2)
+        # x is ±1, so every vector's read variance is Σ std² along the row (no squared copy)
+        return noisy_read(y, None if std is None else torch.linalg.vector_norm(std, dim=-1, keepdim=True).square_())
+
+    def noisy_read(y: torch.Tensor, row_var: torch.Tensor | None) -> torch.Tensor:
         var = torch.full_like(y, out_var)
-        if std is not None:  # x is ±1, so every vector's read variance is Σ std² along the row (no squared copy)
-            var = var + torch.linalg.vector_norm(std, dim=-1, keepdim=True).square_()
+        if row_var is not None:
+            var = var + row_var
         y = y + torch.randn(y.shape, generator=gen, dtype=y.dtype) * var.sqrt()
         return y if errors is None else y * errors[0] + errors[1]
 
-    num = read(ref, ref_read).abs().sum()
-    den = read(now, now_read).abs().sum().clamp(min=_EPS)
+    if isinstance(ref, CalibrationSums):  # accumulated block by block (calibrated_gain)
+        num = noisy_read(ref.output(), ref.variance()).abs().sum()
+        den = noisy_read(now.output(), now.variance()).abs().sum().clamp(min=_EPS)
+    else:
+        num = read(ref, ref_read).abs().sum()
+        den = read(now, now_read).abs().sum().clamp(min=_EPS)
     return float(num / den)
+
+
+class CalibrationSums:
+    """The noiseless part of a drift-calibration read of tiles (R = E·T·out rows, ``rows`` inputs),
+    accumulated from flat blocks of the realised weight in any split (a block may start or end inside a
+    row): X·Wᵀ, and for the IR drop the position-weighted product and the column loads, plus Σ std²
+    per row. What :func:`drift_compensation` reads, without the layer ever being whole."""
+
+    def __init__(self, config: AnalogConfig, shape: tuple[int, int, int]) -> None:
+        self.shape, self.rows, self.dtype = shape, shape[-1], torch.float32
+        count = shape[0] * shape[1]
+        self.x = calibration_input(config, self.rows)  # (V, rows)
+        self.rho = config.ir_drop_rho
+        self.y = torch.zeros(count, self.x.shape[0])
+        if self.rho > 0:
+            from analogllm.ops.read import ir_profile
+
+            self.xp = self.x * ir_profile(self.rows)
+            self.drop, self.load = torch.zeros_like(self.y), torch.zeros(count, 1)
+        self.row_var: torch.Tensor | None = None
+
+    def add(self, start: int, w: torch.Tensor, std: torch.Tensor | None) -> None:
+        """Add the flat block ``w`` (its read-noise std ``std``, or None) that begins at flat index ``start``."""
+        end, pos = start + w.numel(), start
+        while pos < end:  # the head of a row, whole rows, the tail of a row
+            row, col = divmod(pos, self.rows)
+            if col == 0 and end - pos >= self.rows:
+                count = (end - pos) // self.rows
+                length = count * self.rows
+            else:
+                count, length = 1, min(self.rows - col, end - pos)
+            part = w[pos - start:pos - start + length].view(count, -1)
+            cols = slice(col, col + part.shape[1])
+            self.y[row:row + count].add_(part @ self.x[:, cols].T)
+            if self.rho > 0:
+                self.drop[row:row + count].add_(part @ self.xp[:, cols].T)
+                self.load[row:row + count].add_(part.abs().sum(-1, keepdim=True))
+            if std is not None:
+                sq = std[pos - start:pos - start + length].view(count, -1).square().sum(-1, keepdim=True)
+                self.row_var = torch.zeros(self.y.shape[0], 1) if self.row_var is None else self.row_var
+                self.row_var[row:row + count].add_(sq)
+            pos += length
+
+    def variance(self) -> torch.Tensor | None:
+        """Σ std² per row, (E·T, out, 1), or None without read noise."""
+        return None if self.row_var is None else self.row_var.view(*self.shape[:2], 1)
+
+    def output(self) -> torch.Tensor:
+        """X·Wᵀ less the IR drop, (E·T, out, V)."""
+        y = self.y
+        if self.rho > 0:
+            from analogllm.ops.read import ir_factor
+
+            y = y - ir_factor(self.load * (self.rho * self.rows)) * self.drop
+        return y.view(*self.shape[:2], -1)
+
+
+def calibrated_gain(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, seed: int, uid: int,
+                    seconds: float) -> torch.Tensor:
+    """The digital gain (E,) of chip instance ``seed`` read ``seconds`` after programming: what
+    :func:`realise` gives as ``gain``, for a caller that needs only the gain (an exported map's record).
+    A device that realises in blocks (PCM without stuck devices) feeds its drift calibration block by
+    block, so the layer's realised weight, reference and read noise are never whole: the transient is
+    the normalised tiles plus a few blocks instead of about five copies of the layer. Equal to
+    :func:`realise`'s gain up to float32 summation order."""
+    device = config.device
+    blocks = getattr(device, "device_blocks", None)
+    if blocks is None or getattr(device, "stuck_low", 0) or getattr(device, "stuck_high", 0):
+        return realise(config, weight, tiles, rows, seed, uid, seconds).gain
+    w = weight.detach().to("cpu", torch.float32)
+    w = w.unsqueeze(0) if w.dim() == 2 else w
+    gain = torch.ones(w.shape[0])
+    if not (config.drift.compensation and device.drifts and seconds > 0):
+        return gain  # a PCM realisation's own gain is 1
+    wn, _ = normalised_tiles(w, tiles, rows)
+    shape = (wn.shape[0] * wn.shape[1], wn.shape[2], rows)
+    now, ref = CalibrationSums(config, shape), CalibrationSums(config, shape)
+    for start, w_now, w_ref, std in blocks(wn, seconds, chip_generator(seed, uid)):
+        now.add(start, w_now, std)
+        ref.add(start, w_ref, None)
+    adc_gain, adc_offset = adc_errors(config, wn.shape[:-1], seed, uid)
+    del wn
+    return gain * drift_compensation(config, ref, None, now, None, seed, uid, adc_gain=adc_gain, adc_offset=adc_offset)
 
 
 class FreedWeight(torch.Tensor):

@@ -24,6 +24,7 @@ profile ``pcm.yaml`` cites them field by field and ``docs/physics.md`` writes th
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -168,40 +169,61 @@ class PCM(Device):
             return self.realise(weight, seconds, generator)
         return self._realise_by_device(weight, seconds, generator, into=weight)
 
-    def _realise_by_device(self, weight: torch.Tensor, seconds: float, generator: torch.Generator,
-                           into: torch.Tensor | None = None) -> Realisation:
-        """What :meth:`pair_state` gives without stuck devices (the same draws: G+'s programming noise and
-        ν, then G−'s), computed one stream-aligned block of devices at a time and written into the
-        outputs as it goes, so the transient memory of programming a layer is its outputs (weight,
-        reference, read noise) plus a few blocks, not a dozen copies of it. Equal to :meth:`pair_state`
-        up to the last bit of the vectorised transcendental functions at block edges. With ``into``
-        (the weight itself) the weight is written over, block by block, once both targets are taken."""
+    def device_blocks(self, weight: torch.Tensor, seconds: float, generator: torch.Generator,
+                      normalise: bool = True) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+        """The realisation of ``weight`` (normalised, any shape, stuck devices off) one stream-aligned block
+        of devices at a time, as (flat offset, weight, reference at t = 0 or None, read-noise std or None):
+        the same draws as :meth:`pair_state` (G+'s programming noise and ν, then G−'s), so a caller that
+        needs only sums over the layer (its drift calibration) never holds it whole. ``normalise=False``
+        leaves the weight and reference in µS and the read noise as a variance in µS², which is how
+        :meth:`_realise_by_device` accumulates them. A block's targets are taken before it is yielded, so
+        the caller may overwrite that block of ``weight``."""
+        if self.stuck_low or self.stuck_high:
+            raise ValueError("device_blocks draws no stuck devices: realise a PCM with stuck devices whole")
         flat = weight.reshape(-1)
         seeds = [stream_seeds(flat.numel(), generator) for _ in range(4)]  # G+ noise, G+ ν, G− noise, G− ν
-        out = torch.empty_like(flat) if into is None else into.view(-1)
-        ref = torch.empty_like(flat) if seconds > 0 else None
-        var = torch.empty_like(flat) if self.read_noise_scale > 0 else None
         step = _BLOCK if seeds[0] is not None else max(flat.numel(), 1)
         decay = (seconds + self.drift_t0) / self.drift_t0
         for start in range(0, flat.numel(), step):
             w = flat[start:start + step]
-            targets = [pair_target(w, self.g_max, 1), pair_target(w, self.g_max, -1)]  # before out overwrites w
+            targets = [pair_target(w, self.g_max, 1), pair_target(w, self.g_max, -1)]
+            now = ref = var = None
             for k, g_target in zip((0, 2), targets):
                 z = gaussian_block(w, seeds[k], start, generator)
                 g_prog = z.mul_(self.prog_std(g_target)).add_(g_target).clamp_(min=0)
                 nu = self._nu(g_target, gaussian_block(w, seeds[k + 1], start, generator))  # at t = 0 too
                 g_t = g_prog * decay ** nu.neg_() if seconds > 0 else g_prog
                 del nu
-                parts = [(out, g_t, -1), (ref, g_prog, -1)]  # G+ − G−; the read noises add in variance
-                if var is not None:
-                    parts.append((var, self.read_std(g_t, g_target, seconds).square_(), 1))
-                for total, part, sign in parts:
-                    if total is not None:
-                        block = total[start:start + step]
-                        if k == 0:
-                            block.copy_(part)
-                        else:
-                            block.add_(part, alpha=sign)
+                read = self.read_std(g_t, g_target, seconds).square_() if self.read_noise_scale > 0 else None
+                if k == 0:  # G+ − G−; the read noises add in variance
+                    now, ref, var = g_t, g_prog if seconds > 0 else None, read
+                else:
+                    now.add_(g_t, alpha=-1)
+                    if ref is not None:
+                        ref.add_(g_prog, alpha=-1)
+                    if var is not None:
+                        var.add_(read)
+            if normalise:
+                now.div_(self.g_max)
+                ref = None if ref is None else ref.div_(self.g_max)
+                var = None if var is None else var.sqrt_().div_(self.g_max)
+            yield start, now, ref, var
+
+    def _realise_by_device(self, weight: torch.Tensor, seconds: float, generator: torch.Generator,
+                           into: torch.Tensor | None = None) -> Realisation:
+        """What :meth:`pair_state` gives without stuck devices, assembled from :meth:`device_blocks`, so the
+        transient memory of programming a layer is its outputs (weight, reference, read noise) plus a few
+        blocks, not a dozen copies of it. Equal to :meth:`pair_state` up to the last bit of the vectorised
+        transcendental functions at block edges. With ``into`` (the weight itself) the weight is written
+        over, block by block, once both targets are taken."""
+        flat = weight.reshape(-1)
+        out = torch.empty_like(flat) if into is None else into.view(-1)
+        ref = torch.empty_like(flat) if seconds > 0 else None
+        var = torch.empty_like(flat) if self.read_noise_scale > 0 else None
+        for start, now, before, noise in self.device_blocks(weight, seconds, generator, normalise=False):
+            for total, part in ((out, now), (ref, before), (var, noise)):
+                if total is not None:
+                    total[start:start + part.numel()].copy_(part)
         return Realisation(weight=out.div_(self.g_max).view_as(weight),
                            read_std=None if var is None else var.sqrt_().div_(self.g_max).view_as(weight),
                            reference=None if ref is None else ref.div_(self.g_max).view_as(weight))

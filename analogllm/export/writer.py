@@ -123,9 +123,12 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
     if not torch.isfinite(weight).all():
         raise ValueError(f"layer {layer.name}: the weight has NaN or infinite values; nothing can be programmed")
     matrix = layer.matrix
-    held = matrix.chip.programmed
-    matrix.ensure_programmed(layer.weight)  # the instance the model runs on (programs it if it never was)
     chip = matrix.chip
+    if chip.programmed:
+        matrix.ensure_programmed(layer.weight)  # the instance the model runs on (again if the weight changed)
+    seed = matrix.config.seed if chip.seed is None else chip.seed
+    # the instance the model runs on; a chip the model does not hold is not realised for its gain alone
+    gain = float(chip.gain[0]) if chip.programmed else float(matrix.calibrated_gain(layer.weight, seed)[0])
     record = {
         "name": layer.name,
         "kind": layer.kind,
@@ -136,14 +139,12 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
         "bias": layer.bias is not None,
         "dac_range": None if layer.placement != "analog" or matrix.config.dac.range == "dynamic"
         else matrix.input_range.detach().abs().float().tolist(),
-        "gain": float(chip.gain[0]),
+        "gain": gain,
         "adc_range": None if layer.placement != "analog" or not hasattr(matrix, "output_range")
         else matrix.output_range.detach().float().reshape(-1).tolist(),
-        "seed": chip.seed,
+        "seed": seed,
         "seconds": chip.seconds,
     }
-    if not held:  # realised only for this record: the model holds no chip it did not hold before
-        chip.clear()
     wn, scale = matrix.normalised_tiles(weight)
     arrays, tiles = module.encode(layer, wn, scale.squeeze(-1), matrix.config.device, device_record)
     del wn, scale  # the encoder keeps what it needs: its arrays are made one at a time as they are written

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analogllm.chip.state import Chip, normalised_tiles, realise, stable_id
+from analogllm.chip.state import Chip, calibrated_gain, normalised_tiles, realise, stable_id
 from analogllm.config import AnalogConfig
 from analogllm.nn.transform import InputTransform
 from analogllm.ops.quant import clip_bound
@@ -218,6 +218,12 @@ class AnalogMatrix(nn.Module):
         state = realise(self.config, weight, self.tiles, self.rows, seed, self.uid, seconds, **replay)
         self.chip.store(state, weight, seed, seconds, (weight._version, weight.data_ptr()))
         return self.chip
+
+    def calibrated_gain(self, weight: torch.Tensor, seed: int) -> torch.Tensor:
+        """The digital gain (E,) chip instance ``seed`` applies at the chip's current age, without
+        programming it (:func:`~analogllm.chip.state.calibrated_gain`: no realised layer is kept)."""
+        self.require_digital()
+        return calibrated_gain(self.config, weight, self.tiles, self.rows, seed, self.uid, self.chip.seconds)
 
     def realised_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The dense (…, out, in) matrix this chip instance computes, scales and gain folded in
