@@ -157,6 +157,7 @@ def _export_worker(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.clone()
+    al.program_(model, seed=0, seconds=DAY, lazy=True)  # one day of drift, as the other rows; no chip held
     gc.collect()
     largest = max(w.numel() * w.element_size() for _, _, w in analog_matrices(model))
     before = _rss_kib("VmRSS") * 1024

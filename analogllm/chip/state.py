@@ -289,14 +289,15 @@ class CalibrationSums:
                 count, length = 1, min(self.rows - col, end - pos)
             part = w[pos - start:pos - start + length].view(count, -1)
             cols = slice(col, col + part.shape[1])
-            self.y[row:row + count].add_(part @ self.x[:, cols].T)
+            # in place, without temporaries of the block's size: they would fragment the heap block by block
+            self.y[row:row + count].addmm_(part, self.x[:, cols].T)
             if self.rho > 0:
-                self.drop[row:row + count].add_(part @ self.xp[:, cols].T)
-                self.load[row:row + count].add_(part.abs().sum(-1, keepdim=True))
+                self.drop[row:row + count].addmm_(part, self.xp[:, cols].T)
+                self.load[row:row + count].add_(torch.linalg.vector_norm(part, ord=1, dim=-1, keepdim=True))
             if std is not None:
-                sq = std[pos - start:pos - start + length].view(count, -1).square().sum(-1, keepdim=True)
+                sq = torch.linalg.vector_norm(std[pos - start:pos - start + length].view(count, -1), dim=-1, keepdim=True)
                 self.row_var = torch.zeros(self.y.shape[0], 1) if self.row_var is None else self.row_var
-                self.row_var[row:row + count].add_(sq)
+                self.row_var[row:row + count].add_(sq.square_())
             pos += length
 
     def variance(self) -> torch.Tensor | None:

@@ -128,7 +128,11 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
         matrix.ensure_programmed(layer.weight)  # the instance the model runs on (again if the weight changed)
     seed = matrix.config.seed if chip.seed is None else chip.seed
     # the instance the model runs on; a chip the model does not hold is not realised for its gain alone
-    gain = float(chip.gain[0]) if chip.programmed else float(matrix.calibrated_gain(layer.weight, seed)[0])
+    if chip.programmed:
+        gain = float(chip.gain[0])
+    else:
+        gain = float(matrix.calibrated_gain(layer.weight, seed)[0])
+        return_freed_memory()  # the calibration's blocks go back to the OS before the encoding's arrays come
     record = {
         "name": layer.name,
         "kind": layer.kind,
