@@ -408,7 +408,7 @@ def _backward(ctx, grad, _grad_gate, _grad_resid, _grad_clipped):
         grad_w = (g.t().mm(untile_input(ur, features)) if gt is None else
                   untile_weight(tile_mm(gt.transpose(1, 2), ur), features))
         if clip is not None:
-            grad_w = grad_w * (weight.abs() <= clip)
+            grad_w = grad_w.masked_fill_(weight.abs() > clip, 0.0)  # in place: no float copy of the mask
     grad_adc = None
     if need_adc and adc_range is not None and resid.numel():
         per = (scale * gain * (1.0 if row_range else dac_range.reshape(()))).unsqueeze(1)  # (T, 1, out)
