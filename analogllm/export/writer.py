@@ -124,13 +124,11 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
         raise ValueError(f"layer {layer.name}: the weight has NaN or infinite values; nothing can be programmed")
     matrix = layer.matrix
     chip = matrix.chip
-    if chip.programmed:
-        matrix.ensure_programmed(layer.weight)  # the instance the model runs on (again if the weight changed)
     seed = matrix.config.seed if chip.seed is None else chip.seed
-    # the instance the model runs on; a chip the model does not hold is not realised for its gain alone
-    if chip.programmed:
+    if chip.programmed:  # the instance the model runs on (programmed again if the weight changed)
+        matrix.ensure_programmed(layer.weight)
         gain = float(chip.gain[0])
-    else:
+    else:  # a chip the model does not hold is not realised for its gain alone
         gain = float(matrix.calibrated_gain(layer.weight, seed)[0])
         return_freed_memory()  # the calibration's blocks go back to the OS before the encoding's arrays come
     record = {

@@ -163,6 +163,11 @@ def normals(tiles: int, rows: int, outputs: int, key: int) -> torch.Tensor:
     return out
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    """A tensor's data pointer for ctypes, None (NULL) for an absent one."""
+    return None if t is None else t.data_ptr()
+
+
 def _threads(rows: int) -> int:
     return max(1, min(torch.get_num_threads(), rows // _ROWS_PER_THREAD))
 
@@ -179,7 +184,7 @@ def dac(x: torch.Tensor, r: torch.Tensor, step: float | None, tiles: int, rows: 
     r = r.detach().reshape(-1).contiguous().float()
     u = torch.empty(n, tiles * rows, dtype=x.dtype)
     usq = torch.empty(tiles, n, dtype=x.dtype) if need_usq else None
-    lib.analogllm_dac(x.data_ptr(), u.data_ptr(), None if usq is None else usq.data_ptr(), n, n_in, tiles, rows,
+    lib.analogllm_dac(x.data_ptr(), u.data_ptr(), _ptr(usq), n, n_in, tiles, rows,
                       r.data_ptr(), int(r.numel() > 1), step or 0.0, inl, _threads(n))
     return u.view(n, tiles, rows).transpose(0, 1), usq
 
@@ -201,8 +206,7 @@ def dac_backward(x: torch.Tensor, grad_u: torch.Tensor, gscale: float, r: torch.
     gx = torch.empty_like(x) if need_x else None
     gr = torch.empty(n, dtype=x.dtype) if need_r else None
     ur = torch.empty(n, tiles * rows, dtype=x.dtype) if need_u else None
-    ptr = lambda v: None if v is None else v.data_ptr()  # noqa: E731
-    lib.analogllm_dac_backward(x.data_ptr(), grad_u.data_ptr(), ts, ns, gscale, ptr(gx), ptr(gr), ptr(ur), n, n_in,
+    lib.analogllm_dac_backward(x.data_ptr(), grad_u.data_ptr(), ts, ns, gscale, _ptr(gx), _ptr(gr), _ptr(ur), n, n_in,
                                tiles, rows, r.data_ptr(), int(r.numel() > 1), step or 0.0, inl, _threads(n))
     return gx, gr, None if ur is None else ur.view(n, tiles, rows).transpose(0, 1)
 
@@ -247,7 +251,6 @@ def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: 
     gate = (torch.empty_like(y, dtype=y.dtype if sat else torch.bool) if need_gate and (sat or adc is not None)
             else None)
     resid = torch.empty_like(y) if need_resid and adc is not None else None
-    ptr = lambda v: None if v is None else v.data_ptr()  # noqa: E731
     bound, inv_step = (adc[0].contiguous(), adc[1].contiguous()) if adc is not None else (None, None)
     cur = yd = None
     irk = 0.0
@@ -256,10 +259,10 @@ def read(y: torch.Tensor, scale: torch.Tensor, *, usq: torch.Tensor | None, rv: 
     again = aoff = None
     if adc_errors is not None and adc is not None:
         again, aoff = adc_errors[0].reshape(t, o).contiguous(), adc_errors[1].reshape(t, o).contiguous()
-    clipped = lib.analogllm_read(ptr(y), ptr(out), t, n, o, _threads(n), ptr(usq), ptr(rv), shot2, const_var,
-                                 int(noise), key & ((1 << 64) - 1), sat or 0.0, ptr(bound), ptr(inv_step),
-                                 ptr(scale), ptr(bias), ptr(gate), ptr(resid), ptr(cur), ptr(yd), irk, ptr(again),
-                                 ptr(aoff))
+    clipped = lib.analogllm_read(_ptr(y), _ptr(out), t, n, o, _threads(n), _ptr(usq), _ptr(rv), shot2, const_var,
+                                 int(noise), key & ((1 << 64) - 1), sat or 0.0, _ptr(bound), _ptr(inv_step),
+                                 _ptr(scale), _ptr(bias), _ptr(gate), _ptr(resid), _ptr(cur), _ptr(yd), irk, _ptr(again),
+                                 _ptr(aoff))
     if clipped < 0:
         raise MemoryError("the fused read kernel could not allocate its scratch rows")
     return out, gate, resid, int(clipped)
