@@ -277,10 +277,14 @@ def _kernel(x: Tensor, tiles: Tensor, scale: Tensor, dac_range: Tensor, gain: Te
             torch.tensor(clipped, dtype=torch.int64))
 
 
+def _kernel_takes(*tensors: Tensor) -> bool:
+    """Whether the CPU kernel can take these tensors: all float32 on the CPU, and the kernel built."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and cpu.library() is not None
+
+
 def fusable(x: Tensor, read_var: Optional[Tensor]) -> bool:
     """Whether the CPU kernel can run this read: float32 on CPU, per-column read noise."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and (read_var is None or read_var.dim() == 2)
-            and cpu.library() is not None)
+    return (read_var is None or read_var.dim() == 2) and _kernel_takes(x)
 
 
 @torch.library.custom_op("analogllm::read", mutates_args=())
@@ -352,7 +356,7 @@ def dac_backward(x: Tensor, grad_u: Tensor, rg: Tensor, r: Tensor, dac_bits: int
     inputs the weights saw, u·r, as (T, N, rows) tiles), each empty when not asked for. An op of its own
     so that the backward traces (``torch.compile``) while the CPU kernel does it in one pass over x
     instead of about fifteen."""
-    if x.device.type == "cpu" and x.dtype == grad_u.dtype == torch.float32 and cpu.library() is not None:
+    if _kernel_takes(x, grad_u):
         grad_x, grad_r, ur = cpu.dac_backward(x, grad_u, float(rg), r, dac_step(dac_bits), math.ceil(x.shape[-1] / rows),
                                               rows, dac_inl_coefficient(dac_bits, dac_inl), need_x, need_r, need_u)
         return tuple(x.new_empty(0) if t is None else t for t in (grad_x, grad_r, ur))
@@ -371,7 +375,7 @@ def adc_grad_sums(g: Tensor, resid: Tensor) -> Tensor:
     """Σ_n g[n, o] · resid[t, n, o] per tile column, (T, out): a learned ADC range's derivative before its
     column factors, for the read's gradient g (N, out) and ADC derivative ``resid`` (T, N, out). The CPU
     kernel makes no (T, N, out) temporary (two of them in torch, each a fresh allocation)."""
-    if g.device.type == "cpu" and g.dtype == resid.dtype == torch.float32 and cpu.library() is not None:
+    if _kernel_takes(g, resid):
         return cpu.adc_grad(g, resid)
     return (g.unsqueeze(0) * resid).sum(1)
 
@@ -385,7 +389,7 @@ def _backward(ctx, grad, _grad_gate, _grad_resid, _grad_clipped):
     if grad is None:  # the output was not used (grads are not materialised): nothing flows back
         return (None,) * len(ctx.needs_input_grad)
     x, tiles, scale, weight_scale, dac_range, gain, adc_range, weight, clip, gate, resid = ctx.saved_tensors
-    t_count, rows, outs = tiles.shape
+    rows = tiles.shape[1]
     features = x.shape[-1]
     row_range = dac_range.numel() > 1
     r = dac_range.reshape(-1, 1) if row_range else dac_range
