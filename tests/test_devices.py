@@ -222,19 +222,39 @@ def test_statistics_table_interpolates_linearly_with_its_slope_as_gradient():
     assert torch.allclose(a.grad[inside], slope[inside], atol=1e-9) and torch.all(a.grad[~inside] == 0)
 
 
+def test_lazy_tiles_are_the_normalised_tiles_bit_for_bit_in_any_range():
+    # the drift calibration reads the tiles a range at a time: every range, crossing tile rows, tiles,
+    # experts and the zero padding of the last tile (and a tile of padding only), is the whole tiles' flat
+    # values exactly, and the scales are the same
+    from analogllm.chip.state import LazyTiles, normalised_tiles
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 7, 23, generator=g)
+    w[0, 3, 5:10] = 0  # a tile row of zeros: scale at its floor
+    for tiles, rows in ((3, 10), (4, 8)):  # 4 × 8 = 32 > 23 + 8: the last tile holds padding only
+        whole, scale = normalised_tiles(w, tiles, rows)
+        lazy = LazyTiles(w, tiles, rows)
+        flat = whole.reshape(-1)
+        assert lazy.numel() == flat.numel() and torch.equal(lazy.scale, scale)
+        for start in range(0, flat.numel(), 7):
+            for stop in (start + 1, start + 13, start + 61, flat.numel() + 5):
+                assert torch.equal(lazy[start:stop], flat[start:stop])
+
+
 @pytest.mark.parametrize("rows, extra", [(512, {}), (400, {"ir_drop.wire_resistance": 0.35, "adc.gain_std": 0.02,
                                                                 "adc.offset_std": 0.5})])
 def test_gain_calibrated_block_by_block_is_the_realised_chips_gain(rows, extra):
     # an exported map's record needs only the gain: calibrated from the device's blocks (more than one
-    # 2^20-device block, rows that split across blocks, IR drop and ADC errors in the calibration read),
+    # device block, rows that split across blocks, IR drop and ADC errors in the calibration read),
     # it is the gain of the chip realised whole, and another seed or time gives another gain
     from analogllm.chip.state import calibrated_gain, realise
+    from analogllm.devices.pcm import _BLOCK
 
     cfg = al.AnalogConfig.from_profile("pcm", **{"tiling.rows": rows, **extra})
     w = torch.randn(700, 1536, generator=torch.Generator().manual_seed(0))
     tiles = math.ceil(1536 / rows)
     rows = math.ceil(1536 / tiles)
-    assert w.numel() > 1 << 20 and ((1 << 20) % rows != 0) == bool(extra)  # 384 rows: a block ends inside a row
+    assert w.numel() > _BLOCK and (_BLOCK % rows != 0) == bool(extra)  # 384 rows: a block ends inside a row
     day = 86400.0
     whole = realise(cfg, w, tiles, rows, 3, 77, day).gain
     blocks = calibrated_gain(cfg, w, tiles, rows, 3, 77, day)

@@ -401,8 +401,8 @@ def test_identical_exports_have_identical_files_and_manifest_hashes(tmp_path):
 
 
 def test_layer_files_are_written_array_by_array_as_safetensors_lays_them_out(tmp_path):
-    """The layer writer streams each array (deferred ones made only then) into safetensors' own layout:
-    its data section is the library's, byte for byte, and a declared shape that is not made fails."""
+    """The layer writer streams each array (deferred ones made piece by piece only then) into safetensors'
+    own layout: its data section is the library's, byte for byte, and a declared size not made fails."""
     from safetensors import safe_open
     from safetensors.torch import save
 
@@ -413,7 +413,11 @@ def test_layer_files_are_written_array_by_array_as_safetensors_lays_them_out(tmp
               "level_plus": torch.randint(0, 255, (2, 5, 7), generator=g, dtype=torch.uint8),
               "level_minus": torch.randint(0, 9, (2, 5, 7), generator=g, dtype=torch.int32), "scale": torch.rand(2, 3)}
     made = []
-    written = dict(arrays, g_plus=Deferred((2, 5, 7), torch.float32, lambda: made.append(1) or arrays["g_plus"].clone()))
+    def pieces():  # rows of the array in file order, made one at a time
+        made.append(1)
+        yield from arrays["g_plus"].reshape(-1, 7)
+
+    written = dict(arrays, g_plus=Deferred((2, 5, 7), torch.float32, pieces))
     save_layer_file(written, tmp_path / "a.safetensors", {"layer": "x", "format": "f"})
     assert made == [1]
     reference = save({k: v.contiguous() for k, v in arrays.items()})
@@ -422,6 +426,9 @@ def test_layer_files_are_written_array_by_array_as_safetensors_lays_them_out(tmp
     with safe_open(tmp_path / "a.safetensors", "pt") as f:
         assert f.metadata() == {"layer": "x", "format": "f"}
         assert all(torch.equal(f.get_tensor(k), v) for k, v in arrays.items())
-    wrong = dict(arrays, scale=Deferred((2, 4), torch.float32, lambda: torch.zeros(2, 3)))
+    wrong = dict(arrays, scale=Deferred((2, 4), torch.float32, lambda: [torch.zeros(2, 3)]))
     with pytest.raises(RuntimeError, match="declared"):
         save_layer_file(wrong, tmp_path / "b.safetensors", {})
+    wrong = dict(arrays, scale=Deferred((2, 4), torch.float32, lambda: [torch.zeros(8, dtype=torch.float64)]))
+    with pytest.raises(RuntimeError, match="declared"):
+        save_layer_file(wrong, tmp_path / "c.safetensors", {})

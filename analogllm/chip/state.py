@@ -157,6 +157,42 @@ def normalised_tiles(weight: torch.Tensor, tiles: int, rows: int) -> tuple[torch
     return torch.div(wt, scale, out=torch.empty(wt.shape, dtype=wt.dtype, device=wt.device)), scale
 
 
+class LazyTiles:
+    """The normalised tiles of :func:`normalised_tiles` made a flat range at a time, for a caller that
+    reads them once in order (a layer's drift calibration) and so need not hold the whole layer: their
+    scales are taken up front (one float per tile row), and ``tiles[a:b]`` gives the values a flat view
+    of the (E, T, out, rows) tiles holds in that range, bit for bit."""
+
+    def __init__(self, weight: torch.Tensor, tiles: int, rows: int) -> None:
+        self.weight, self.tiles, self.rows = weight, tiles, rows  # weight (E, out, in)
+        e, out, _ = weight.shape
+        self.shape = (e, tiles, out, rows)
+        # max |w| over each tile row (the norm kernel takes no |w| copy); a tile of padding only is 0
+        self.scale = torch.stack([torch.linalg.vector_norm(weight[..., t * rows:(t + 1) * rows], ord=float("inf"), dim=-1)
+                                  if t * rows < weight.shape[-1] else weight.new_zeros(e, out)
+                                  for t in range(tiles)], dim=1).unsqueeze(-1).clamp_(min=_EPS)
+
+    def numel(self) -> int:
+        return self.shape[0] * self.tiles * self.shape[2] * self.rows
+
+    def __getitem__(self, span: slice) -> torch.Tensor:
+        start, stop = span.start or 0, min(span.stop, self.numel())
+        rows, out = self.rows, self.shape[2]
+        first, last = start // rows, -(-stop // rows)  # the tile rows the range touches
+        parts, row = [], first
+        while row < last:  # one part per tile (e, t): its rows are consecutive outputs
+            tile, o = divmod(row, out)
+            e, t = divmod(tile, self.tiles)
+            end = min(out, o + last - row)
+            part = self.weight[e, o:end, t * rows:(t + 1) * rows]
+            if part.shape[-1] < rows:
+                part = torch.nn.functional.pad(part, (0, rows - part.shape[-1]))
+            parts.append(torch.div(part, self.scale[e, t, o:end]))
+            row += end - o
+        flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(-1)
+        return flat[start - first * rows:stop - first * rows]
+
+
 @torch.no_grad()
 def realise(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, seed: int, uid: int,
             seconds: float, device: Device | None = None, targets: torch.Tensor | None = None) -> Programmed:
@@ -320,7 +356,7 @@ def calibrated_gain(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows
     :func:`realise` gives as ``gain``, for a caller that needs only the gain (an exported map's record).
     A device that realises in blocks (PCM without stuck devices) feeds its drift calibration block by
     block, so the layer's realised weight, reference and read noise are never whole: the transient is
-    the normalised tiles plus a few blocks instead of about five copies of the layer. Equal to
+    a few blocks and the calibration sums instead of about five copies of the layer. Equal to
     :func:`realise`'s gain up to float32 summation order."""
     device = config.device
     blocks = getattr(device, "device_blocks", None)
@@ -331,14 +367,13 @@ def calibrated_gain(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows
     gain = torch.ones(w.shape[0])
     if not (config.drift.compensation and device.drifts and seconds > 0):
         return gain  # a PCM realisation's own gain is 1
-    wn, _ = normalised_tiles(w, tiles, rows)
+    wn = LazyTiles(w, tiles, rows)  # the device reads the tiles block by block: they are never whole
     shape = (wn.shape[0] * wn.shape[1], wn.shape[2], rows)
     now, ref = CalibrationSums(config, shape), CalibrationSums(config, shape)
     for start, w_now, w_ref, std in blocks(wn, seconds, chip_generator(seed, uid)):
         now.add(start, w_now, std)
         ref.add(start, w_ref, None)
     adc_gain, adc_offset = adc_errors(config, wn.shape[:-1], seed, uid)
-    del wn
     return gain * drift_compensation(config, ref, None, now, None, seed, uid, adc_gain=adc_gain, adc_offset=adc_offset)
 
 

@@ -38,8 +38,10 @@ from analogllm.ops.noise import STREAM, gaussian_block, stream_seeds
 
 #: aihwkit's floor on x = G/g_max inside ln x (PCMLikeNoiseModel's _ZERO_CLIP)
 _X_FLOOR = 1e-7
-#: devices realised at once when a layer is programmed block by block (a multiple of the noise streams)
-_BLOCK = 4 * STREAM
+#: devices realised at once when a layer is programmed block by block (a multiple of the noise streams):
+#: one stream keeps a block's dozen temporaries at 1 MiB each, and realises a 2048 × 8192 layer as fast
+#: as four streams (0.66 s vs 0.72 s on 2 cores)
+_BLOCK = STREAM
 
 
 @dataclass(frozen=True)
@@ -171,8 +173,8 @@ class PCM(Device):
 
     def device_blocks(self, weight: torch.Tensor, seconds: float, generator: torch.Generator,
                       normalise: bool = True) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
-        """The realisation of ``weight`` (normalised, any shape, stuck devices off) one stream-aligned block
-        of devices at a time, as (flat offset, weight, reference at t = 0 or None, read-noise std or None):
+        """The realisation of ``weight`` (normalised, any shape, stuck devices off; or tiles made a range at a
+        time, :class:`analogllm.chip.state.LazyTiles`) one stream-aligned block of devices at a time, as (flat offset, weight, reference at t = 0 or None, read-noise std or None):
         the same draws as :meth:`pair_state` (G+'s programming noise and ν, then G−'s), so a caller that
         needs only sums over the layer (its drift calibration) never holds it whole. ``normalise=False``
         leaves the weight and reference in µS and the read noise as a variance in µS², which is how
@@ -180,7 +182,7 @@ class PCM(Device):
         the caller may overwrite that block of ``weight``."""
         if self.stuck_low or self.stuck_high:
             raise ValueError("device_blocks draws no stuck devices: realise a PCM with stuck devices whole")
-        flat = weight.reshape(-1)
+        flat = weight.reshape(-1) if isinstance(weight, torch.Tensor) else weight  # or tiles made lazily
         seeds = [stream_seeds(flat.numel(), generator) for _ in range(4)]  # G+ noise, G+ ν, G− noise, G− ν
         step = _BLOCK if seeds[0] is not None else max(flat.numel(), 1)
         decay = (seconds + self.drift_t0) / self.drift_t0

@@ -16,6 +16,7 @@ the nearest level of an export grid, 256 levels unless asked otherwise (≈ 0.2 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,30 +76,31 @@ def device_record(device: Device, levels: int | None) -> dict[str, Any]:
 def encode(layer: AnalogLayer, wn: torch.Tensor, scale: torch.Tensor, device: Device,
            record: dict[str, Any]) -> tuple[dict[str, torch.Tensor | Deferred], dict[str, Any]]:
     """Normalised tiles (E, T, out, rows) → the layer's arrays and its tile grid. The conductances and
-    levels are :class:`Deferred`: each is made from one dense copy of the tiles as it is written."""
+    levels are :class:`Deferred` and made one tile at a time as they are written (rows = inputs, so a
+    tile's transpose is a consecutive block of the (E, in, out) array): the encoding holds the tiles and
+    one tile's array, never a dense copy of the layer."""
     e, t, out, rows = wn.shape
     in_features = layer.shape[-1]
-    dense = wn.transpose(-1, -2).reshape(e, t * rows, out)[:, :in_features]  # (E, in, out): rows = inputs
+    inputs = spans(in_features, rows, t)
     g_max, step, dtype = record["g_max_uS"], record["level_step_uS"], level_dtype(record["levels"])
     rram = device if isinstance(device, RRAM) else None
 
-    def target(side: int) -> torch.Tensor:  # an RRAM device writes only its levels: these are its targets
-        g = pair_target(dense, g_max, side)
-        return g if rram is None else rram.quantize_levels(g)
+    def targets(side: int) -> Iterator[torch.Tensor]:  # an RRAM device writes only its levels: its targets
+        for expert in range(e):
+            for tile, (_, used) in enumerate(inputs):
+                g = pair_target(wn[expert, tile, :, :used].transpose(0, 1), g_max, side)
+                yield g if rram is None else rram.quantize_levels(g)
 
-    def level(side: int) -> torch.Tensor:
-        return target(side).div_(step).round_().to(dtype)
+    def levels(side: int) -> Iterator[torch.Tensor]:
+        return (g.div_(step).round_().to(dtype) for g in targets(side))
 
-    shape = tuple(dense.shape)
+    shape = (e, in_features, out)
     cols = layer.matrix.config.tiling.cols or out
     arrays: dict[str, torch.Tensor | Deferred] = {"scale": scale}
     for name, side in (("plus", 1), ("minus", -1)):
-        arrays[f"g_{name}"] = Deferred(shape, dense.dtype, lambda side=side: target(side))
-        arrays[f"level_{name}"] = Deferred(shape, dtype, lambda side=side: level(side))
-    tiles = {
-        "rows": rows, "cols": cols, "grid": [e, t, -(-out // cols)],
-        "inputs": spans(in_features, rows, t), "outputs": spans(out, cols),
-    }
+        arrays[f"g_{name}"] = Deferred(shape, wn.dtype, lambda side=side: targets(side))
+        arrays[f"level_{name}"] = Deferred(shape, dtype, lambda side=side: levels(side))
+    tiles = {"rows": rows, "cols": cols, "grid": [e, t, -(-out // cols)], "inputs": inputs, "outputs": spans(out, cols)}
     return arrays, tiles
 
 

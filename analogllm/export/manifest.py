@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -135,12 +135,13 @@ def column_peaks(normalised: torch.Tensor) -> torch.Tensor:
 # ----- files ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Deferred:
-    """An array of a layer file made only when the file is written (``make()``), so that a large layer's
-    arrays are produced, written and dropped one at a time: the header needs only its shape and dtype."""
+    """An array of a layer file made only when the file is written, so that a large layer's arrays never
+    exist whole: ``pieces()`` yields consecutive pieces of it in file (row-major) order, each made,
+    written and dropped in turn; the header needs only the shape and dtype."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    make: Callable[[], torch.Tensor]
+    pieces: Callable[[], Iterable[torch.Tensor]]
 
 
 def save_layer_file(arrays: Mapping[str, torch.Tensor | Deferred], path: Path, metadata: dict[str, str]) -> None:
@@ -168,12 +169,16 @@ def save_layer_file(arrays: Mapping[str, torch.Tensor | Deferred], path: Path, m
         f.write(text)
         for name in order:
             value = arrays[name]
-            t = value.make() if isinstance(value, Deferred) else value
-            if tuple(t.shape) != tuple(value.shape) or t.dtype != value.dtype:
-                raise RuntimeError(f"array {name} of {path.name}: made {t.dtype} {tuple(t.shape)}, "
+            made = 0
+            for t in value.pieces() if isinstance(value, Deferred) else (value,):
+                if t.dtype != value.dtype:
+                    raise RuntimeError(f"array {name} of {path.name}: made {t.dtype}, declared {value.dtype}")
+                made += t.numel()
+                f.write(t.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().data)
+                del t
+            if made != math.prod(value.shape):
+                raise RuntimeError(f"array {name} of {path.name}: made {made} values, "
                                    f"declared {value.dtype} {tuple(value.shape)}")
-            f.write(t.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().data)
-            del t
 
 
 def sha256_file(path: Path) -> str:
