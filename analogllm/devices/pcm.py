@@ -174,7 +174,8 @@ class PCM(Device):
     def device_blocks(self, weight: torch.Tensor, seconds: float, generator: torch.Generator,
                       normalise: bool = True) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
         """The realisation of ``weight`` (normalised, any shape, stuck devices off; or tiles made a range at a
-        time, :class:`analogllm.chip.state.LazyTiles`) one stream-aligned block of devices at a time, as (flat offset, weight, reference at t = 0 or None, read-noise std or None):
+        time, :class:`analogllm.chip.state.LazyTiles`) one stream-aligned block of devices at a time, as
+        (flat offset, weight, reference at t = 0 or None, read-noise std or None):
         the same draws as :meth:`pair_state` (G+'s programming noise and ν, then G−'s), so a caller that
         needs only sums over the layer (its drift calibration) never holds it whole. ``normalise=False``
         leaves the weight and reference in µS and the read noise as a variance in µS², which is how
