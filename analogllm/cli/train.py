@@ -5,6 +5,7 @@
     analogllm eval smollm2-pcm-hwa                # digital / analogue / analogue + HWA at every drift time
     torchrun --nproc_per_node 2 -m analogllm train quickstart    # data parallel (CPU or GPU)
     torchrun --nproc_per_node 2 -m analogllm train quickstart --set train.fsdp=true   # sharded (FSDP2)
+    torchrun --nproc_per_node 2 -m analogllm train quickstart --set train.zero3=true  # sharded (ZeRO-3)
 """
 
 from __future__ import annotations

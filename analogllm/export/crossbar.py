@@ -366,7 +366,7 @@ def simulate_measurement(map_arrays: dict[str, torch.Tensor], record: dict[str, 
     uid = record["layer_id"]
     state = physics.pair_state(x, seconds, chip_generator(seed, uid))
     e, t = record["tiles"]["grid"][:2]
-    rows, (out, in_features) = record["tiles"]["rows"], record["shape"][-2:]
+    rows = record["tiles"]["rows"]
     weight = target_weight(map_arrays, record, device).float()
     replay = CrossbarMap(physics=physics, normalised=x, name=record["name"])
     gain = realise(config, weight, t, rows, seed, uid, seconds, device=replay).gain  # the chip's own calibration

@@ -49,7 +49,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
     """Write ``model`` (analogue) as an HF checkpoint at ``path``, atomically (temp folder + rename).
 
     ``state_dict``: the weights to write instead of ``model.state_dict()``: the whole state dict of a
-    model sharded across processes (:func:`analogllm.training.hwa.full_state_dict`), written by the
+    model sharded across processes (:func:`analogllm.training.sharding.full_state_dict`), written by the
     main process; the checkpoint is the same as the unsharded model's."""
     if getattr(model, "analog_config", None) is None:
         raise ValueError("model is not analogue: call analogllm.analogize_(model, config) first")

@@ -174,16 +174,23 @@ def _convert_modules(model: nn.Module, config: AnalogConfig) -> ConversionReport
 def analog_matrices(model: nn.Module):
     """Yield (module name, AnalogMatrix, the weight it computes with (out, in) or (E, out, in))."""
     for name, module in model.named_modules():
-        if isinstance(module, (AnalogLinear, AnalogConv1D)):
-            yield name, module.analog, module.analog_weight()
-        elif hasattr(module, "analog_matrices"):
-            for i, (matrix, weight) in enumerate(module.analog_matrices()):
-                yield f"{name}.{('up', 'down')[i]}", matrix, weight
-        elif hasattr(module, "parametrizations"):
-            for pname, plist in module.parametrizations.items():
-                for p in plist:
-                    if isinstance(getattr(p, "analog", None), AnalogMatrix):
-                        yield f"{name}.{pname}", p.analog, plist.original
+        for suffix, matrix, weight in own_matrices(module):
+            yield name + suffix, matrix, weight
+
+
+def own_matrices(module: nn.Module):
+    """Yield (name suffix, AnalogMatrix, weight) of the matrices whose weights are ``module``'s own
+    parameters (none for a module that merely contains analogue layers)."""
+    if isinstance(module, (AnalogLinear, AnalogConv1D)):
+        yield "", module.analog, module.analog_weight()
+    elif hasattr(module, "analog_matrices"):
+        for i, (matrix, weight) in enumerate(module.analog_matrices()):
+            yield f".{('up', 'down')[i]}", matrix, weight
+    elif hasattr(module, "parametrizations"):
+        for pname, plist in module.parametrizations.items():
+            for p in plist:
+                if isinstance(getattr(p, "analog", None), AnalogMatrix):
+                    yield f".{pname}", p.analog, plist.original
 
 
 def _has_weights(module: nn.Module) -> bool:

@@ -173,7 +173,8 @@ class AnalogMatrix(nn.Module):
             with torch.no_grad():  # data-initialised range: no clipping on the first batch seen
                 self.input_range.fill_(float(x.abs().max().clamp(min=_EPS)))
             self.mark_range_set()
-        r = self.input_range if expert is None else self.input_range[expert]
+        # reshape: ZeRO-3 training holds the scalar range as (1,) (analogllm.training.sharding)
+        r = self.input_range.reshape(()) if expert is None else self.input_range[expert]
         return r.abs() + _EPS
 
     def _training_read(self, w: torch.Tensor):

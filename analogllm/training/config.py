@@ -139,6 +139,9 @@ class TrainSection:
         several processes (``torchrun`` / ``accelerate launch``); ``accelerate launch --use_fsdp
         --fsdp_version 2`` turns it on too. Checkpoints are then sharded too, and ``OUTPUT/final`` is the
         full analogue checkpoint, as from one process.
+    zero3: the same with DeepSpeed ZeRO stage 3 (every parameter partitioned flat, gathered module by
+        module; needs ``pip install 'analogllm[zero3]'``); ``accelerate launch --use_deepspeed
+        --zero_stage 3`` turns it on too. See :mod:`analogllm.training.sharding`.
     """
 
     steps: int = 100
@@ -160,6 +163,7 @@ class TrainSection:
     log_every: int = 10
     seed: int = 0
     fsdp: bool = False
+    zero3: bool = False
 
     def __post_init__(self) -> None:
         check(self.steps >= 0, "train.steps", f"must be >= 0, got {self.steps}")
@@ -232,9 +236,10 @@ class HWARecipe:
         check(bool(self.output_dir), "output_dir", "must not be empty")
         check(not self.train.distill.enabled or self.train.hardware_aware, "train.distill.enabled",
               "distillation needs hardware_aware: true (the teacher is the digital model itself)")
-        check(not self.train.fsdp or self.train.hardware_aware, "train.fsdp",
-              "sharded training needs hardware_aware: true (the plain baseline converts the model after "
-              "training, which a sharded model cannot be)")
+        for key in ("fsdp", "zero3"):
+            check(not getattr(self.train, key) or self.train.hardware_aware, f"train.{key}",
+                  "sharded training needs hardware_aware: true (the plain baseline converts the model after "
+                  "training, which a sharded model cannot be)")
 
     def check_files(self) -> None:
         """Fail now, naming the key, when a path in the recipe does not exist (instead of after the

@@ -17,8 +17,8 @@ on top, following Analog Foundation Models (Büchel et al., NeurIPS 2025):
 * the loop (:func:`hwa_train`): LR schedule, gradient accumulation, bf16 autocast, ``accelerate`` for
   device placement and data parallelism, and checkpoints that resume the *same* run: same data order
   (a pure function of the step), optimiser, scheduler and RNG streams;
-* sharded training (``train.fsdp``): FSDP2 through accelerate's FSDP plugin, on CPU processes (gloo)
-  too (:func:`fsdp_plugin`, :func:`use_fsdp`, :func:`full_state_dict`).
+* sharded training (``train.fsdp``: FSDP2, ``train.zero3``: DeepSpeed ZeRO-3), on CPU processes (gloo)
+  too (:mod:`analogllm.training.sharding`).
 """
 
 from __future__ import annotations
@@ -39,12 +39,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from analogllm.config.schema import ConfigError
-from analogllm.nn.convert import analog_matrices
+from analogllm.nn.convert import own_matrices
 from analogllm.nn.matrix import AnalogMatrix
 from analogllm.chip.program import mode, modes
 from analogllm.ops.noise import seeded
 from analogllm.ops.quant import clip_bound
 from analogllm.training.config import FREEZE_GROUPS, TrainSection
+from analogllm.training.sharding import (
+    Sharding, average_grads_, checkpoint_sharding, gathered, partition_zero3_, plugin_for, sharding_requested,
+    update_master_, use_sharding,
+)
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -89,22 +93,35 @@ def freeze_(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str
 
 # ----- analogue-specific steps ------------------------------------------------------------------------------
 @torch.no_grad()
-def clamp_weights_(model: nn.Module) -> int:
+def clamp_weights_(model: nn.Module, sharding: Sharding | None = None) -> int:
     """Clip every analogue weight in place to ±clip_sigma·σ of its output channel (the training-time
     clipping made permanent). Returns how many matrices were clamped (those with ``clip_sigma`` set).
-    A sharded model (FSDP) is clamped shard by shard, with the statistics of whole channels."""
+    A model sharded by FSDP is clamped shard by shard, with the statistics of whole channels; one
+    partitioned by ZeRO-3 (``sharding="zero3"``) one layer at a time, its weights gathered whole."""
     count = 0
-    for _, matrix, weight in analog_matrices(model):
-        sigma = matrix.config.training.clip_sigma
-        if sigma is None:
+    for module in model.modules():
+        if all(m.config.training.clip_sigma is None for _, m, _ in own_matrices(module)):
             continue
-        if _is_dtensor(weight):
-            _clamp_shard_(weight, sigma)
-        else:
-            bound = clip_bound(weight, sigma)
-            weight.clamp_(min=-bound, max=bound)  # ``weight`` may be a view (Conv1D, experts): writes through
-        count += 1
+        with gathered(module, sharding):
+            for _, matrix, weight in own_matrices(module):  # taken inside: views of the gathered parameters
+                sigma = matrix.config.training.clip_sigma
+                if sigma is None:
+                    continue
+                if _is_dtensor(weight):
+                    _clamp_shard_(weight, sigma)
+                else:
+                    bound = clip_bound(weight, sigma)
+                    weight.clamp_(min=-bound, max=bound)  # ``weight`` may be a view (Conv1D, experts): writes through
+                count += 1
+            if sharding == "zero3":
+                update_master_([p for p in module.parameters() if p.dim() >= 2], _world())
     return count
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -219,7 +236,8 @@ class TrainResult:
     resumed_from: the step the call started at (0 for a fresh run);
     losses: mean training loss of every optimiser step of the whole run, averaged over processes;
     seconds: wall time of this call's loop; tokens: tokens this call trained on, over all processes;
-    sharded: trained with FSDP (the model is left sharded: :func:`full_state_dict` gathers it).
+    sharded: trained sharded, by FSDP or ZeRO-3 (``sharding``; the model is left sharded:
+    :func:`analogllm.training.sharding.full_state_dict` gathers it).
     """
 
     steps: int
@@ -229,102 +247,25 @@ class TrainResult:
     tokens: int
     processes: int
     sharded: bool = False
+    sharding: str | None = None
 
 
-def make_accelerator(find_unused_parameters: bool = False, fsdp_plugin=None):
+def make_accelerator(find_unused_parameters: bool = False, sharding: tuple[Sharding, object] | None = None):
     """An ``Accelerator`` for this machine: GPUs when there are any, else CPU processes (``cpu=True``
     makes ``torchrun``/``accelerate launch --multi_gpu`` start a real gloo process group on CPU).
     ``find_unused_parameters`` is needed by data parallelism over MoE models, whose experts that receive
     no token in a step get no gradient. Mixed precision is not set here but per run
     (:func:`autocast`): accelerate fixes it once per process, and one process may train several times.
-    ``fsdp_plugin`` (:func:`fsdp_plugin`) shards the model instead of replicating it (:func:`use_fsdp`)."""
+    ``sharding`` (kind, plugin: :func:`~analogllm.training.sharding.plugin_for`) shards the model instead
+    of replicating it (:func:`~analogllm.training.sharding.use_sharding`)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
-    if fsdp_plugin is not None:
-        use_fsdp(accelerator, fsdp_plugin)
+    if sharding is not None:
+        use_sharding(accelerator, *sharding)
     return accelerator
-
-
-# ----- sharded training (FSDP2) -----------------------------------------------------------------------------
-def fsdp_requested(spec: TrainSection) -> bool:
-    """Whether this run shards the model: ``train.fsdp``, or a launch by ``accelerate launch --use_fsdp``."""
-    return spec.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-def fsdp_plugin(model: nn.Module):
-    """accelerate's FSDP plugin as analogue models need it: FSDP2 (``fully_shard``), one unit per decoder
-    layer (the model's ``_no_split_modules``) plus the embeddings / final norm / LM head and the root,
-    parameters resharded after each forward, sharded (DCP) checkpoints.
-
-    The parameters of every :class:`AnalogMatrix` (the learned DAC ranges, scalars that FSDP2 cannot
-    shard, and the ADC ranges) are left out of sharding: they stay whole and identical on every
-    process, and :func:`hwa_train` averages their gradients itself. The chip buffers are not
-    parameters and are never sharded (nor saved)."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    return FullyShardedDataParallelPlugin(
-        fsdp_version=2,
-        reshard_after_forward=True,
-        auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=list(getattr(model, "_no_split_modules", None) or []),
-        state_dict_type="SHARDED_STATE_DICT",
-        cpu_offload=False,
-        cpu_ram_efficient_loading=False,
-        activation_checkpointing=False,
-        ignored_modules=[m for m in model.modules() if isinstance(m, AnalogMatrix)],
-    )
-
-
-def use_fsdp(accelerator, plugin) -> None:
-    """Make ``accelerator`` shard with ``plugin``. accelerate engages its FSDP plugin only on accelerators
-    (its CPU processes always replicate with DDP), while FSDP2 itself shards on CPU over gloo as well; so
-    the accelerator's state is switched to FSDP with this plugin here, on CPU and GPU alike (in the
-    process-wide state too, which accelerate copies into the accelerator's whenever it is asked for)."""
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType
-
-    check_fsdp_launch(accelerator.num_processes)
-    PartialState().distributed_type = DistributedType.FSDP
-    accelerator.state.distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = plugin
-
-
-def check_fsdp_launch(processes: int | None = None) -> None:
-    """Refuse what cannot shard, before anything is loaded: a single process (nothing to shard across;
-    ``processes`` defaults to this launch's, from the ``WORLD_SIZE`` that ``torchrun`` / ``accelerate
-    launch`` set) and ``accelerate launch --use_fsdp`` asking for FSDP1."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION", "2") != "2":
-        raise ConfigError("accelerate launch --use_fsdp: analogue models shard with FSDP2 only; add --fsdp_version 2")
-    if processes is None:
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes < 2:
-        raise ConfigError("train.fsdp: sharding needs several processes; launch with "
-                          "torchrun --nproc_per_node 2 -m analogllm train RECIPE --set train.fsdp=true")
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict of a sharded model, as plain CPU tensors on the main process (``{}`` on the
-    others). A collective: every process calls it. What ``save_pretrained(..., state_dict=)`` writes."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _average_grads_(params: list[nn.Parameter], world: int) -> None:
-    """Average the gradients of the parameters FSDP leaves whole (the converter ranges) over processes,
-    as data parallelism would: one all-reduce of them all (a missing gradient counts as zero)."""
-    import torch.distributed as dist
-
-    if not params:
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    flat /= world
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p).clone()
 
 
 def autocast(device: torch.device, precision: str):
@@ -376,12 +317,12 @@ def _resume(accelerator, output_dir) -> tuple[int, list[float]]:
     ckpt = latest_checkpoint(output_dir)
     if ckpt is None:
         return 0, []
-    from accelerate.utils.constants import FSDP_MODEL_NAME
-
-    sharded, written_sharded = accelerator.distributed_type == "FSDP", (ckpt / f"{FSDP_MODEL_NAME}_0").is_dir()
-    if sharded != written_sharded:
-        raise ConfigError(f"train.fsdp: {ckpt} was written by a {'sharded' if written_sharded else 'replicated'} run; "
-                          f"resume it with train.fsdp: {'true' if written_sharded else 'false'}")
+    run = _sharding_of(accelerator)
+    written = checkpoint_sharding(ckpt)
+    if run != written:
+        how = lambda k: f"train.{k}: true" if k else "train.fsdp: false and train.zero3: false"  # noqa: E731
+        raise ConfigError(f"train.{run or written}: {ckpt} was written by a "
+                          f"{'sharded (' + written + ')' if written else 'replicated'} run; resume it with {how(written)}")
     accelerator.load_state(str(ckpt))
     state = json.loads((ckpt / TRAINER_STATE).read_text())
     accelerator.wait_for_everyone()
@@ -389,11 +330,12 @@ def _resume(accelerator, output_dir) -> tuple[int, list[float]]:
 
 
 def _step(model, raw, blocks, spec: TrainSection, step: int, teacher, accelerator, optimizer, scheduler,
-          whole: list[nn.Parameter] | None = None) -> float:
+          whole: list[nn.Parameter] | None = None, sharding: Sharding | None = None) -> float:
     """One optimiser step (``grad_accum`` micro-batches); returns its loss averaged over processes.
     ``whole``: under FSDP, the trainable parameters left out of sharding (their gradients are averaged
-    here)."""
+    here). Under ZeRO-3 (``sharding``) the engine itself accumulates, averages, clips and steps."""
     distill = spec.distill
+    zero3 = sharding == "zero3"
     world, rank = accelerator.num_processes, accelerator.process_index
     total = torch.zeros((), device=accelerator.device)
     for micro in range(spec.grad_accum):
@@ -407,11 +349,15 @@ def _step(model, raw, blocks, spec: TrainSection, step: int, teacher, accelerato
             if distill.enabled:
                 kd = distillation_loss(logits, teacher.logits(ids), distill.temperature)
                 loss = kd if loss is None else distill.weight * kd + (1 - distill.weight) * loss
-            accelerator.backward(loss / spec.grad_accum)
+            if zero3:  # the engine divides by grad_accum and steps on the last micro-batch
+                model.backward(loss)
+                model.step()
+            else:
+                accelerator.backward(loss / spec.grad_accum)
         total += loss.detach() / spec.grad_accum
     if whole is not None:
-        _average_grads_(whole, world)
-    if spec.max_grad_norm is not None:
+        average_grads_(whole, world)
+    if spec.max_grad_norm is not None and not zero3:
         # sharded: all the model's parameters, so that accelerate takes its DTensor-aware path
         params = list(model.parameters()) if whole is not None else [p for g in optimizer.param_groups for p in g["params"]]
         accelerator.clip_grad_norm_(params, spec.max_grad_norm)
@@ -419,7 +365,7 @@ def _step(model, raw, blocks, spec: TrainSection, step: int, teacher, accelerato
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if spec.clamp_weights:
-        clamp_weights_(raw)
+        clamp_weights_(raw, sharding)
     return float(accelerator.reduce(total, reduction="mean"))
 
 
@@ -434,18 +380,24 @@ def _check_run(blocks: torch.Tensor, spec: TrainSection, teacher: Teacher | None
         raise ValueError("no training blocks")
 
 
+def _sharding_of(accelerator) -> Sharding | None:
+    """How an accelerator shards (its distributed type), None when it replicates."""
+    return {"FSDP": "fsdp", "DEEPSPEED": "zero3"}.get(accelerator.distributed_type.value)
+
+
 def _prepare(model: nn.Module, spec: TrainSection, teacher: Teacher | None, accelerator):
     """The accelerator (one for this machine unless given; MoE models need ``find_unused_parameters``;
-    sharding when :func:`fsdp_requested`), with the model, optimiser and scheduler prepared on it and the
-    teacher on its device. Returns (accelerator, prepared model, unwrapped model, optimizer, scheduler,
-    the parameters FSDP leaves whole or None when not sharded)."""
+    sharding as :func:`~analogllm.training.sharding.sharding_requested` says), with the model (partitioned
+    first under ZeRO-3), optimiser and scheduler prepared on it and the teacher on its device. Returns
+    (accelerator, prepared model, unwrapped model, optimizer, scheduler, the parameters FSDP leaves
+    whole or None, the sharding or None)."""
     moe = any(hasattr(m, "analog_matrices") or getattr(m, "num_experts", 0) for m in model.modules())
-    fsdp = fsdp_requested(spec) or (accelerator is not None and accelerator.distributed_type == "FSDP")
-    plugin = fsdp_plugin(model) if fsdp else None
+    kind = sharding_requested(spec) or (_sharding_of(accelerator) if accelerator is not None else None)
+    plugin = plugin_for(kind, model, spec) if kind else None
     if accelerator is None:
-        accelerator = make_accelerator(find_unused_parameters=moe, fsdp_plugin=plugin)
+        accelerator = make_accelerator(find_unused_parameters=moe, sharding=(kind, plugin) if kind else None)
     elif plugin is not None:
-        use_fsdp(accelerator, plugin)
+        use_sharding(accelerator, kind, plugin)
     not_ready = [m for m in model.modules() if isinstance(m, AnalogMatrix) and m.config.dac.range == "learned"
                  and not m.range_set]
     if accelerator.num_processes > 1 and not_ready:
@@ -453,6 +405,8 @@ def _prepare(model: nn.Module, spec: TrainSection, teacher: Teacher | None, acce
             "learned DAC ranges are not initialised: with several processes each would initialise them from "
             "its own first batch; calibrate them first (analog.calibration_batches >= 1)"
         )
+    if kind == "zero3":
+        partition_zero3_(model, plugin)
     optimizer, scheduler = _optimizer(model, spec)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it once per process
@@ -460,9 +414,9 @@ def _prepare(model: nn.Module, spec: TrainSection, teacher: Teacher | None, acce
     if teacher is not None:
         teacher.model.to(accelerator.device)
     whole = None
-    if fsdp:
+    if kind == "fsdp":
         whole = [p for m in plugin.ignored_modules for p in m.parameters(recurse=False) if p.requires_grad]
-    return accelerator, model, raw, optimizer, scheduler, whole
+    return accelerator, model, raw, optimizer, scheduler, whole, kind
 
 
 def hwa_train(
@@ -489,7 +443,7 @@ def hwa_train(
     """
     _check_run(blocks, spec, teacher, output_dir, resume)
     until = spec.steps if until is None else min(until, spec.steps)
-    accelerator, model, raw, optimizer, scheduler, whole = _prepare(model, spec, teacher, accelerator)
+    accelerator, model, raw, optimizer, scheduler, whole, kind = _prepare(model, spec, teacher, accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
 
     # Training noise, dropout and the rest draw from the global RNG: seeded per run and process, and
@@ -504,7 +458,7 @@ def hwa_train(
                    disable=not (progress and accelerator.is_main_process), initial=start, total=until)
         for step in bar:
             sample_deployment_time_(raw, step, spec.seed)
-            losses.append(_step(model, raw, blocks, spec, step, teacher, accelerator, optimizer, scheduler, whole))
+            losses.append(_step(model, raw, blocks, spec, step, teacher, accelerator, optimizer, scheduler, whole, kind))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"training loss is {losses[-1]} at step {step + 1}; lower train.lr")
@@ -517,11 +471,10 @@ def hwa_train(
         seconds = time.perf_counter() - begin
         tokens = (until - start) * spec.grad_accum * spec.batch_size * world * blocks.shape[1]
     return TrainResult(steps=until, resumed_from=start, losses=tuple(losses), seconds=seconds, tokens=tokens,
-                       processes=world, sharded=whole is not None)
+                       processes=world, sharded=kind is not None, sharding=kind)
 
 
 __all__ = [
-    "Teacher", "TrainResult", "autocast", "batch_indices", "check_fsdp_launch", "clamp_weights_", "distillation_loss", "freeze_",
-    "frozen_parameter_names", "fsdp_plugin", "fsdp_requested", "full_state_dict", "hwa_train",
-    "latest_checkpoint", "lm_loss", "make_accelerator", "sample_deployment_time_", "use_fsdp",
+    "Teacher", "TrainResult", "autocast", "batch_indices", "clamp_weights_", "distillation_loss", "freeze_",
+    "frozen_parameter_names", "hwa_train", "latest_checkpoint", "lm_loss", "make_accelerator", "sample_deployment_time_",
 ]

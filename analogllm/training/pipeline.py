@@ -37,7 +37,8 @@ from analogllm.hf.models import load_model
 from analogllm.hf.checkpoint import from_pretrained, save_pretrained
 from analogllm.config.schema import to_dict
 from analogllm.training.config import HWARecipe
-from analogllm.training.hwa import Teacher, TrainResult, check_fsdp_launch, fsdp_requested, full_state_dict, hwa_train
+from analogllm.training.hwa import Teacher, TrainResult, hwa_train
+from analogllm.training.sharding import check_launch, full_state_dict, sharding_requested
 from analogllm.training.selfgen import GENERATED, generated_blocks
 
 FINAL = "final"
@@ -152,12 +153,13 @@ def run_train(
     """Train as the recipe says and write the analogue checkpoint to ``OUTPUT/final`` (main process).
 
     With ``hardware_aware: false`` the digital model is trained and only then converted: the baseline.
-    ``base`` passes an already loaded base model (it is not modified). With ``train.fsdp`` the model is
-    trained sharded; the whole model is gathered into ``OUTPUT/final`` and every process returns it as
-    loaded from there (a run stopped early by ``until`` returns the sharded model).
+    ``base`` passes an already loaded base model (it is not modified). With ``train.fsdp`` or
+    ``train.zero3`` the model is trained sharded; the whole model is gathered into ``OUTPUT/final`` and
+    every process returns it as loaded from there (a run stopped early by ``until`` returns the sharded
+    model).
     """
-    if fsdp_requested(recipe.train):
-        check_fsdp_launch()
+    if kind := sharding_requested(recipe.train):
+        check_launch(kind)
     model, tokenizer = load_base(recipe, progress) if base is None else (copy.deepcopy(base[0]), base[1])
     train = blocks(recipe, tokenizer, "train", model, progress)
     spec = recipe.train
@@ -175,11 +177,11 @@ def run_train(
     checkpoint = None
     if result.steps == spec.steps:
         checkpoint = out / FINAL
-        weights = full_state_dict(model) if result.sharded else None  # every process takes part
+        weights = full_state_dict(model, result.sharding) if result.sharded else None  # every process takes part
         if state.is_main_process:
             save_pretrained(model, checkpoint, tokenizer=tokenizer, state_dict=weights)
             meta = {"steps": result.steps, "seconds": result.seconds, "processes": result.processes,
-                    "sharded": result.sharded, "tokens": result.tokens,
+                    "sharded": result.sharded, "sharding": result.sharding, "tokens": result.tokens,
                     "final_loss": result.losses[-1] if result.losses else None}
             (checkpoint / "training.json").write_text(json.dumps(meta, indent=2))
         del weights
@@ -252,8 +254,8 @@ def run_eval(recipe: HWARecipe, checkpoint: str | os.PathLike | None = None,
 
 def run_quickstart(recipe: HWARecipe, progress: bool = True) -> tuple[list[EvalReport], dict[str, Path]]:
     """Evaluate → HWA-train → evaluate, in one process; the reports hold the before/after tables."""
-    if fsdp_requested(recipe.train):
-        check_fsdp_launch()
+    if kind := sharding_requested(recipe.train):
+        check_launch(kind)
     start = time.perf_counter()
     base = load_base(recipe, progress)
     before = evaluate_recipe(recipe, base, progress=progress)
