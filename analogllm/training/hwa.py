@@ -46,7 +46,7 @@ from analogllm.ops.noise import seeded
 from analogllm.ops.quant import clip_bound
 from analogllm.training.config import FREEZE_GROUPS, TrainSection
 from analogllm.training.sharding import (
-    Sharding, average_grads_, checkpoint_sharding, gathered, partition_zero3_, plugin_for, sharding_requested,
+    Sharding, accelerator_sharding, average_grads_, checkpoint_sharding, gathered, partition_zero3_, plugin_for, sharding_requested,
     update_master_, use_sharding,
 )
 
@@ -114,14 +114,8 @@ def clamp_weights_(model: nn.Module, sharding: Sharding | None = None) -> int:
                     weight.clamp_(min=-bound, max=bound)  # ``weight`` may be a view (Conv1D, experts): writes through
                 count += 1
             if sharding == "zero3":
-                update_master_([p for p in module.parameters() if p.dim() >= 2], _world())
+                update_master_([p for p in module.parameters() if p.dim() >= 2])
     return count
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -236,8 +230,8 @@ class TrainResult:
     resumed_from: the step the call started at (0 for a fresh run);
     losses: mean training loss of every optimiser step of the whole run, averaged over processes;
     seconds: wall time of this call's loop; tokens: tokens this call trained on, over all processes;
-    sharded: trained sharded, by FSDP or ZeRO-3 (``sharding``; the model is left sharded:
-    :func:`analogllm.training.sharding.full_state_dict` gathers it).
+    sharding: how it was sharded, ``"fsdp"``, ``"zero3"`` or None (the model is left sharded:
+    :func:`analogllm.training.sharding.full_state_dict` gathers it); ``sharded``: whether it was.
     """
 
     steps: int
@@ -246,8 +240,11 @@ class TrainResult:
     seconds: float
     tokens: int
     processes: int
-    sharded: bool = False
-    sharding: str | None = None
+    sharding: Sharding | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.sharding is not None
 
 
 def make_accelerator(find_unused_parameters: bool = False, sharding: tuple[Sharding, object] | None = None):
@@ -317,7 +314,7 @@ def _resume(accelerator, output_dir) -> tuple[int, list[float]]:
     ckpt = latest_checkpoint(output_dir)
     if ckpt is None:
         return 0, []
-    run = _sharding_of(accelerator)
+    run = accelerator_sharding(accelerator)
     written = checkpoint_sharding(ckpt)
     if run != written:
         how = lambda k: f"train.{k}: true" if k else "train.fsdp: false and train.zero3: false"  # noqa: E731
@@ -380,11 +377,6 @@ def _check_run(blocks: torch.Tensor, spec: TrainSection, teacher: Teacher | None
         raise ValueError("no training blocks")
 
 
-def _sharding_of(accelerator) -> Sharding | None:
-    """How an accelerator shards (its distributed type), None when it replicates."""
-    return {"FSDP": "fsdp", "DEEPSPEED": "zero3"}.get(accelerator.distributed_type.value)
-
-
 def _prepare(model: nn.Module, spec: TrainSection, teacher: Teacher | None, accelerator):
     """The accelerator (one for this machine unless given; MoE models need ``find_unused_parameters``;
     sharding as :func:`~analogllm.training.sharding.sharding_requested` says), with the model (partitioned
@@ -392,7 +384,7 @@ def _prepare(model: nn.Module, spec: TrainSection, teacher: Teacher | None, acce
     (accelerator, prepared model, unwrapped model, optimizer, scheduler, the parameters FSDP leaves
     whole or None, the sharding or None)."""
     moe = any(hasattr(m, "analog_matrices") or getattr(m, "num_experts", 0) for m in model.modules())
-    kind = sharding_requested(spec) or (_sharding_of(accelerator) if accelerator is not None else None)
+    kind = sharding_requested(spec) or (accelerator_sharding(accelerator) if accelerator is not None else None)
     plugin = plugin_for(kind, model, spec) if kind else None
     if accelerator is None:
         accelerator = make_accelerator(find_unused_parameters=moe, sharding=(kind, plugin) if kind else None)
@@ -471,7 +463,7 @@ def hwa_train(
         seconds = time.perf_counter() - begin
         tokens = (until - start) * spec.grad_accum * spec.batch_size * world * blocks.shape[1]
     return TrainResult(steps=until, resumed_from=start, losses=tuple(losses), seconds=seconds, tokens=tokens,
-                       processes=world, sharded=kind is not None, sharding=kind)
+                       processes=world, sharding=kind)
 
 
 __all__ = [

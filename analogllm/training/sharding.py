@@ -120,6 +120,14 @@ def zero3_plugin(spec: TrainSection):
     return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False)
 
 
+_DISTRIBUTED = {"fsdp": "FSDP", "zero3": "DEEPSPEED"}  # accelerate's DistributedType of each
+
+
+def accelerator_sharding(accelerator) -> Sharding | None:
+    """How an accelerator shards (from its distributed type), None when it replicates."""
+    return next((k for k, v in _DISTRIBUTED.items() if accelerator.distributed_type.value == v), None)
+
+
 def use_sharding(accelerator, kind: Sharding, plugin) -> None:
     """Make ``accelerator`` shard with ``plugin`` (in the process-wide state too, which accelerate copies
     into the accelerator's whenever it is asked for)."""
@@ -127,7 +135,7 @@ def use_sharding(accelerator, kind: Sharding, plugin) -> None:
     from accelerate.utils import DistributedType
 
     check_launch(kind, accelerator.num_processes)
-    distributed = DistributedType.FSDP if kind == "fsdp" else DistributedType.DEEPSPEED
+    distributed = DistributedType(_DISTRIBUTED[kind])
     PartialState().distributed_type = distributed
     accelerator.state.distributed_type = distributed
     if kind == "fsdp":
@@ -174,13 +182,15 @@ def gathered(module: nn.Module, kind: Sharding | None):
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
 
 
-def update_master_(params: list[nn.Parameter], world: int) -> None:
+def update_master_(params: list[nn.Parameter]) -> None:
     """Copy an in-place change of whole (gathered) ZeRO-3 parameters into the optimiser's own fp32
     partitions: ZeRO-3 keeps a master copy of every trainable partition and writes it over the model's
     weights at its next step, which would undo the change (the weight clamp). Called inside
     :func:`gathered`, on every process."""
+    import torch.distributed as dist
     from deepspeed.utils import safe_set_full_fp32_param
 
+    world = dist.get_world_size()
     for p in params:
         if not p.requires_grad:
             continue
@@ -244,6 +254,6 @@ def checkpoint_sharding(ckpt) -> Sharding | None:
     return "zero3" if (ckpt / MODEL_NAME).is_dir() else None
 
 
-__all__ = ["LAUNCH", "Sharding", "average_grads_", "check_launch", "checkpoint_sharding", "fsdp_plugin",
+__all__ = ["LAUNCH", "Sharding", "accelerator_sharding", "average_grads_", "check_launch", "checkpoint_sharding", "fsdp_plugin",
            "full_state_dict", "gathered", "partition_zero3_", "plugin_for", "sharding_requested", "update_master_",
            "use_sharding", "zero3_plugin"]
