@@ -227,6 +227,18 @@ def test_fsdp_that_cannot_shard_is_refused_in_one_line(tmp_path, capsys, monkeyp
         hwa_train(model, torch.randint(0, 512, (8, 16)), TrainSection(steps=1, batch_size=2, fsdp=True), progress=False)
 
 
+def test_unsharded_cli_run_prints_no_deepspeed_warning(tmp_path):
+    """With DeepSpeed installed, transformers' save_pretrained imports it on every run; its accelerator
+    detection must not warn on a CPU run that never asked for it."""
+    pytest.importorskip("deepspeed")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "analogllm", "train", "quickstart", "--quiet", "--set", "pretrain.steps=0",
+                          "--set", "train.steps=1", "--set", f"output_dir={out}"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (out / "final").is_dir() and "Setting accelerator" not in run.stdout + run.stderr
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (FSDP over NCCL)")
 def test_fsdp_run_shards_on_two_gpus(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from analogllm.config.schema import ConfigError
@@ -38,7 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_deepspeed() -> None:
+    """Tell DeepSpeed there is no accelerator when torch sees none. transformers' and accelerate's
+    unwrapping import DeepSpeed whenever it is installed, and its accelerator detection then warns
+    "Setting accelerator to CPU" on every CPU run, sharded or not; the CPU is what it would pick anyway."""
+    import torch
+
+    if not torch.accelerator.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_deepspeed()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -318,26 +318,38 @@ _REQUIRED_KEYS = ("format", "format_version", "target", "profile", "device", "ch
 _LAYER_KEYS = ("name", "kind", "shape", "experts", "layer_id", "tiles", "file", "sha256", "arrays", "seed", "seconds")
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """Parse ``manifest.json`` and check the format name, version and top-level fields."""
-    file = path / MANIFEST_NAME
+def read_format_json(path: Path, name: str, format_name: str, version: int, error: type[ValueError],
+                     kind: str, absent_hint: str) -> tuple[dict[str, Any], Path]:
+    """``path/name`` parsed and checked to be version ``version`` of ``format_name``: the folder, the
+    file, the JSON and the format's name and version, each failure an ``error`` naming the file (a
+    missing folder a ``FileNotFoundError``). Maps and measurements share it; ``kind`` names what the
+    folder should be ("an analogllm map"). Returns (record, file)."""
+    what = kind.rsplit(" ", 1)[-1]
+    file = path / name
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such map folder (write one with `analogllm export`)")
+        raise FileNotFoundError(f"{path}: no such {what} folder ({absent_hint})")
     if not file.is_file():
-        raise MapError(f"{path}: not an analogllm map ({MANIFEST_NAME} is missing)")
+        raise error(f"{path}: not {kind} ({name} is missing)")
     try:
-        manifest = json.loads(file.read_text())
+        record = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MapError(f"{file}: not valid JSON ({exc}); the manifest is corrupt, export the map again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise MapError(f"{file}: format {found!r} is not {FORMAT_NAME!r}; this folder is not an analogllm map")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise MapError(
-            f"{file}: unknown format_version {version!r}; this analogllm reads version {FORMAT_VERSION} "
-            "(a newer map needs a newer analogllm; an older one must be exported again)"
+        raise error(f"{file}: not valid JSON ({exc}); the file is corrupt, write the {what} again") from None
+    if not isinstance(record, dict) or record.get("format") != format_name:
+        found = record.get("format") if isinstance(record, dict) else None
+        raise error(f"{file}: format {found!r} is not {format_name!r}; this folder is not {kind}")
+    found = record.get("format_version")
+    if found != version:
+        raise error(
+            f"{file}: unknown format_version {found!r}; this analogllm reads version {version} "
+            f"(a newer {what} needs a newer analogllm; an older one must be written again)"
         )
+    return record, file
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Parse ``manifest.json`` and check the format name, version, digest and top-level fields."""
+    manifest, file = read_format_json(path, MANIFEST_NAME, FORMAT_NAME, FORMAT_VERSION, MapError,
+                                      "an analogllm map", "write one with `analogllm export`")
     check_manifest_digest(manifest, file)
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
     if missing:

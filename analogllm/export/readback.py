@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from analogllm.chip.state import Programmed
 from analogllm.export.manifest import (
     DIGEST_KEY, LAYER_DIR, AnalogLayer, AnalogMap, MapError, analog_layers, canonical_json, check_model_fits_map,
-    load_map, save_layer_file,
+    load_map, read_format_json, save_layer_file,
 )
 from analogllm.fileio import atomic_dir, atomic_write_bytes
 
@@ -96,22 +96,9 @@ def _as_map(amap: AnalogMap | str | os.PathLike) -> AnalogMap:
 
 
 def _read_meta(path: Path, amap: AnalogMap) -> dict[str, Any]:
-    file = path / MEASUREMENT_NAME
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such measurement folder (write one with `analogllm measure` or by hand, "
-                                "docs/export-format.md section 10)")
-    if not file.is_file():
-        raise MeasurementError(f"{path}: not a measurement ({MEASUREMENT_NAME} is missing)")
-    try:
-        meta = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MeasurementError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != MEASUREMENT_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise MeasurementError(f"{file}: format {found!r} is not {MEASUREMENT_FORMAT!r}; this is not a measurement")
-    if meta.get("format_version") != MEASUREMENT_VERSION:
-        raise MeasurementError(f"{file}: unknown format_version {meta.get('format_version')!r}; this analogllm reads "
-                               f"version {MEASUREMENT_VERSION}")
+    meta, file = read_format_json(path, MEASUREMENT_NAME, MEASUREMENT_FORMAT, MEASUREMENT_VERSION, MeasurementError,
+                                  "a measurement", "write one with `analogllm measure` or by hand, "
+                                  "docs/export-format.md section 10")
     if meta.get("target") != amap.target:
         raise MeasurementError(f"{file}: target {meta.get('target')!r} does not match the map's {amap.target!r}")
     seconds = meta.get("seconds")

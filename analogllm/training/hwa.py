@@ -377,6 +377,13 @@ def _check_run(blocks: torch.Tensor, spec: TrainSection, teacher: Teacher | None
         raise ValueError("no training blocks")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP or DeepSpeed wrapper (FSDP2 shards in place and wraps nothing). Not
+    ``accelerator.unwrap_model``: that imports DeepSpeed whenever it is installed, which costs seconds and
+    prints DeepSpeed's accelerator warning on every run that does not use it."""
+    return getattr(model, "module", model)
+
+
 def _prepare(model: nn.Module, spec: TrainSection, teacher: Teacher | None, accelerator):
     """The accelerator (one for this machine unless given; MoE models need ``find_unused_parameters``;
     sharding as :func:`~analogllm.training.sharding.sharding_requested` says), with the model (partitioned
@@ -402,7 +409,7 @@ def _prepare(model: nn.Module, spec: TrainSection, teacher: Teacher | None, acce
     optimizer, scheduler = _optimizer(model, spec)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it once per process
-    raw = accelerator.unwrap_model(model)
+    raw = unwrap(model)
     if teacher is not None:
         teacher.model.to(accelerator.device)
     whole = None
@@ -468,5 +475,5 @@ def hwa_train(
 
 __all__ = [
     "Teacher", "TrainResult", "autocast", "batch_indices", "clamp_weights_", "distillation_loss", "freeze_",
-    "frozen_parameter_names", "hwa_train", "latest_checkpoint", "lm_loss", "make_accelerator", "sample_deployment_time_",
+    "frozen_parameter_names", "hwa_train", "latest_checkpoint", "lm_loss", "make_accelerator", "sample_deployment_time_", "unwrap",
 ]

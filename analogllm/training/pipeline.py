@@ -37,7 +37,7 @@ from analogllm.hf.models import load_model
 from analogllm.hf.checkpoint import from_pretrained, save_pretrained
 from analogllm.config.schema import to_dict
 from analogllm.training.config import HWARecipe
-from analogllm.training.hwa import Teacher, TrainResult, hwa_train
+from analogllm.training.hwa import Teacher, TrainResult, hwa_train, unwrap
 from analogllm.training.sharding import check_launch, full_state_dict, sharding_requested
 from analogllm.training.selfgen import GENERATED, generated_blocks
 
@@ -171,7 +171,7 @@ def run_train(
     from accelerate import PartialState
 
     state = PartialState()
-    model = _unwrap(model)
+    model = unwrap(model)
     if not spec.hardware_aware:
         to_analog(model, recipe, train, progress)
     checkpoint = None
@@ -189,10 +189,6 @@ def run_train(
         if result.sharded:  # every process continues with the whole trained model, as written
             model = from_pretrained(checkpoint)
     return TrainOutcome(model=model.eval(), tokenizer=tokenizer, result=result, checkpoint=checkpoint)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
 
 
 # ----- evaluate ---------------------------------------------------------------------------------------------
