@@ -45,6 +45,7 @@ def test_overrides_are_validated():
         ({"output": {"nonlinearity": "cubic"}}, "output.nonlinearity"),
         ({"exclude": ["lm_head("]}, "not a valid regular expression"),
         ({"training": {"clip_sigma": "big"}}, "training.clip_sigma"),
+        ({"mapping": {"clip_fractions": [0.9, 1.5]}}, "mapping.clip_fractions"),
         ({"colour": "blue"}, "unknown field"),
     ],
 )

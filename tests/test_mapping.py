@@ -11,8 +11,9 @@ import analogllm as al
 from analogllm.data import token_blocks
 from analogllm.hf.checkpoint import from_pretrained, save_pretrained
 from analogllm.hf.models import TINY_MODELS, load_model
+from analogllm.mapping.clip import clip_columns_
 from analogllm.mapping.error import LayerModel, device_variance
-from analogllm.mapping.ranges import best_ranges
+from analogllm.mapping.ranges import best_ranges, layer_model
 from analogllm.ops.hadamard import Rotation, factor, fwht, hadamard_matrix
 from analogllm.ops.noise import seeded
 
@@ -101,10 +102,10 @@ def _outlier_llama(scale=40.0):
     return model, tok
 
 
-def _chip_error(model, ids, ref):
-    al.program_(model, seed=0)
+def _chip_error(model, ids, ref, seed=0):
+    al.program_(model, seed=seed)
     model.eval()
-    with torch.no_grad(), seeded(0):
+    with torch.no_grad(), seeded(seed):
         out = model(input_ids=ids).logits
     return float((out - ref).norm() / ref.norm())
 
@@ -118,7 +119,7 @@ def outlier_model():
     return model, tok, ids, ref
 
 
-def _mapped_error(outlier_model, calibration=True, **steps):
+def _mapped_error(outlier_model, calibration=True, seed=0, **steps):
     model, tok, ids, ref = outlier_model
     m = copy.deepcopy(model)
     cfg = al.AnalogConfig.from_profile("pcm", **steps)
@@ -126,7 +127,7 @@ def _mapped_error(outlier_model, calibration=True, **steps):
     if not calibration:  # no mapping: the learned DAC ranges initialise from the first batch's abs-max
         with torch.no_grad():
             m.train()(input_ids=ids[:1])
-    return _chip_error(m, ids, ref)
+    return _chip_error(m, ids, ref, seed)
 
 
 def test_each_mapping_step_lowers_the_chip_error(outlier_model):
@@ -185,6 +186,66 @@ def test_error_calibration_beats_max_and_std_on_outlier_inputs():
     assert err.errors.total < best_ranges(lm, "max", "tile").errors.total
     assert err.errors.total < best_ranges(lm, "std", "tile", std_alpha=3.0).errors.total
     assert err.adc_ranges[0] <= cfg.adc.bound  # an ADC range is never widened beyond full scale
+
+
+def _layer_chip_error(cfg, w, x, target, seeds=range(4)):
+    """A layer's relative output error against ``target`` on chips ``seeds``, at its best ranges."""
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    layer = al.AnalogLinear.from_linear(lin, cfg, "probe")
+    choice = best_ranges(layer_model(layer.analog, w, x, 0.0), "error", "tile")
+    with torch.no_grad():
+        layer.analog.input_range.fill_(choice.dac_range)
+        layer.analog.output_range.copy_(torch.tensor(choice.adc_ranges))
+    layer.analog.mark_range_set()
+    errs = []
+    for s in seeds:
+        layer.analog.program(lin.weight, seed=s)
+        layer.eval()
+        with torch.no_grad(), seeded(s):
+            errs.append(float((layer(x) - target).norm() / target.norm()))
+    return sum(errs) / len(errs)
+
+
+def test_weight_clipping_lowers_the_chip_error_of_heavy_tailed_columns():
+    torch.manual_seed(0)
+    cfg = al.AnalogConfig.from_profile("pcm")
+    x = torch.randn(512, 600) * torch.linspace(0.2, 3.0, 600)  # two 300-row tiles
+    w = torch.distributions.StudentT(3.0).sample((200, 600)) / 40  # a few large weights per column
+    layer = al.AnalogLinear.from_linear(torch.nn.Linear(600, 200, bias=False), cfg, "probe")
+    clipped = w.clone()
+    choice = clip_columns_(layer.analog, clipped, x, cfg.mapping.clip_fractions, 0.0)
+    # every tile column's new max is one of the candidate fractions of its old max, and only weights
+    # above it changed
+    for t in range(2):
+        cols = slice(300 * t, 300 * (t + 1))
+        ratio = clipped[:, cols].abs().amax(-1) / w[:, cols].abs().amax(-1)
+        grid = torch.tensor([1.0, *cfg.mapping.clip_fractions])
+        assert (ratio[:, None] - grid).abs().min(-1).values.max() < 1e-6
+        kept = w[:, cols].abs() <= clipped[:, cols].abs().amax(-1, keepdim=True)
+        assert torch.equal(clipped[:, cols][kept], w[:, cols][kept])
+    assert 0.0 < choice.clipped < 0.05 and choice.mean_fraction < 0.95
+    assert choice.error < 0.9 * choice.error_unclipped
+    # on the chip, against the unclipped digital layer (measured on 4 chips: 0.198 unclipped, 0.189 clipped)
+    target = x @ w.T
+    assert _layer_chip_error(cfg, clipped, x, target) < 0.97 * _layer_chip_error(cfg, w, x, target)
+
+
+def test_weight_clipping_is_the_identity_on_the_ideal_profile():
+    cfg = al.AnalogConfig.from_profile("ideal")
+    w = torch.distributions.StudentT(3.0).sample((64, 128))
+    layer = al.AnalogLinear.from_linear(torch.nn.Linear(128, 64, bias=False), cfg, "probe")
+    clipped = w.clone()
+    choice = clip_columns_(layer.analog, clipped, torch.randn(64, 128), cfg.mapping.clip_fractions, 0.0)
+    assert torch.equal(clipped, w) and choice.mean_fraction == 1.0 and choice.clipped == 0.0
+
+
+def test_mapping_with_weight_clipping_lowers_the_model_chip_error(outlier_model):
+    # measured on 3 chips: 0.127 without clipping, 0.120 with
+    errs = {clip: sum(_mapped_error(outlier_model, seed=s, **{"mapping.clip": clip}) for s in range(3)) / 3
+            for clip in (False, True)}
+    assert errs[True] < 0.97 * errs[False]
 
 
 def test_mapped_checkpoint_round_trips(tmp_path, outlier_model):

@@ -208,6 +208,12 @@ class MappingConfig:
     alphas:          the SmoothQuant exponents tried (no rescaling is always a candidate too).
     online_rotation: regular expressions of layers that get an online Hadamard transform in front of the
                      DAC (default: the layers whose input a nonlinearity produces).
+    clip:            clip every tile column's weights at the fraction of its abs-max (of ``clip_fractions``,
+                     1 = none always a candidate) that minimises the expected error under the device's
+                     programming/read noise and drift (:mod:`analogllm.mapping.clip`). Lossy in exact
+                     arithmetic, the identity on the ideal profile; the converter ranges are calibrated
+                     again after it.
+    clip_fractions:  the bounds tried, as fractions of the column's abs-max.
     ranges:          DAC ranges: ``error`` (minimise the expected error), ``std`` (``std_alpha`` σ), ``max``
                      (no clipping) or ``none`` (keep the config's initialisation).
     adc:             ADC ranges calibrated per ``tile`` (each array's ADCs), per ``layer``, or ``none``
@@ -222,6 +228,8 @@ class MappingConfig:
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     online_rotation: tuple[str, ...] = (r"mlp\.down_proj$", r"shared_expert\.down_proj$", r"mlp\.c_proj$",
                                         r"feed_forward\.w2$", r"feed_forward\.value$", r"mixer\.out_proj$")
+    clip: bool = True
+    clip_fractions: tuple[float, ...] = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4)
     ranges: Literal["error", "std", "max", "none"] = "error"
     adc: Literal["tile", "layer", "none"] = "tile"
     std_alpha: float = 12.0
@@ -236,6 +244,8 @@ class MappingConfig:
                 re.compile(pattern)
             except re.error as exc:
                 raise ConfigError(f"mapping.online_rotation: {pattern!r} is not a valid regular expression ({exc})") from None
+        check(all(0.0 < f <= 1.0 for f in self.clip_fractions), "mapping.clip_fractions",
+              f"must lie in (0, 1] (fractions of a column's abs-max), got {list(self.clip_fractions)}")
         check(self.std_alpha > 0, "mapping.std_alpha", f"must be > 0, got {self.std_alpha}")
         check(self.tokens >= 8, "mapping.tokens", f"must be >= 8, got {self.tokens}")
         check(self.seconds >= 0, "mapping.seconds", f"must be >= 0, got {self.seconds}")

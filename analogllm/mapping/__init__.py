@@ -12,10 +12,13 @@ and reported:
    norm or linear where exact, else a digital scale in front of the DAC (:mod:`.rescale`);
 3. ``online_rotation``: an online fast Hadamard transform in front of layers whose input a nonlinearity
    makes (the MLP down projection), the weight absorbing its inverse (:mod:`analogllm.nn.transform`);
-4. ``ranges`` / ``adc``: DAC and ADC ranges that minimise the expected error (:mod:`.ranges`).
+4. ``ranges`` / ``adc``: DAC and ADC ranges that minimise the expected error (:mod:`.ranges`);
+5. ``clip``: every tile column's weights clipped at the bound that minimises the expected error under
+   the device noise (:mod:`.clip`), then the ranges of step 4 calibrated again for the clipped weights.
 
-Every step leaves the model's function unchanged in exact arithmetic (the ideal profile reproduces the
-digital logits); on a noisy chip each lowers the output error.
+Steps 1–4 leave the model's function unchanged in exact arithmetic; step 5 trades a small exact-
+arithmetic error for less device noise, and keeps every weight on the ideal profile, so there the
+mapped model reproduces the digital logits. On a noisy chip each step lowers the output error.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import nn
 
 from analogllm.config.analog import MappingConfig
 from analogllm.mapping.capture import capture_inputs, digital
+from analogllm.mapping.clip import ClipChoice, clip_weights_
 from analogllm.mapping.families import rescale_groups
 from analogllm.mapping.ranges import RangeChoice, calibrate_ranges_
 from analogllm.mapping.rescale import ScaleChoice, rescale_
@@ -41,13 +45,15 @@ from analogllm.ops.hadamard import Rotation
 
 @dataclass
 class MappingReport:
-    """What :func:`map_` did: the residual rotation, per-group rescaling, per-layer online rotations and
-    converter ranges with their predicted relative errors, and the digital work it added."""
+    """What :func:`map_` did: the residual rotation, per-group rescaling, per-layer online rotations,
+    converter ranges and weight clipping with their predicted relative errors, and the digital work it
+    added."""
 
     rotation: dict | None = None
     rescaled: dict[str, ScaleChoice] = field(default_factory=dict)
     online: list[str] = field(default_factory=list)
     ranges: dict[str, RangeChoice] = field(default_factory=dict)
+    clipped: dict[str, ClipChoice] = field(default_factory=dict)
     digital_macs_per_token: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -70,6 +76,13 @@ class MappingReport:
             errs = [c.errors.total for c in self.ranges.values()]
             lines.append(f"  converter ranges of {len(self.ranges)} matrices: predicted relative output error "
                          f"mean {sum(errs) / len(errs):.2e}, worst {max(errs):.2e}")
+        if self.clipped:
+            cs = list(self.clipped.values())
+            before, after = sum(c.error_unclipped for c in cs), sum(c.error for c in cs)
+            lines.append(f"  weights of {len(cs)} matrices clipped per tile column: mean bound "
+                         f"{sum(c.mean_fraction for c in cs) / len(cs):.2f} of the column max, "
+                         f"{100 * sum(c.clipped for c in cs) / len(cs):.2f} % of weights changed, predicted "
+                         f"weight + output noise error {after / max(before, 1e-30):.2f}x of unclipped")
         lines.append(f"  digital work added per token: {self.digital_macs_per_token:,} operations")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -124,7 +137,8 @@ def begin_rotation(model: nn.Module, spec: MappingConfig, report: MappingReport)
 @torch.no_grad()
 def map_layers_(model: nn.Module, inputs: dict, spec: MappingConfig, report: MappingReport,
                 names: set[str] | None = None, progress: bool = False) -> None:
-    """The per-layer steps of :func:`map_` (rescaling, online rotations, converter ranges) for the analogue
+    """The per-layer steps of :func:`map_` (rescaling, online rotations, converter ranges, weight
+    clipping) for the analogue
     matrices called ``names`` (default: all), from their captured ``inputs``; adds to ``report``. Every
     step reads and writes only the layers of one decoder block, so a model mapped block by block
     (:mod:`analogllm.hf.streaming`) gets the same result as one mapped whole."""
@@ -144,9 +158,15 @@ def map_layers_(model: nn.Module, inputs: dict, spec: MappingConfig, report: Map
     for name in online:
         add_rotation(layers[name][0], layers[name][1], rotations[name])
     report.online = sorted(report.online + online)
-    if spec.ranges != "none":
-        report.ranges.update(calibrate_ranges_(model, inputs, spec.ranges, spec.adc, spec.std_alpha, spec.seconds,
-                                               progress, names=set(layers)))
+    def ranges() -> None:
+        if spec.ranges != "none":
+            report.ranges.update(calibrate_ranges_(model, inputs, spec.ranges, spec.adc, spec.std_alpha,
+                                                   spec.seconds, progress, names=set(layers)))
+
+    ranges()
+    if spec.clip:
+        report.clipped.update(clip_weights_(layers, inputs, spec.clip_fractions, spec.seconds, progress))
+        ranges()  # the clipped weights' outputs are larger in normalised units: the ADC follows
     report.digital_macs_per_token += sum(m.transform.macs_per_token() for m, _ in layers.values()
                                          if m.transform is not None)
 

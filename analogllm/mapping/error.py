@@ -46,6 +46,13 @@ def device_variance(config: AnalogConfig, seconds: float) -> Table:
     return Table(var.values + bias.values.square())
 
 
+def token_weights(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The weight of each token (N,) in the score: one over its output power ``|x Wᵀ|²``, floored at
+    :data:`_FLOOR` of the mean so near-zero outputs do not dominate."""
+    sig = (x @ w.T).square().sum(-1)
+    return 1.0 / (sig + _FLOOR * sig.mean()).clamp(min=1e-30)
+
+
 @dataclass
 class LayerErrors:
     """The parts of a layer's relative error at its chosen ranges (means over calibration tokens)."""
@@ -75,8 +82,7 @@ class LayerModel:
         self.x = x
         pad = tiles * rows - w.shape[-1]
         self.xt = torch.nn.functional.pad(x, (0, pad)).reshape(x.shape[0], tiles, rows).transpose(0, 1)  # T, N, R
-        sig = (x @ w.T).square().sum(-1)
-        self.inv_den = 1.0 / (sig + _FLOOR * sig.mean()).clamp(min=1e-30)  # per-token weight of the score
+        self.inv_den = token_weights(x, w)
         self.n = x.shape[0]
         self.rms = float(x.square().mean().sqrt().clamp(min=1e-12))
         self.amax = float(x.abs().max().clamp(min=1e-12))
@@ -161,4 +167,4 @@ class LayerModel:
         return cands[cost.sum(-1).argmin()].clone()
 
 
-__all__ = ["LayerErrors", "LayerModel", "device_variance"]
+__all__ = ["LayerErrors", "LayerModel", "device_variance", "token_weights"]

@@ -73,13 +73,20 @@ def best_ranges(lm: LayerModel, method: str, adc: str, std_alpha: float = 12.0) 
     return RangeChoice(dac_range=r, dac_k=r / lm.rms, adc_ranges=None if b is None else b.tolist(), errors=e)
 
 
-def layer_model(matrix: AnalogMatrix, weight: torch.Tensor, x: torch.Tensor, seconds: float) -> LayerModel:
-    """The error model of ``matrix`` for raw inputs ``x`` (its input transform applied here)."""
+def dac_inputs(matrix: AnalogMatrix, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """What ``matrix``'s DACs see for raw inputs ``x`` (on the CPU): its input transform applied, and
+    every row normalised by its own max where the DAC ranges are per token."""
     with torch.no_grad():
         if matrix.transform is not None:
-            x = matrix.transform(x.to(weight.device)).cpu()
-        if matrix.config.dac.range == "dynamic":  # per-token ranges: every row normalised by its own max
+            x = matrix.transform(x.to(device)).cpu()
+        if matrix.config.dac.range == "dynamic":
             x = x / x.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+    return x.float()
+
+
+def layer_model(matrix: AnalogMatrix, weight: torch.Tensor, x: torch.Tensor, seconds: float) -> LayerModel:
+    """The error model of ``matrix`` for raw inputs ``x`` (its input transform applied here)."""
+    x = dac_inputs(matrix, x, weight.device)
     return LayerModel(x, weight.detach().float().cpu(), matrix.tiles, matrix.rows, matrix.config,
                       device_variance(matrix.config, seconds))
 
@@ -116,4 +123,4 @@ def _apply(matrix: AnalogMatrix, expert: int | None, choice: RangeChoice) -> Non
         matrix.output_range[idx] = torch.tensor(choice.adc_ranges, dtype=matrix.output_range.dtype)
 
 
-__all__ = ["RangeChoice", "best_ranges", "calibrate_ranges_", "layer_model"]
+__all__ = ["RangeChoice", "best_ranges", "calibrate_ranges_", "dac_inputs", "layer_model"]
