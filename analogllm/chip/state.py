@@ -146,13 +146,21 @@ class Chip(nn.Module):
         return w.movedim(-3, -2).reshape(w.shape[0], w.shape[-2], -1)
 
 
+def tile_scales(weight: torch.Tensor, tiles: int, rows: int) -> torch.Tensor:
+    """max |w| of every tile column of ``weight`` (..., out, in), (..., T, out, 1), from the weight itself
+    (the norm kernel takes no |w| copy of the tiles); a tile of padding only is 0, clamped."""
+    return torch.stack([torch.linalg.vector_norm(weight[..., t * rows:(t + 1) * rows], ord=float("inf"), dim=-1)
+                        if t * rows < weight.shape[-1] else weight.new_zeros(weight.shape[:-1])
+                        for t in range(tiles)], dim=-2).unsqueeze(-1).clamp_(min=_EPS)
+
+
 def normalised_tiles(weight: torch.Tensor, tiles: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E, out, in) → per tile-column normalised tiles (E, T, out, rows) in [−1, 1] and their scales
-    (E, T, out, 1): what the arrays hold and what is multiplied back after the ADC."""
+    """(..., out, in) → per tile-column normalised tiles (..., T, out, rows) in [−1, 1] and their scales
+    (..., T, out, 1): what the arrays hold and what is multiplied back after the ADC."""
     from analogllm.ops.read import tile_weight
 
     wt = tile_weight(weight, tiles, rows)
-    scale = wt.abs().amax(-1, keepdim=True).clamp(min=_EPS)
+    scale = tile_scales(weight, tiles, rows)
     # written contiguous: the devices realise it flat without another copy
     return torch.div(wt, scale, out=torch.empty(wt.shape, dtype=wt.dtype, device=wt.device)), scale
 
@@ -167,10 +175,7 @@ class LazyTiles:
         self.weight, self.tiles, self.rows = weight, tiles, rows  # weight (E, out, in)
         e, out, _ = weight.shape
         self.shape = (e, tiles, out, rows)
-        # max |w| over each tile row (the norm kernel takes no |w| copy); a tile of padding only is 0
-        self.scale = torch.stack([torch.linalg.vector_norm(weight[..., t * rows:(t + 1) * rows], ord=float("inf"), dim=-1)
-                                  if t * rows < weight.shape[-1] else weight.new_zeros(e, out)
-                                  for t in range(tiles)], dim=1).unsqueeze(-1).clamp_(min=_EPS)
+        self.scale = tile_scales(weight, tiles, rows)
 
     def numel(self) -> int:
         return self.shape[0] * self.tiles * self.shape[2] * self.rows

@@ -72,6 +72,13 @@ class AnalogSection:
             raise ConfigError(f"{where}: {exc}") from None
 
 
+def check_text(data: Any) -> None:
+    """The checks every recipe's data section shares (HWA and finetune): block size and self-generation."""
+    check(data.block_size >= 2, "data.block_size", f"must be >= 2, got {data.block_size}")
+    check(data.generated_blocks >= 1, "data.generated_blocks", f"must be >= 1, got {data.generated_blocks}")
+    check(data.temperature > 0, "data.temperature", f"must be > 0, got {data.temperature}")
+
+
 @dataclass(frozen=True)
 class DataSection:
     """Text for training and calibration (see :func:`analogllm.data.token_blocks`): the built-in offline
@@ -90,9 +97,7 @@ class DataSection:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        check(self.block_size >= 2, "data.block_size", f"must be >= 2, got {self.block_size}")
-        check(self.generated_blocks >= 1, "data.generated_blocks", f"must be >= 1, got {self.generated_blocks}")
-        check(self.temperature > 0, "data.temperature", f"must be > 0, got {self.temperature}")
+        check_text(self)
         check(0 < self.validation_fraction < 1, "data.validation_fraction", "must lie in (0, 1)")
         check(self.max_train_blocks is None or self.max_train_blocks >= 1, "data.max_train_blocks", "must be >= 1 or null")
 

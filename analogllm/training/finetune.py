@@ -50,7 +50,7 @@ from analogllm.hf.models import load_model
 from analogllm.hf.checkpoint import save_pretrained
 from analogllm.ops.memory import return_freed_memory
 from analogllm.ops.noise import seeded
-from analogllm.training.config import DistillSection
+from analogllm.training.config import DistillSection, check_text
 from analogllm.training.hwa import Teacher, distillation_loss, lm_loss
 from analogllm.training.selfgen import GENERATED, generated_blocks
 from analogllm.config.schema import ConfigError, check, to_dict
@@ -117,9 +117,7 @@ class DataSection:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        check(self.block_size >= 2, "data.block_size", f"must be >= 2, got {self.block_size}")
-        check(self.generated_blocks >= 1, "data.generated_blocks", f"must be >= 1, got {self.generated_blocks}")
-        check(self.temperature > 0, "data.temperature", f"must be > 0, got {self.temperature}")
+        check_text(self)
         check(self.eval_blocks >= 1, "data.eval_blocks", f"must be >= 1, got {self.eval_blocks}")
         check(self.train_blocks is None or self.train_blocks >= 1, "data.train_blocks", "must be >= 1 or null")
 
@@ -344,9 +342,9 @@ def _batch_stream(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[
 def _loss(model: torch.nn.Module, ids: torch.Tensor, target: torch.Tensor | None, distill: DistillSection) -> torch.Tensor:
     """The adapters' objective on one batch: cross-entropy, or with the teacher's logits ``target``
     ``w·KD + (1−w)·CE`` (``distill``)."""
-    if target is None:
-        return model(input_ids=ids, labels=ids).loss
     logits = model(input_ids=ids).logits
+    if target is None:
+        return lm_loss(logits, ids)
     kd = distillation_loss(logits, target, distill.temperature)
     return kd if distill.weight == 1 else distill.weight * kd + (1 - distill.weight) * lm_loss(logits, ids)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from analogllm.nn.convert import analogize_
@@ -106,7 +107,6 @@ def _pretrain(model: nn.Module, train: torch.Tensor, steps: int, lr: float, batc
     """Plain digital next-token training (one process): gives a randomly initialised model the
     language skill that analogue noise then erodes."""
     from analogllm.training.hwa import batch_indices, lm_loss
-    from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     model.train()
@@ -126,10 +126,15 @@ def _pretrain(model: nn.Module, train: torch.Tensor, steps: int, lr: float, batc
 
 def to_analog(model: nn.Module, recipe: HWARecipe, train: torch.Tensor, progress: bool = True) -> nn.Module:
     """Convert ``model`` in place to the recipe's chip, mapped onto it with ``analog.calibration_blocks``
-    evenly spaced training blocks."""
+    evenly spaced training blocks; with ``progress``, the mapping report is printed (main process)."""
+    from accelerate import PartialState
+
     n = recipe.analog.calibration_blocks
     calibration = train[torch.linspace(0, len(train) - 1, min(n, len(train))).long()] if n else None
     analogize_(model, recipe.analog.config(), calibration=calibration, progress=progress)
+    report = model.analog_report.mapping
+    if progress and report is not None and PartialState().is_main_process:
+        tqdm.write(report.summary())
     return model.eval()
 
 
