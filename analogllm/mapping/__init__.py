@@ -138,8 +138,8 @@ def begin_rotation(model: nn.Module, spec: MappingConfig, report: MappingReport)
 def map_layers_(model: nn.Module, inputs: dict, spec: MappingConfig, report: MappingReport,
                 names: set[str] | None = None, progress: bool = False) -> None:
     """The per-layer steps of :func:`map_` (rescaling, online rotations, converter ranges, weight
-    clipping) for the analogue
-    matrices called ``names`` (default: all), from their captured ``inputs``; adds to ``report``. Every
+    clipping) for the analogue matrices called ``names`` (default: all), from their captured ``inputs``;
+    adds to ``report``. Every
     step reads and writes only the layers of one decoder block, so a model mapped block by block
     (:mod:`analogllm.hf.streaming`) gets the same result as one mapped whole."""
     weight_side = {id(p.analog) for p in model.modules() if isinstance(p, AnalogWeight)}

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from analogllm.chip.state import tile_scales
 from analogllm.mapping.capture import Key
 from analogllm.mapping.error import device_variance, token_weights
 from analogllm.mapping.ranges import dac_inputs
@@ -73,11 +74,11 @@ def clip_columns_(matrix: AnalogMatrix, weight: torch.Tensor, x: torch.Tensor, f
     r = _dac_range(matrix, expert, xd)
     out_term = r * r * out_var * float(wn.sum())
     fr = sorted(set(fractions) | {1.0}, reverse=True)
+    scales = tile_scales(w, matrix.tiles, matrix.rows).squeeze(-1)  # (T, out), what programming divides by
     chosen, changed, err, err1 = [], 0, 0.0, 0.0
     for t in range(matrix.tiles):
         cols = slice(t * matrix.rows, min((t + 1) * matrix.rows, w.shape[1]))
-        wt, p = w[:, cols], power[cols]
-        m = wt.abs().amax(-1).clamp(min=1e-12)  # (out,) the tile-column scales
+        wt, p, m = w[:, cols], power[cols], scales[t]
         a = wt.abs() / m[:, None]
         # (F, out), one candidate at a time: each is a tile-sized temporary
         cost = torch.stack([((a - f).clamp(min=0).square() + f * f * var.lookup(a / f)) @ p + f * f * out_term
