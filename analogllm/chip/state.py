@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from analogllm.chip.statistics import output_variance
 from analogllm.config import AnalogConfig
 from analogllm.devices.base import Device
 
@@ -268,7 +269,7 @@ def drift_compensation(config: AnalogConfig, ref: torch.Tensor, ref_read: torch.
 
     x = calibration_input(config, ref.shape[-1], ref.dtype)
     gen = chip_generator(seed + 7_777, uid)
-    out_var = config.output.noise**2 + config.device.output_var_terms()[1]
+    out_var = output_variance(config)
     rho = config.ir_drop_rho
     errors = None
     if adc_gain is not None and adc_offset is not None and config.adc.bits is not None:

@@ -67,9 +67,15 @@ def _tables(device: Device, seconds: float, config: AnalogConfig) -> tuple[Table
     return Table(mean), Table(var)
 
 
+def output_variance(config: AnalogConfig) -> float:
+    """The signal-independent variance of a tile output (normalised units): the output stage's noise and
+    the device's constant detector term (the signal-dependent term a·|y| is the caller's)."""
+    return config.output.noise**2 + config.device.output_var_terms()[1]
+
+
 def device_statistics(config: AnalogConfig, seconds: float) -> tuple[Table, Table]:
     """(bias, var) of ``config``'s device at ``seconds`` after programming, with its drift compensation."""
     return _tables(config.device, float(seconds), config)
 
 
-__all__ = ["LEVELS", "Table", "device_statistics"]
+__all__ = ["LEVELS", "Table", "device_statistics", "output_variance"]

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from analogllm.chip.state import tile_scales
+from analogllm.chip.statistics import output_variance
 from analogllm.mapping.capture import Key
 from analogllm.mapping.error import device_variance, token_weights
 from analogllm.mapping.ranges import dac_inputs
@@ -68,7 +69,7 @@ def clip_columns_(matrix: AnalogMatrix, weight: torch.Tensor, x: torch.Tensor, f
     xd = dac_inputs(matrix, x, weight.device)
     w = weight.detach().float().cpu()
     var = device_variance(matrix.config, seconds)
-    out_var = matrix.config.output.noise**2 + matrix.config.device.output_var_terms()[1]
+    out_var = output_variance(matrix.config)
     wn = token_weights(xd, w)
     power = wn @ xd.square()  # (in,): Σ_n w_n x_n,i²
     r = _dac_range(matrix, expert, xd)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from analogllm.chip.statistics import Table, device_statistics
+from analogllm.chip.statistics import Table, device_statistics, output_variance
 from analogllm.config import AnalogConfig
 
 #: a token's output power is floored at this fraction of the mean, so near-zero outputs do not dominate
@@ -98,8 +98,8 @@ class LayerModel:
             # |normalised tile outputs| at the reference range r0 = rms, without the DAC: y(r) ≈ y0 · r0 / r
             y0.append((self.xt[t] / self.rms @ wn.T).abs())  # N, out
         self.m2, self.g, self.h = torch.stack(m2), torch.stack(g), torch.stack(h)  # T, out / T, R / T, R
-        a, b = config.device.output_var_terms()
-        self.out_var = config.output.noise**2 + b
+        a = config.device.output_var_terms()[0]
+        self.out_var = output_variance(config)
         # the detector's signal-dependent term a·|y|, weighted like the score: Σ_n w_n Σ_o m2 |y0|
         self.shot = a * sum(float(self.inv_den @ y @ m) for y, m in zip(y0, m2)) if a else 0.0
         self.m2w = self.m2.sum(-1) * float(self.inv_den.sum())  # T: Σ_o m2 · Σ_n w_n
