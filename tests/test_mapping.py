@@ -256,7 +256,9 @@ def test_mapped_checkpoint_round_trips(tmp_path, outlier_model):
     m.eval()
     save_pretrained(m, tmp_path / "ckpt", tokenizer=tok)
     back = from_pretrained(tmp_path / "ckpt")
-    assert sum(mm.transform is not None for mm in back.modules() if isinstance(mm, al.nn.matrix.AnalogMatrix)) > 0
+    matrices = [mm for mm in back.modules() if isinstance(mm, al.nn.matrix.AnalogMatrix)]
+    assert sum(mm.transform is not None for mm in matrices) > 0
+    assert all(mm.moment is not None and mm.moment.diag.abs().sum() > 0 for mm in matrices)  # closed loop kept
     with torch.no_grad(), seeded(5):
         a = m(input_ids=ids).logits
     with torch.no_grad(), seeded(5):

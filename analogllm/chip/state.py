@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from analogllm.chip.compensate import InputMoment, compensated_targets
 from analogllm.chip.statistics import output_variance
 from analogllm.config import AnalogConfig
 from analogllm.devices.base import Device
@@ -48,6 +49,10 @@ def chip_generator(seed: int, uid: int) -> torch.Generator:
 #: streams of the column ADCs' static errors, apart from the devices' (switching an error on or off moves
 #: no other random number of the chip), and the same at every drift time (the ADCs do not age)
 ADC_GAIN_STREAM, ADC_OFFSET_STREAM = stable_id("adc gain errors"), stable_id("adc offset errors")
+
+
+#: stream of the verify reads of closed-loop programming, apart from the devices' own draws
+VERIFY_STREAM = stable_id("verify reads")
 
 
 def adc_errors(config: AnalogConfig, shape: tuple[int, ...], seed: int,
@@ -201,15 +206,17 @@ class LazyTiles:
 
 @torch.no_grad()
 def realise(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, seed: int, uid: int,
-            seconds: float, device: Device | None = None, targets: torch.Tensor | None = None) -> Programmed:
+            seconds: float, device: Device | None = None, targets: torch.Tensor | None = None,
+            moment: InputMoment | None = None) -> Programmed:
     """Program chip instance ``seed`` of the matrix ``uid`` with ``weight`` ((out, in) or (E, out, in))
     and read it ``seconds`` later. ``device`` replaces the profile's device (e.g. a map being replayed);
-    ``targets`` (E, T, out, rows) replaces the normalised tiles computed from the weight."""
+    ``targets`` (E, T, out, rows) replaces the normalised tiles computed from the weight; ``moment`` (the
+    layer's input statistics) programs it in closed loop (:mod:`analogllm.chip.compensate`)."""
     device = device or config.device
     w = weight.detach().to("cpu", torch.float32)
     if w.dim() == 2:
         w = w.unsqueeze(0)
-    wn, scale = normalised_tiles(w, tiles, rows)  # (E, T, out, rows), (E, T, out, 1)
+    wn, scale = programming_targets(config, w, tiles, rows, seed, uid, moment if targets is None else None)
     if targets is not None:
         wn = targets
     flat = wn.reshape(-1, *wn.shape[-2:])
@@ -237,6 +244,21 @@ def realise(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, s
         read_var = rv.transpose(-1, -2).contiguous() if config.exact_read_noise else rv.mean(-1)
     return Programmed(tiles=eff, scale=scale.squeeze(-1), read_var=read_var, gain=gain, adc_gain=adc_gain,
                       adc_offset=adc_offset)
+
+
+def programming_targets(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, seed: int, uid: int,
+                        moment: InputMoment | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised tiles (E, T, out, rows) chip instance ``seed`` is programmed to, and their scales
+    (E, T, out, 1): the weight's own tiles, or with a ``moment`` the targets closed-loop programming ends
+    with for this instance (what an exported map holds, so replaying it gives the same chip)."""
+    w = weight.detach().to("cpu", torch.float32)
+    w = w.unsqueeze(0) if w.dim() == 2 else w
+    wn, scale = normalised_tiles(w, tiles, rows)
+    if moment is not None and w.shape[0] == 1:
+        aimed = compensated_targets(config.device, wn, scale, moment, w.shape[-1], chip_generator(seed, uid),
+                                    chip_generator(seed, uid ^ VERIFY_STREAM), config.mapping.verify_reads)
+        wn = wn if aimed is None else aimed
+    return wn, scale
 
 
 def calibration_input(config: AnalogConfig, rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -357,7 +379,7 @@ class CalibrationSums:
 
 
 def calibrated_gain(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, seed: int, uid: int,
-                    seconds: float) -> torch.Tensor:
+                    seconds: float, moment: InputMoment | None = None) -> torch.Tensor:
     """The digital gain (E,) of chip instance ``seed`` read ``seconds`` after programming: what
     :func:`realise` gives as ``gain``, for a caller that needs only the gain (an exported map's record).
     A device that realises in blocks (PCM without stuck devices) feeds its drift calibration block by
@@ -366,8 +388,8 @@ def calibrated_gain(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows
     :func:`realise`'s gain up to float32 summation order."""
     device = config.device
     blocks = getattr(device, "device_blocks", None)
-    if blocks is None or getattr(device, "stuck_low", 0) or getattr(device, "stuck_high", 0):
-        return realise(config, weight, tiles, rows, seed, uid, seconds).gain
+    if blocks is None or moment is not None or getattr(device, "stuck_low", 0) or getattr(device, "stuck_high", 0):
+        return realise(config, weight, tiles, rows, seed, uid, seconds, moment=moment).gain
     w = weight.detach().to("cpu", torch.float32)
     w = w.unsqueeze(0) if w.dim() == 2 else w
     gain = torch.ones(w.shape[0])
@@ -432,4 +454,4 @@ def is_freed(t: torch.Tensor) -> bool:
 
 __all__ = ["ADC_GAIN_STREAM", "ADC_OFFSET_STREAM", "CALIBRATION_SEED", "Chip", "FreedWeight", "Programmed",
            "adc_errors", "calibration_input", "chip_generator", "drift_compensation", "free", "is_freed",
-           "normalised_tiles", "realise", "reference_gain", "stable_id"]
+           "normalised_tiles", "programming_targets", "realise", "reference_gain", "stable_id"]

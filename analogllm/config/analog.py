@@ -218,6 +218,12 @@ class MappingConfig:
                      (no clipping) or ``none`` (keep the config's initialisation).
     adc:             ADC ranges calibrated per ``tile`` (each array's ADCs), per ``layer``, or ``none``
                      (the profile's full scale ``adc.bound``).
+    compensate:      program the chip in closed loop: each block of input rows aimed at the measured
+                     programming error of the rows before it, weighted by the calibration inputs' second
+                     moment (:mod:`analogllm.chip.compensate`; devices with a programming model: pcm).
+    compensate_rank: rank of the stored input moment (plus its diagonal) that closed-loop programming uses.
+    verify_reads:    reads averaged by each verify of closed-loop programming, each with the device's own read
+                     noise (1: the conservative choice, since averaging barely lowers 1/f noise).
     tokens:          calibration input rows kept per layer for the error model.
     seconds:         deployment time at which the device statistics of the error model are taken.
     seed:            seed of the random rotations and of the calibration sample.
@@ -230,6 +236,9 @@ class MappingConfig:
                                         r"feed_forward\.w2$", r"feed_forward\.value$", r"mixer\.out_proj$")
     clip: bool = True
     clip_fractions: tuple[float, ...] = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4)
+    compensate: bool = True
+    compensate_rank: int = 64
+    verify_reads: int = 1
     ranges: Literal["error", "std", "max", "none"] = "error"
     adc: Literal["tile", "layer", "none"] = "tile"
     std_alpha: float = 12.0
@@ -239,6 +248,8 @@ class MappingConfig:
 
     def __post_init__(self) -> None:
         check(all(0.0 <= a <= 1.0 for a in self.alphas), "mapping.alphas", "must lie in [0, 1]")
+        check(self.verify_reads >= 1, "mapping.verify_reads", f"must be >= 1, got {self.verify_reads}")
+        check(self.compensate_rank >= 1, "mapping.compensate_rank", f"must be >= 1, got {self.compensate_rank}")
         for pattern in self.online_rotation:
             try:
                 re.compile(pattern)

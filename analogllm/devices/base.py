@@ -84,6 +84,28 @@ class Device(abc.ABC):
         reference itself whenever it drifts (the caller cannot realise ``weight`` again at t = 0)."""
         return self.realise(weight, seconds, generator)
 
+    @property
+    def closed_loop(self) -> bool:
+        """True when the device states a programming model (:meth:`programmed`), so a layer on it can be
+        programmed in closed loop."""
+        return type(self).programmed is not Device.programmed
+
+    def programming_draws(self, numel: int, generator: torch.Generator) -> tuple[torch.Tensor, ...] | None:
+        """The random draws that decide what ``numel`` devices' pairs hold right after programming, taken
+        from ``generator`` exactly as :meth:`realise` takes them (flat, in its order), or None when this
+        device cannot be programmed in closed loop (:mod:`analogllm.chip.compensate` then leaves the
+        targets as they are). Drawing them first is what lets a programmer aim later rows at the measured
+        error of earlier ones and still get the very chip :meth:`realise` makes from the final targets."""
+        return None
+
+    def programmed(self, weight: torch.Tensor, draws: tuple[torch.Tensor, ...]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What pairs with normalised targets ``weight`` hold right after programming, given the matching
+        elements of :meth:`programming_draws`: (held, what they would hold without programming noise (a
+        level grid's point, say), the variance of the programming noise, the variance of one verify
+        read), all in normalised units."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-loop programming model")
+
     def summary(self) -> str:
         """Key parameters in a few words, for ``analogllm profiles``."""
         return "exact"

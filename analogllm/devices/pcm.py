@@ -171,6 +171,38 @@ class PCM(Device):
             return self.realise(weight, seconds, generator)
         return self._realise_by_device(weight, seconds, generator, into=weight)
 
+    def programming_draws(self, numel: int, generator: torch.Generator) -> tuple[torch.Tensor, ...] | None:
+        """G+'s and G−'s programming normals, drawn as :meth:`device_blocks` draws them (its ν draws are
+        taken too where they share the generator, so the order holds); None with stuck devices."""
+        if self.stuck_low or self.stuck_high:
+            return None
+        seeds = [stream_seeds(numel, generator) for _ in range(4)]  # G+ noise, G+ ν, G− noise, G− ν
+        step = _BLOCK if seeds[0] is not None else max(numel, 1)
+        z = (torch.empty(numel), torch.empty(numel))
+        for start in range(0, numel, step):
+            like = z[0][start:start + step]
+            for k in range(4):
+                if k % 2 == 0:
+                    z[k // 2][start:start + like.numel()] = gaussian_block(like, seeds[k], start, generator)
+                elif seeds[k] is None:  # ν from the same generator: drawn to keep the order, not kept
+                    gaussian_block(like, None, start, generator)
+        return z
+
+    def programmed(self, weight: torch.Tensor, draws: tuple[torch.Tensor, ...]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(max(G+ + σ_p z+, 0) − max(G− + σ_p z−, 0)) / g_max, as :meth:`device_blocks` programs (targets
+        are continuous), with σ_p² of both devices and the 1/f read noise variance of both at t0."""
+        held, prog, read = [], 0.0, 0.0
+        for side, z in zip((1, -1), draws):
+            g_target = pair_target(weight, self.g_max, side)
+            std = self.prog_std(g_target)
+            g = (z * std).add_(g_target).clamp_(min=0)
+            held.append(g)
+            prog = prog + std.square()
+            read = read + self.read_std(g, g_target, 0.0).square()
+        scale = self.g_max ** -2
+        return held[0].sub_(held[1]).div_(self.g_max), weight, prog * scale, read * scale
+
     def device_blocks(self, weight: torch.Tensor, seconds: float, generator: torch.Generator,
                       normalise: bool = True) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
         """The realisation of ``weight`` (normalised, any shape, stuck devices off; or tiles made a range at a

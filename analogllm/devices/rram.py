@@ -35,7 +35,7 @@ import torch
 
 from analogllm.devices.base import Device, Realisation
 from analogllm.devices.conductance import (
-    PairState, apply_stuck, polyval, randn_like, stuck_devices, weight_to_pair,
+    PairState, apply_stuck, pair_target, polyval, randn_like, stuck_devices, weight_to_pair,
 )
 from analogllm.config.schema import check
 
@@ -142,6 +142,34 @@ class RRAM(Device):
         """Std of one read of the pairs' normalised weight (``read_noise``, the same for every pair), or
         None without read noise; the conductances do not matter in this model."""
         return torch.full_like(g_plus, self.read_noise) if self.read_noise > 0 else None
+
+    def programming_draws(self, numel: int, generator: torch.Generator) -> tuple[torch.Tensor, ...] | None:
+        """G+'s and G−'s (z0, d2d gain) as :meth:`pair_state` draws them (z1 drawn to keep the order: it
+        only moves a device after programming); None with stuck devices."""
+        if self.stuck_low or self.stuck_high:
+            return None
+        like, out = torch.empty(numel), []
+        for _ in range(2):
+            z0 = randn_like(like, generator)
+            randn_like(like, generator)  # z1
+            d2d = 1 + self.d2d_std * randn_like(like, generator) if self.d2d_std > 0 else torch.ones(numel)
+            out += [z0, d2d]
+        return tuple(out)
+
+    def programmed(self, weight: torch.Tensor, draws: tuple[torch.Tensor, ...]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The nearest levels with their programming error at ``prog_noise_time`` (relaxation has not
+        begun), as :meth:`pair_state` programs; expected: the levels; read variance: ``read_noise``²."""
+        held, levels, prog = [], [], 0.0
+        for side, z0, d2d in ((1, draws[0], draws[1]), (-1, draws[2], draws[3])):
+            level = self.quantize_levels(pair_target(weight, self.g_max, side))
+            std = self._sigma(self.prog_noise, level / self.g_max)
+            held.append((level + std * z0).clamp_(min=0).mul_(d2d))
+            levels.append(level)
+            prog = prog + std.square()
+        g2 = self.g_max ** 2
+        return ((held[0] - held[1]) / self.g_max, (levels[0] - levels[1]) / self.g_max, prog / g2,
+                torch.full_like(weight, self.read_noise ** 2))
 
     def pair_state(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> PairState:
         """Both devices of every pair of this chip instance (module docstring for the draws' order). The

@@ -190,7 +190,7 @@ def _check_layer(amap: AnalogMap, layer: AnalogLayer, twin: AnalogLayer, exact: 
     arrays = lmap.arrays()
     w = layer.stacked_weight()
     scale = scale_per_input(layer.matrix.normalised_tiles(w)[1].squeeze(-1), layer.matrix.rows, w.shape[-1]).double()
-    w = w.double()
+    w = layer.matrix.target_weight(w, record["seed"]).double()  # closed-loop programming moves the targets
     w_map = module.target_weight(arrays, record, device_record, exact)
     w_q = w_map if quantized == exact else module.target_weight(arrays, record, device_record, quantized)
     module.install(twin, arrays, record, device_record)

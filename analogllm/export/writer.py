@@ -147,7 +147,7 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
         "seed": seed,
         "seconds": chip.seconds,
     }
-    wn, scale = matrix.normalised_tiles(weight)
+    wn, scale = matrix.normalised_tiles(weight, seed)  # this instance's targets (closed loop moves them)
     arrays, tiles = module.encode(layer, wn, scale.squeeze(-1), matrix.config.device, device_record)
     del wn, scale  # the encoder keeps what it needs: its arrays are made one at a time as they are written
     if layer.bias is not None:

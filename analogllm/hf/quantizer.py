@@ -34,6 +34,8 @@ class AnalogQuantizationConfig(QuantizationConfigMixin):
     overrides:  dotted overrides on that profile, e.g. ``{"adc.bits": 6}``;
     chip:       ``{"seed": int | None, "seconds": float}``, the chip instance to program after loading;
     transforms: module name → input-transform spec (from the mapping; rebuilt before the weights load).
+    moments:    module name → rank of its input moment (closed-loop programming; rebuilt before the
+                weights load).
     residual:   seed of the online residual rotation at a tied digital LM head (``mapping.rotate`` on a
                 tied model), or None; rebuilt before the weights load.
 
@@ -43,13 +45,14 @@ class AnalogQuantizationConfig(QuantizationConfigMixin):
 
     def __init__(self, analog: dict | None = None, profile: str | None = None, overrides: dict | None = None,
                  chip: dict | None = None, transforms: dict | None = None, format_version: int = FORMAT_VERSION,
-                 residual: int | None = None, **kwargs: Any) -> None:
+                 residual: int | None = None, moments: dict | None = None, **kwargs: Any) -> None:
         self.quant_method = METHOD
         self.analog = analog
         self.profile = profile
         self.overrides = dict(overrides or {})
         self.chip = dict(chip or {"seed": None, "seconds": 0.0})
         self.transforms = dict(transforms or {})
+        self.moments = dict(moments or {})
         self.residual = residual
         self.format_version = format_version
         if format_version != FORMAT_VERSION:
@@ -68,18 +71,18 @@ class AnalogQuantizationConfig(QuantizationConfigMixin):
     def refresh(self, model) -> AnalogQuantizationConfig:
         """Take the analogue config, chip instance and input transforms from the live ``model``."""
         from analogllm.chip import chip_info
-        from analogllm.mapping import transform_specs
+        from analogllm.mapping import moment_specs, transform_specs
         from analogllm.mapping.rotate import residual_seed
 
         self.analog, self.profile, self.overrides = model.analog_config.to_dict(), None, {}
-        self.chip, self.transforms = chip_info(model), transform_specs(model)
+        self.chip, self.transforms, self.moments = chip_info(model), transform_specs(model), moment_specs(model)
         self.residual = residual_seed(model)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": METHOD, "format_version": self.format_version, "analog": self.analog,
                 "profile": self.profile, "overrides": self.overrides, "chip": self.chip, "transforms": self.transforms,
-                "residual": self.residual}
+                "residual": self.residual, "moments": self.moments}
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
@@ -95,11 +98,12 @@ class AnalogHfQuantizer(HfQuantizer):
         return None
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from analogllm.mapping import restore_transforms_
+        from analogllm.mapping import restore_moments_, restore_transforms_
         from analogllm.nn.convert import analogize_
 
         analogize_(model, self.quantization_config.analog_config(), attach=False)
         restore_transforms_(model, self.quantization_config.transforms)
+        restore_moments_(model, self.quantization_config.moments)
         if self.quantization_config.residual is not None:
             from analogllm.mapping.rotate import keep_head_tied_
 

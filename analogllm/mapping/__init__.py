@@ -34,7 +34,7 @@ from analogllm.config.analog import MappingConfig
 from analogllm.mapping.capture import capture_inputs, digital
 from analogllm.mapping.clip import ClipChoice, clip_weights_
 from analogllm.mapping.families import rescale_groups
-from analogllm.mapping.ranges import RangeChoice, calibrate_ranges_
+from analogllm.mapping.ranges import RangeChoice, calibrate_ranges_, dac_inputs
 from analogllm.mapping.rescale import ScaleChoice, rescale_
 from analogllm.mapping.rotate import ResidualRotation, supports_rotation
 from analogllm.nn.convert import analog_matrices
@@ -54,6 +54,7 @@ class MappingReport:
     online: list[str] = field(default_factory=list)
     ranges: dict[str, RangeChoice] = field(default_factory=dict)
     clipped: dict[str, ClipChoice] = field(default_factory=dict)
+    compensated: list[str] = field(default_factory=list)
     digital_macs_per_token: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -83,6 +84,9 @@ class MappingReport:
                          f"{sum(c.mean_fraction for c in cs) / len(cs):.2f} of the column max, "
                          f"{100 * sum(c.clipped for c in cs) / len(cs):.2f} % of weights changed, predicted "
                          f"weight + output noise error {after / max(before, 1e-30):.2f}x of unclipped")
+        if self.compensated:
+            lines.append(f"  closed-loop programming of {len(self.compensated)} matrices (input moments stored for "
+                         "the programmer)")
         lines.append(f"  digital work added per token: {self.digital_macs_per_token:,} operations")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -167,8 +171,46 @@ def map_layers_(model: nn.Module, inputs: dict, spec: MappingConfig, report: Map
     if spec.clip:
         report.clipped.update(clip_weights_(layers, inputs, spec.clip_fractions, spec.seconds, progress))
         ranges()  # the clipped weights' outputs are larger in normalised units: the ADC follows
+    if spec.compensate:
+        report.compensated += fit_moments_(layers, inputs, spec.compensate_rank)
     report.digital_macs_per_token += sum(m.transform.macs_per_token() for m, _ in layers.values()
                                          if m.transform is not None)
+
+
+def fit_moments_(layers: dict[str, tuple[AnalogMatrix, torch.Tensor]], inputs: dict, rank: int) -> list[str]:
+    """Give every matrix of ``layers`` whose device can be programmed in closed loop the second moment of
+    its DAC-side calibration inputs (:class:`~analogllm.chip.compensate.InputMoment`); the names done.
+    Expert stacks keep open-loop programming (one moment per expert is not stored)."""
+    done = []
+    for name, (matrix, weight) in layers.items():
+        x = inputs.get((name, None))
+        if x is None or matrix.experts is not None or not matrix.config.device.closed_loop:
+            continue
+        matrix.set_moment(min(rank, matrix.in_features)).fit_(dac_inputs(matrix, x, weight.device))
+        matrix.chip.clear()  # a chip realised before it was open loop
+        done.append(name)
+    return done
+
+
+def _saved_matrices(model: nn.Module, specs: dict, what: str) -> dict[str, AnalogMatrix]:
+    """The model's analogue matrices by name, refusing saved ``specs`` that name one it does not have."""
+    matrices = {n: m for n, m, _ in analog_matrices(model)}
+    unknown = [n for n in specs if n not in matrices]
+    if unknown:
+        raise ValueError(f"saved {what} name layers this model does not have: {unknown[:3]}")
+    return matrices
+
+
+def moment_specs(model: nn.Module) -> dict[str, int]:
+    """Every analogue matrix's input-moment rank (to save beside a checkpoint and rebuild on load)."""
+    return {n: m.moment.rank for n, m, _ in analog_matrices(model) if m.moment is not None}
+
+
+def restore_moments_(model: nn.Module, specs: dict[str, int]) -> None:
+    """Rebuild the input moments of :func:`moment_specs` (their buffers are loaded afterwards)."""
+    matrices = _saved_matrices(model, specs, "input moments")
+    for name, rank in specs.items():
+        matrices[name].set_moment(int(rank))
 
 
 def add_rotation(matrix: AnalogMatrix, weight: torch.Tensor, rotation: Rotation) -> None:
@@ -191,12 +233,10 @@ def transform_specs(model: nn.Module) -> dict[str, dict]:
 
 def restore_transforms_(model: nn.Module, specs: dict[str, dict]) -> None:
     """Rebuild the input transforms of :func:`transform_specs` (their buffers are loaded afterwards)."""
-    matrices = {n: m for n, m, _ in analog_matrices(model)}
-    unknown = [n for n in specs if n not in matrices]
-    if unknown:
-        raise ValueError(f"saved input transforms name layers this model does not have: {unknown[:3]}")
+    matrices = _saved_matrices(model, specs, "input transforms")
     for name, spec in specs.items():
         matrices[name].set_transform(scale=bool(spec.get("scale")), rotation_seed=spec.get("rotation_seed"))
 
 
-__all__ = ["MappingReport", "add_rotation", "begin_rotation", "digital", "map_", "map_layers_", "restore_transforms_", "transform_specs"]
+__all__ = ["MappingReport", "add_rotation", "begin_rotation", "digital", "fit_moments_", "map_", "map_layers_", "moment_specs", "restore_moments_",
+           "restore_transforms_", "transform_specs"]

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analogllm.chip.state import Chip, calibrated_gain, normalised_tiles, realise, stable_id
+from analogllm.chip.compensate import InputMoment
+from analogllm.chip.state import Chip, calibrated_gain, normalised_tiles, programming_targets, realise, stable_id
 from analogllm.config import AnalogConfig
 from analogllm.nn.transform import InputTransform
 from analogllm.ops.quant import clip_bound
@@ -61,6 +62,7 @@ class AnalogMatrix(nn.Module):
         self.mode = "chip"
         self.train_seconds = 0.0  # the deployment time whose device statistics HWA noise follows
         self.transform: InputTransform | None = None
+        self.moment: InputMoment | None = None  # input statistics for closed-loop programming (mapping)
         self.chip = Chip()
         shape = (experts,) if experts else ()
         init = config.dac.init_range
@@ -97,6 +99,13 @@ class AnalogMatrix(nn.Module):
         device = next(iter(self.buffers()), torch.empty(0)).device
         self.transform = InputTransform(self.in_features, scale, rotation_seed).to(device)
         return self.transform
+
+    def set_moment(self, rank: int) -> InputMoment:
+        """Give the matrix input statistics of ``rank`` for closed-loop programming
+        (:mod:`analogllm.chip.compensate`), zero until fitted or loaded."""
+        device = next(iter(self.buffers()), torch.empty(0)).device
+        self.moment = InputMoment(self.in_features, rank).to(device)
+        return self.moment
 
     def mark_range_set(self) -> None:
         """Record that the DAC range was set (by calibration or a checkpoint), so no first-batch init."""
@@ -216,7 +225,8 @@ class AnalogMatrix(nn.Module):
         self.require_digital()
         self.chip.check_writable(self.name)
         seconds = self.chip.seconds if seconds is None else float(seconds)
-        state = realise(self.config, weight, self.tiles, self.rows, seed, self.uid, seconds, **replay)
+        moment = None if replay else self.moment  # a replayed map holds its instance's targets already
+        state = realise(self.config, weight, self.tiles, self.rows, seed, self.uid, seconds, moment=moment, **replay)
         self.chip.store(state, weight, seed, seconds, (weight._version, weight.data_ptr()))
         return self.chip
 
@@ -224,7 +234,8 @@ class AnalogMatrix(nn.Module):
         """The digital gain (E,) chip instance ``seed`` applies at the chip's current age, without
         programming it (:func:`~analogllm.chip.state.calibrated_gain`: no realised layer is kept)."""
         self.require_digital()
-        return calibrated_gain(self.config, weight, self.tiles, self.rows, seed, self.uid, self.chip.seconds)
+        return calibrated_gain(self.config, weight, self.tiles, self.rows, seed, self.uid, self.chip.seconds,
+                               moment=self.moment)
 
     def realised_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The dense (…, out, in) matrix this chip instance computes, scales and gain folded in
@@ -235,12 +246,21 @@ class AnalogMatrix(nn.Module):
         w = w * chip.gain.view(-1, 1, 1)
         return w if weight.dim() == 3 else w[0]
 
-    def normalised_tiles(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def normalised_tiles(self, weight: torch.Tensor, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(..., out, in) → tiles normalised per tile column to [-1, 1], (..., T, out, rows), and their
-        scales (..., T, out, 1): what the arrays hold. The exporter uses this very function, so a map's
-        targets are the layer's bit for bit."""
+        scales (..., T, out, 1): what the arrays hold. With ``seed``, the targets chip instance ``seed`` is
+        programmed to (closed-loop programming moves them when the matrix has a moment), as (E, T, out,
+        rows). The exporter uses this very function, so a map's targets are the layer's bit for bit."""
         self.require_digital()
-        return normalised_tiles(weight, self.tiles, self.rows)
+        if seed is None:
+            return normalised_tiles(weight, self.tiles, self.rows)
+        return programming_targets(self.config, weight, self.tiles, self.rows, seed, self.uid, self.moment)
+
+    def target_weight(self, weight: torch.Tensor, seed: int) -> torch.Tensor:
+        """The dense (E, out, in) weight chip instance ``seed`` is programmed to: ``weight`` itself, or
+        where closed-loop programming moved the targets, those (what an exported map of it holds)."""
+        tiles, scale = self.normalised_tiles(weight, seed)
+        return untile_weight(tiles * scale, self.in_features)
 
     def require_digital(self) -> None:
         if self.chip.deployed:
