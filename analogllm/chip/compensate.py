@@ -103,7 +103,7 @@ def compensated_targets(device: Device, tiles: torch.Tensor, scale: torch.Tensor
     ``tiles`` (1, T, out, rows) of column ``scale`` (1, T, out, 1), or None when ``device`` has no
     programming model. ``generator`` must be the chip's (its draws are the chip's programming error);
     ``verify`` draws the noise of the ``reads`` verify reads averaged after each block."""
-    e, t, out, rows = tiles.shape
+    _, t, out, rows = tiles.shape
     draws = device.programming_draws(tiles.numel(), generator)
     if draws is None:
         return None
@@ -111,16 +111,16 @@ def compensated_targets(device: Device, tiles: torch.Tensor, scale: torch.Tensor
     order, u = _inverse_factor(moment.matrix())
     tile, row = order // rows, order % rows
     col_scale = scale[0, tile, :, 0].T  # (out, in) the scale of every weight, inputs reordered
-    dense = (tiles[0] * scale[0]).transpose(0, 1).reshape(out, t * rows)[:, :in_features]  # (out, in)
-    wanted = dense[:, order]  # what each row should hold, moved as earlier rows' errors become known
+    nominal = tiles[0].transpose(0, 1).reshape(out, t * rows)[:, :in_features][:, order]  # (out, in)
+    wanted = nominal * col_scale  # what each row should hold, moved as earlier rows' errors become known
     # every tile column's peak keeps its target, so the column's scale (its largest target) is the one
     # the weight had: a map of these targets, read back, normalises them exactly as the chip did
-    pinned = (tiles[0].abs() == 1).transpose(0, 1).reshape(out, t * rows)[:, :in_features][:, order]
+    pinned = nominal.abs() == 1
     targets = torch.zeros_like(tiles)
     for a in range(0, in_features, BLOCK):
         b = min(a + BLOCK, in_features)
         ts, rs = tile[a:b], row[a:b]
-        aim = (wanted[:, a:b] / col_scale[:, a:b]).clamp_(-1, 1)
+        aim = torch.where(pinned[:, a:b], nominal[:, a:b], (wanted[:, a:b] / col_scale[:, a:b]).clamp_(-1, 1))
         targets[0, ts, :, rs] = aim.T
         held = _estimate(device, aim, tuple(d[ts, :, rs].T for d in draws), reads, verify).mul_(col_scale[:, a:b])
         if b < in_features:
