@@ -107,26 +107,30 @@ def compensated_targets(device: Device, tiles: torch.Tensor, scale: torch.Tensor
     draws = device.programming_draws(tiles.numel(), generator)
     if draws is None:
         return None
-    draws = [d.view(t, out, rows) for d in draws]
     order, u = _inverse_factor(moment.matrix())
-    tile, row = order // rows, order % rows
-    col_scale = scale[0, tile, :, 0].T  # (out, in) the scale of every weight, inputs reordered
-    nominal = tiles[0].transpose(0, 1).reshape(out, t * rows)[:, :in_features][:, order]  # (out, in)
+
+    def dense(x: torch.Tensor) -> torch.Tensor:  # (T, out, rows) → (out, in), inputs in programming order
+        return x.view(t, out, rows).transpose(0, 1).reshape(out, t * rows)[:, :in_features][:, order]
+
+    draws = [dense(d) for d in draws]
+    nominal, col_scale = dense(tiles[0]), dense(scale[0].expand(t, out, rows))
     wanted = nominal * col_scale  # what each row should hold, moved as earlier rows' errors become known
     # every tile column's peak keeps its target, so the column's scale (its largest target) is the one
-    # the weight had: a map of these targets, read back, normalises them exactly as the chip did
+    # the weight had: a map of these targets, read back, normalises them exactly as the chip did; the
+    # share of earlier errors a peak cannot take is passed on to the rows after it
     pinned = nominal.abs() == 1
-    targets = torch.zeros_like(tiles)
+    aimed = torch.empty_like(nominal)
     for a in range(0, in_features, BLOCK):
         b = min(a + BLOCK, in_features)
-        ts, rs = tile[a:b], row[a:b]
-        aim = torch.where(pinned[:, a:b], nominal[:, a:b], (wanted[:, a:b] / col_scale[:, a:b]).clamp_(-1, 1))
-        targets[0, ts, :, rs] = aim.T
-        held = _estimate(device, aim, tuple(d[ts, :, rs].T for d in draws), reads, verify).mul_(col_scale[:, a:b])
+        aim = aimed[:, a:b]
+        torch.where(pinned[:, a:b], nominal[:, a:b], (wanted[:, a:b] / col_scale[:, a:b]).clamp_(-1, 1), out=aim)
+        held = _estimate(device, aim, tuple(d[:, a:b] for d in draws), reads, verify).mul_(col_scale[:, a:b])
         if b < in_features:
             step = torch.linalg.solve_triangular(u[a:b, a:b], u[a:b, b:], upper=True)
-            wanted[:, b:].add_((held.sub_(wanted[:, a:b]) @ step).masked_fill_(pinned[:, b:], 0.0))
-    return targets
+            wanted[:, b:].addmm_(held.sub_(wanted[:, a:b]), step)
+    flat = torch.zeros(out, t * rows)
+    flat[:, order] = aimed  # back to input order (padding rows stay 0)
+    return flat.view(1, out, t, rows).transpose(1, 2).contiguous()
 
 
 __all__ = ["BLOCK", "DAMP", "InputMoment", "compensated_targets"]
