@@ -213,17 +213,14 @@ def realise(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, s
     ``targets`` (E, T, out, rows) replaces the normalised tiles computed from the weight; ``moment`` (the
     layer's input statistics) programs it in closed loop (:mod:`analogllm.chip.compensate`)."""
     device = device or config.device
-    w = weight.detach().to("cpu", torch.float32)
-    if w.dim() == 2:
-        w = w.unsqueeze(0)
-    wn, scale = programming_targets(config, w, tiles, rows, seed, uid, moment if targets is None else None)
+    wn, scale = programming_targets(config, weight, tiles, rows, seed, uid, moment if targets is None else None)
     if targets is not None:
         wn = targets
     flat = wn.reshape(-1, *wn.shape[-2:])
     # the normalised tiles are this function's own (not the caller's targets): the device may overwrite them
     realise_flat = device.realise if targets is not None else device.realise_consuming
     real = realise_flat(flat, seconds, chip_generator(seed, uid))
-    gain = torch.full((w.shape[0],), float(real.gain))
+    gain = torch.full((wn.shape[0],), float(real.gain))
     adc_gain, adc_offset = adc_errors(config, wn.shape[:-1], seed, uid)
     if config.drift.compensation and device.drifts and seconds > 0:
         ref, ref_read = real.reference, None

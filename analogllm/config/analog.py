@@ -220,7 +220,7 @@ class MappingConfig:
                      (the profile's full scale ``adc.bound``).
     compensate:      program the chip in closed loop: each block of input rows aimed at the measured
                      programming error of the rows before it, weighted by the calibration inputs' second
-                     moment (:mod:`analogllm.chip.compensate`; devices with a programming model: pcm).
+                     moment (:mod:`analogllm.chip.compensate`; devices with a programming model: pcm, rram).
     compensate_rank: rank of the stored input moment (plus its diagonal) that closed-loop programming uses.
     verify_reads:    reads averaged by each verify of closed-loop programming, each with the device's own read
                      noise (1: the conservative choice, since averaging barely lowers 1/f noise).

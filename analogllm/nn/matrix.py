@@ -93,18 +93,20 @@ class AnalogMatrix(nn.Module):
             raise RuntimeError(f"{self.name}: deployed with analogllm.deploy_, so only its chip remains ('chip' mode)")
         self.mode = mode
 
+    def _state_device(self) -> torch.device:
+        """Where this matrix's own state lives (its buffers'), for state added after conversion."""
+        return next(iter(self.buffers()), torch.empty(0)).device
+
     def set_transform(self, scale: bool = False, rotation_seed: int | None = None) -> InputTransform:
         """Put a digital input transform in front of the DAC (see :mod:`analogllm.nn.transform`); the
         owner's weight must absorb it (:meth:`InputTransform.absorb`) for the product to stay the same."""
-        device = next(iter(self.buffers()), torch.empty(0)).device
-        self.transform = InputTransform(self.in_features, scale, rotation_seed).to(device)
+        self.transform = InputTransform(self.in_features, scale, rotation_seed).to(self._state_device())
         return self.transform
 
     def set_moment(self, rank: int) -> InputMoment:
         """Give the matrix input statistics of ``rank`` for closed-loop programming
         (:mod:`analogllm.chip.compensate`), zero until fitted or loaded."""
-        device = next(iter(self.buffers()), torch.empty(0)).device
-        self.moment = InputMoment(self.in_features, rank).to(device)
+        self.moment = InputMoment(self.in_features, rank).to(self._state_device())
         return self.moment
 
     def mark_range_set(self) -> None:
