@@ -67,6 +67,8 @@ def test_rram_programming_model_is_the_realised_chip(d2d):
 def test_pcm_with_stuck_devices_stays_open_loop():
     assert PCM(stuck_low=0.01).programming_draws(100, torch.Generator()) is None
     assert RRAM(stuck_high=0.01).programming_draws(100, torch.Generator()) is None
+    assert not PCM(stuck_low=0.01).closed_loop and not RRAM(stuck_high=0.01).closed_loop
+    assert PCM().closed_loop and RRAM().closed_loop
     assert not al.AnalogConfig.from_profile("ideal").device.closed_loop
     assert not al.AnalogConfig.from_profile("photonic").device.closed_loop
 

@@ -86,9 +86,10 @@ class Device(abc.ABC):
 
     @property
     def closed_loop(self) -> bool:
-        """True when the device states a programming model (:meth:`programmed`), so a layer on it can be
-        programmed in closed loop."""
-        return type(self).programmed is not Device.programmed
+        """True when a layer on this device can be programmed in closed loop: exactly when
+        :meth:`programming_draws` gives draws (a device with stuck cells states a programming model but
+        gives none), so the mapping stores input moments only where the programmer will use them."""
+        return self.programming_draws(0, torch.Generator()) is not None
 
     def programming_draws(self, numel: int, generator: torch.Generator) -> tuple[torch.Tensor, ...] | None:
         """The random draws that decide what ``numel`` devices' pairs hold right after programming, taken
