@@ -242,7 +242,7 @@ class MappingConfig:
     ranges: Literal["error", "std", "max", "none"] = "error"
     adc: Literal["tile", "layer", "none"] = "tile"
     std_alpha: float = 12.0
-    tokens: int = 256
+    tokens: int = 768
     seconds: float = 0.0
     seed: int = 0
 

@@ -37,9 +37,10 @@ class RangeChoice:
     errors: LayerErrors
 
 
-def _candidates(lm: LayerModel, count: int = 20) -> list[float]:
-    """DAC ranges from 1.5 RMS up to the largest input (beyond it only resolution is lost)."""
-    top = max(lm.amax / lm.rms * 1.02, 2.0)
+def _candidates(lm: LayerModel, count: int = 24) -> list[float]:
+    """DAC ranges from 1.5 RMS up to 4× the largest input: beyond the largest input the DAC loses
+    resolution, but the outputs shrink, so a layer whose ADCs saturate at their full scale can still gain."""
+    top = max(lm.amax / lm.rms * 4.0, 2.0)
     return [lm.rms * float(k) for k in torch.logspace(torch.log10(torch.tensor(1.5)), torch.log10(torch.tensor(top)), count)]
 
 
