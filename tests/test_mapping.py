@@ -175,6 +175,49 @@ def test_error_model_predicts_the_layer_error_on_the_chip():
         assert measured == pytest.approx(predicted.total, rel=0.25), k
 
 
+def test_error_model_counts_saturation_on_several_tiles_coherently():
+    # Massive-activation tokens (1 in 20) whose outputs saturate the ADCs of both 300-row tiles with the
+    # same sign: the chip's error is the square of the summed tile errors, which the model must predict
+    # (counting the tiles' saturation errors as independent predicts about half of it).
+    torch.manual_seed(0)
+    cfg = al.AnalogConfig.from_profile("pcm")
+    d = torch.randn(600).sign()
+    w = torch.randn(200, 600) / 25 + 0.03 * d * torch.randn(200, 1).sign()
+    x = torch.randn(400, 600) / 6
+    x[::20] = d  # at the DAC range 1 they fill it exactly, so only the ADCs cut them
+    lin = torch.nn.Linear(600, 200, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    layer = al.AnalogLinear.from_linear(lin, cfg, "probe")
+    lm = LayerModel(x, w, layer.analog.tiles, layer.analog.rows, cfg, device_variance(cfg, 0.0))
+    adc = torch.full((layer.analog.tiles,), float(cfg.adc.bound))
+    predicted = lm.errors(1.0, adc)
+    assert layer.analog.tiles == 2 and predicted.adc > 0.5 * predicted.total  # saturation dominates
+    with torch.no_grad():
+        layer.analog.input_range.fill_(1.0)
+        layer.analog.output_range.copy_(adc)
+    layer.analog.mark_range_set()
+    layer.analog.program(lin.weight, seed=0)
+    layer.eval()
+    with torch.no_grad(), seeded(1):
+        y = layer(x)
+    yd = x @ w.T
+    sig = yd.square().sum(-1)
+    measured = float(((y - yd).square().sum(-1) / (sig + 0.05 * sig.mean())).mean())
+    assert measured == pytest.approx(predicted.total, rel=0.2)
+    # the ADCs are at full scale, so only a DAC range above the largest input shrinks those outputs
+    best = best_ranges(lm, "error", "tile")
+    assert best.dac_range > 1.2 * lm.amax and best.errors.total < 0.8 * predicted.total
+
+
+def test_error_model_histogram_bins_match_a_binary_search():
+    lm = LayerModel(torch.randn(64, 600), torch.randn(50, 600), 2, 300, al.AnalogConfig.from_profile("pcm"),
+                    device_variance(al.AnalogConfig.from_profile("pcm"), 0.0))
+    y = torch.cat([torch.rand(20000, dtype=torch.float64) * lm.edges[-1] * 1.1, lm.edges, torch.zeros(3, dtype=torch.float64)])
+    expected = torch.bucketize(y, lm.edges, right=True).clamp(min=1) - 1  # bins 0..len-1 by lower edge
+    assert torch.equal(lm._bin(y), expected)
+
+
 def test_error_calibration_beats_max_and_std_on_outlier_inputs():
     torch.manual_seed(0)
     cfg = al.AnalogConfig.from_profile("pcm")
