@@ -146,33 +146,41 @@ def test_each_mapping_step_lowers_the_chip_error(outlier_model):
     assert everything < 0.8 * ranges_only and everything < 0.2 * plain
 
 
+def _probe_layer(w: torch.Tensor, cfg: al.AnalogConfig) -> al.AnalogLinear:
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return al.AnalogLinear.from_linear(lin, cfg, "probe")
+
+
+def _chip_relative_error(layer: al.AnalogLinear, w: torch.Tensor, x: torch.Tensor, r: float,
+                         adc: torch.Tensor) -> float:
+    """The error model's score measured on chip 0: mean over tokens of |y − x Wᵀ|² / (|x Wᵀ|² + floor)."""
+    with torch.no_grad():
+        layer.analog.input_range.fill_(r)
+        layer.analog.output_range.copy_(adc)
+    layer.analog.mark_range_set()
+    layer.analog.program(layer.weight, seed=0)
+    layer.eval()
+    with torch.no_grad(), seeded(1):
+        y = layer(x)
+    yd = x @ w.T
+    sig = yd.square().sum(-1)
+    return float(((y - yd).square().sum(-1) / (sig + 0.05 * sig.mean())).mean())
+
+
 def test_error_model_predicts_the_layer_error_on_the_chip():
     torch.manual_seed(0)
     cfg = al.AnalogConfig.from_profile("pcm")
     x = torch.randn(512, 600) * torch.linspace(0.2, 3.0, 600)  # uneven channels, two 300-row tiles
     w = torch.randn(200, 600) / 25
-    lin = torch.nn.Linear(600, 200, bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-    layer = al.AnalogLinear.from_linear(lin, cfg, "probe")
+    layer = _probe_layer(w, cfg)
     lm = LayerModel(x, w, layer.analog.tiles, layer.analog.rows, cfg, device_variance(cfg, 0.0))
     for k in (2.0, 4.0, 10.0):
-        choice_r = k * lm.rms
-        adc = lm.best_adc(choice_r, cfg.adc.bound, per_tile=True)
-        predicted = lm.errors(choice_r, adc)
-        with torch.no_grad():
-            layer.analog.input_range.fill_(choice_r)
-        layer.analog.mark_range_set()
-        with torch.no_grad():
-            layer.analog.output_range.copy_(adc)
-        layer.analog.program(lin.weight, seed=0)
-        layer.eval()
-        with torch.no_grad(), seeded(1):
-            y = layer(x)
-        yd = x @ w.T
-        sig = yd.square().sum(-1)
-        measured = float(((y - yd).square().sum(-1) / (sig + 0.05 * sig.mean())).mean())
-        assert measured == pytest.approx(predicted.total, rel=0.25), k
+        r = k * lm.rms
+        adc = lm.best_adc(r, cfg.adc.bound, per_tile=True)
+        measured = _chip_relative_error(layer, w, x, r, adc)
+        assert measured == pytest.approx(lm.errors(r, adc).total, rel=0.25), k
 
 
 def test_error_model_counts_saturation_on_several_tiles_coherently():
@@ -185,26 +193,12 @@ def test_error_model_counts_saturation_on_several_tiles_coherently():
     w = torch.randn(200, 600) / 25 + 0.03 * d * torch.randn(200, 1).sign()
     x = torch.randn(400, 600) / 6
     x[::20] = d  # at the DAC range 1 they fill it exactly, so only the ADCs cut them
-    lin = torch.nn.Linear(600, 200, bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-    layer = al.AnalogLinear.from_linear(lin, cfg, "probe")
+    layer = _probe_layer(w, cfg)
     lm = LayerModel(x, w, layer.analog.tiles, layer.analog.rows, cfg, device_variance(cfg, 0.0))
     adc = torch.full((layer.analog.tiles,), float(cfg.adc.bound))
     predicted = lm.errors(1.0, adc)
     assert layer.analog.tiles == 2 and predicted.adc > 0.5 * predicted.total  # saturation dominates
-    with torch.no_grad():
-        layer.analog.input_range.fill_(1.0)
-        layer.analog.output_range.copy_(adc)
-    layer.analog.mark_range_set()
-    layer.analog.program(lin.weight, seed=0)
-    layer.eval()
-    with torch.no_grad(), seeded(1):
-        y = layer(x)
-    yd = x @ w.T
-    sig = yd.square().sum(-1)
-    measured = float(((y - yd).square().sum(-1) / (sig + 0.05 * sig.mean())).mean())
-    assert measured == pytest.approx(predicted.total, rel=0.2)
+    assert _chip_relative_error(layer, w, x, 1.0, adc) == pytest.approx(predicted.total, rel=0.2)
     # the ADCs are at full scale, so only a DAC range above the largest input shrinks those outputs
     best = best_ranges(lm, "error", "tile")
     assert best.dac_range > 1.2 * lm.amax and best.errors.total < 0.8 * predicted.total
