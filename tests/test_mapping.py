@@ -205,8 +205,8 @@ def test_error_model_counts_saturation_on_several_tiles_coherently():
 
 
 def test_error_model_histogram_bins_match_a_binary_search():
-    lm = LayerModel(torch.randn(64, 600), torch.randn(50, 600), 2, 300, al.AnalogConfig.from_profile("pcm"),
-                    device_variance(al.AnalogConfig.from_profile("pcm"), 0.0))
+    cfg = al.AnalogConfig.from_profile("pcm")
+    lm = LayerModel(torch.randn(64, 600), torch.randn(50, 600), 2, 300, cfg, device_variance(cfg, 0.0))
     y = torch.cat([torch.rand(20000, dtype=torch.float64) * lm.edges[-1] * 1.1, lm.edges, torch.zeros(3, dtype=torch.float64)])
     expected = torch.bucketize(y, lm.edges, right=True).clamp(min=1) - 1  # bins 0..len-1 by lower edge
     assert torch.equal(lm._bin(y), expected)
@@ -227,10 +227,7 @@ def test_error_calibration_beats_max_and_std_on_outlier_inputs():
 
 def _layer_chip_error(cfg, w, x, target, seeds=range(4)):
     """A layer's relative output error against ``target`` on chips ``seeds``, at its best ranges."""
-    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-    layer = al.AnalogLinear.from_linear(lin, cfg, "probe")
+    layer = _probe_layer(w, cfg)
     choice = best_ranges(layer_model(layer.analog, w, x, 0.0), "error", "tile")
     with torch.no_grad():
         layer.analog.input_range.fill_(choice.dac_range)
@@ -238,7 +235,7 @@ def _layer_chip_error(cfg, w, x, target, seeds=range(4)):
     layer.analog.mark_range_set()
     errs = []
     for s in seeds:
-        layer.analog.program(lin.weight, seed=s)
+        layer.analog.program(layer.weight, seed=s)
         layer.eval()
         with torch.no_grad(), seeded(s):
             errs.append(float((layer(x) - target).norm() / target.norm()))
