@@ -153,13 +153,17 @@ def _probe_layer(w: torch.Tensor, cfg: al.AnalogConfig) -> al.AnalogLinear:
     return al.AnalogLinear.from_linear(lin, cfg, "probe")
 
 
-def _chip_relative_error(layer: al.AnalogLinear, w: torch.Tensor, x: torch.Tensor, r: float,
-                         adc: torch.Tensor) -> float:
-    """The error model's score measured on chip 0: mean over tokens of |y − x Wᵀ|² / (|x Wᵀ|² + floor)."""
+def _set_ranges(layer: al.AnalogLinear, r: float, adc: torch.Tensor) -> None:
     with torch.no_grad():
         layer.analog.input_range.fill_(r)
         layer.analog.output_range.copy_(adc)
     layer.analog.mark_range_set()
+
+
+def _chip_relative_error(layer: al.AnalogLinear, w: torch.Tensor, x: torch.Tensor, r: float,
+                         adc: torch.Tensor) -> float:
+    """The error model's score measured on chip 0: mean over tokens of |y − x Wᵀ|² / (|x Wᵀ|² + floor)."""
+    _set_ranges(layer, r, adc)
     layer.analog.program(layer.weight, seed=0)
     layer.eval()
     with torch.no_grad(), seeded(1):
@@ -229,10 +233,7 @@ def _layer_chip_error(cfg, w, x, target, seeds=range(4)):
     """A layer's relative output error against ``target`` on chips ``seeds``, at its best ranges."""
     layer = _probe_layer(w, cfg)
     choice = best_ranges(layer_model(layer.analog, w, x, 0.0), "error", "tile")
-    with torch.no_grad():
-        layer.analog.input_range.fill_(choice.dac_range)
-        layer.analog.output_range.copy_(torch.tensor(choice.adc_ranges))
-    layer.analog.mark_range_set()
+    _set_ranges(layer, choice.dac_range, torch.tensor(choice.adc_ranges))
     errs = []
     for s in seeds:
         layer.analog.program(layer.weight, seed=s)
