@@ -151,6 +151,7 @@ def test_photonic_8bit_codes_cost_about_one_percent_and_match_the_phases(tmp_pat
 @pytest.mark.parametrize("name,profile,overrides", [
     ("tiny-gpt2", "rram", {"tiling.rows": 48}),
     ("tiny-llama", "pcm", {"tiling.rows": 48, "tiling.cols": 40}),
+    ("tiny-llama", "pcm", {"drift.compensation_at": "pulse"}),
     ("tiny-mamba", "pcm", {}),
     ("tiny-qwen3-moe", "photonic", {}),
     ("tiny-rwkv", "photonic", {"tiling.rows": 40}),

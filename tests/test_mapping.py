@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import analogllm as al
+from analogllm.config import ConfigError
 from analogllm.data import token_blocks
 from analogllm.hf.checkpoint import from_pretrained, save_pretrained
 from analogllm.hf.models import TINY_MODELS, load_model
@@ -227,6 +228,23 @@ def test_error_calibration_beats_max_and_std_on_outlier_inputs():
     assert err.errors.total < best_ranges(lm, "max", "tile").errors.total
     assert err.errors.total < best_ranges(lm, "std", "tile", std_alpha=3.0).errors.total
     assert err.adc_ranges[0] <= cfg.adc.bound  # an ADC range is never widened beyond full scale
+
+
+def test_dac_headroom_widens_the_chosen_dac_range_and_keeps_the_adc_ranges():
+    torch.manual_seed(0)
+    cfg = al.AnalogConfig.from_profile("pcm")
+    x = torch.randn(256, 600)
+    x[::50, :4] *= 60
+    lm = LayerModel(x, torch.randn(128, 600) / 22, 2, 300, cfg, device_variance(cfg, 0.0))
+    plain, wide = best_ranges(lm, "error", "tile"), best_ranges(lm, "error", "tile", headroom=1.4)
+    assert wide.dac_range == pytest.approx(1.4 * plain.dac_range)
+    # the outputs shrink 1.4× below the ADC ranges chosen for the error model's own DAC range
+    assert wide.adc_ranges == plain.adc_ranges and min(plain.adc_ranges) < cfg.adc.bound
+    assert wide.errors == lm.errors(wide.dac_range, torch.tensor(plain.adc_ranges))
+    assert wide.errors.total > plain.errors.total  # what the error model itself would not choose
+    assert best_ranges(lm, "max", "tile", headroom=1.4).dac_range == pytest.approx(lm.amax)  # error method only
+    with pytest.raises(ConfigError, match="mapping.dac_headroom"):
+        al.AnalogConfig.from_profile("pcm", **{"mapping.dac_headroom": 0.0})
 
 
 def _layer_chip_error(cfg, w, x, target, seeds=range(4)):

@@ -82,6 +82,7 @@ def held_out_loss(model, blocks) -> float:
     ("pcm", {}),
     ("rram", {}),
     ("pcm", {"tiling.rows": 48, "tiling.cols": 40}),  # several input tiles, partial column blocks
+    ("pcm", {"drift.compensation_at": "pulse"}),  # the measured gain applied as longer pulses
     ("photonic", {"device.mode_loss_db": [0.2], "device.mode_loss_std_db": 0.05}),
 ])
 def test_noise_free_measurement_reads_back_the_programmed_chip(tmp_path, profile, overrides):
@@ -97,6 +98,7 @@ def test_noise_free_measurement_reads_back_the_programmed_chip(tmp_path, profile
         want = ref.realised_weight(programmed[layer.name].weight)
         assert torch.allclose(real, want, rtol=0, atol=1e-6 * float(want.abs().max())), layer.name
         assert torch.allclose(chip.gain, ref.chip.gain, rtol=1e-6)
+        assert torch.allclose(chip.compensation, ref.chip.compensation, rtol=1e-6)
         assert torch.equal(chip.scale, ref.chip.scale)
         if ref.chip.read_var is None:
             assert chip.read_var is None

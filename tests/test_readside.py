@@ -390,6 +390,81 @@ def test_drift_compensation_with_ir_drop_and_adc_errors():
     assert 0.98 < float(b / a) < 1.02
 
 
+def _pulse_pair(**overrides):
+    """The same chip instance a year after programming, drift compensated digitally and by pulses."""
+    cfg = al.AnalogConfig.from_profile("pcm", **{"dac.bits": None, "adc.bits": None, **overrides})
+    return {at: _layer(cfg.set("drift.compensation_at", at), 512, 256, seconds=3.15e7, dac_range=1.0)
+            for at in ("digital", "pulse")}
+
+
+def test_pulse_compensation_is_the_same_correction_in_front_of_the_output_stage():
+    # with a noiseless output stage and no ADC, α× longer pulses read exactly what a digital α gives,
+    # read noise included (it scales with the arrays' currents)
+    pair = _pulse_pair(**{"output.noise": 0.0})
+    digital, pulse = pair["digital"].analog.chip, pair["pulse"].analog.chip
+    alpha = digital.gain
+    assert 1.5 < float(alpha) < 2.5 and digital.pulse is None  # a year of drift
+    assert torch.equal(pulse.gain, torch.ones(1)) and torch.equal(pulse.pulse, alpha)
+    assert torch.equal(pulse.compensation, digital.compensation)
+    assert torch.allclose(pulse.tiles, digital.tiles * alpha, rtol=1e-6)
+    assert torch.allclose(pulse.read_var, digital.read_var * alpha**2, rtol=1e-5)
+    x = torch.randn(64, 512)
+    ys = []
+    for lin in pair.values():
+        torch.manual_seed(5)  # the same read-noise stream
+        with torch.no_grad():
+            ys.append(lin(x))
+    assert torch.allclose(ys[0], ys[1], rtol=1e-4, atol=1e-4 * float(ys[0].abs().max()))
+
+
+def test_pulse_compensation_leaves_the_output_noise_unscaled():
+    # the output stage's noise is added after the pulses: the digital gain multiplies it by α, pulses do not
+    pair = _pulse_pair(**{"output.noise": 0.04, "device.read_noise_scale": 0.0})
+    alpha = float(pair["digital"].analog.chip.gain)
+    x = torch.randn(256, 512)
+    spread = {}
+    for at, lin in pair.items():
+        with torch.no_grad():
+            spread[at] = float((lin(x) - lin(x)).std())  # two reads: only the output noise differs
+    assert spread["digital"] / spread["pulse"] == pytest.approx(alpha, rel=0.03)
+
+
+def test_device_statistics_scale_read_noise_with_the_compensation():
+    # the compensation α restores the drifted signal and multiplies its read noise with it: at |w| = 1 the
+    # table's variance is the compensated weight's spread plus (σ_read·α)², measured here on a tile of ones
+    from analogllm.chip.statistics import compensation_gain, device_statistics
+
+    year = 3.15e7
+    cfg = al.AnalogConfig.from_profile("pcm", **{"device.prog_noise_scale": 0.0, "device.read_noise_scale": 3.0})
+    alpha = compensation_gain(cfg, year)
+    real = cfg.device.realise(torch.ones(8, 64, 256), year, torch.Generator().manual_seed(1))
+    drift, read = (real.weight * alpha).var(), (real.read_std * alpha).square().mean()
+    _, var = device_statistics(cfg, year)
+    assert 1.5 < alpha < 2.5 and float(read) > float(drift) / 2  # the read noise is a large part here
+    assert float(var.values[-1]) == pytest.approx(float(drift + read), rel=0.1)
+
+
+def test_training_read_puts_the_output_noise_where_the_compensation_leaves_it():
+    # drift-aware training at a year: a digital α multiplies the output noise the shrunk outputs met,
+    # pulses do not, so the two reads' variances differ by (α² − 1)·σ_out² whatever the weight noise
+    from analogllm.chip.statistics import compensation_gain
+
+    year, sigma = 3.15e7, 0.3
+    spread = {}
+    for at in ("digital", "pulse"):
+        cfg = al.AnalogConfig.from_profile("pcm", **{"dac.bits": None, "adc.bits": None, "output.noise": sigma,
+                                                     "training.noise": "device", "drift.compensation_at": at})
+        lin = _layer(cfg, 512, 256, dac_range=1.0)
+        lin.analog.mode, lin.analog.train_seconds = "hwa", year
+        x = torch.randn(256, 512) * 0.5
+        with torch.no_grad():
+            spread[at] = float((lin(x) - lin(x)).var() / 2)
+    alpha = compensation_gain(cfg, year)
+    scale2 = float(lin.analog.normalised_tiles(lin.weight.detach())[1].square().mean())  # tile-column scales²
+    want = (alpha**2 - 1) * sigma**2 * scale2
+    assert (spread["digital"] - spread["pulse"]) == pytest.approx(want, rel=0.1)
+
+
 # ----- configuration ----------------------------------------------------------------------------------------
 def test_read_side_parameters_are_validated():
     with pytest.raises(ConfigError, match="ir_drop.wire_resistance"):

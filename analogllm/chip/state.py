@@ -75,8 +75,10 @@ def adc_errors(config: AnalogConfig, shape: tuple[int, ...], seed: int,
 @dataclass
 class Programmed:
     """The arrays of one programming (CPU, float32): tiles (E, T, rows, out), scale (E, T, out),
-    read_var (E, T, out) or exact (E, T, rows, out) or None, gain (E,), and the column ADCs' static
-    errors adc_gain, adc_offset (E, T, out; offsets in LSB) or None."""
+    read_var (E, T, out) or exact (E, T, rows, out) or None, the digital gain (E,), and the column ADCs'
+    static errors adc_gain, adc_offset (E, T, out; offsets in LSB) or None. ``pulse`` (E,) is the drift
+    compensation applied as longer input pulses (``drift.compensation_at: pulse``): already folded into
+    ``tiles`` and ``read_var``, kept to report it."""
 
     tiles: torch.Tensor
     scale: torch.Tensor
@@ -84,6 +86,29 @@ class Programmed:
     gain: torch.Tensor
     adc_gain: torch.Tensor | None = None
     adc_offset: torch.Tensor | None = None
+    pulse: torch.Tensor | None = None
+
+    @property
+    def compensation(self) -> torch.Tensor:
+        """The layer's whole output-scale correction (E,): digital gain × pulse factor."""
+        return self.gain if self.pulse is None else self.gain * self.pulse
+
+
+def compensate(config: AnalogConfig, state: Programmed, alpha: torch.Tensor) -> Programmed:
+    """Apply the drift compensation ``alpha`` (E,) where ``config.drift.compensation_at`` says the chip
+    applies it: a digital gain after the ADC, or longer input pulses, which scale what the arrays output
+    (their read noise included) in front of the output stage and the ADC."""
+    if config.drift.compensation_at == "digital":
+        state.gain = state.gain * alpha
+        return state
+    state.tiles.mul_(alpha.view(-1, 1, 1, 1))  # in place: a Programmed owns its arrays
+    if state.read_var is not None:
+        state.read_var.mul_(alpha.square().view(-1, *([1] * (state.read_var.dim() - 1))))
+    state.pulse = alpha if state.pulse is None else state.pulse * alpha
+    return state
+
+
+_BUFFERS = ("tiles", "scale", "read_var", "gain", "adc_gain", "adc_offset", "pulse")
 
 
 class Chip(nn.Module):
@@ -91,7 +116,7 @@ class Chip(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("tiles", "scale", "read_var", "gain", "adc_gain", "adc_offset"):
+        for name in _BUFFERS:
             self.register_buffer(name, None, persistent=False)
         self.seed: int | None = None
         self.seconds = 0.0
@@ -137,14 +162,20 @@ class Chip(nn.Module):
         self.gain = state.gain.to(**kw)
         self.adc_gain = None if state.adc_gain is None else state.adc_gain.to(**kw)
         self.adc_offset = None if state.adc_offset is None else state.adc_offset.to(**kw)
+        self.pulse = None if state.pulse is None else state.pulse.to(**kw)
         self.seed, self.seconds, self.source = seed, float(seconds), source
 
     def clear(self) -> None:
         """Drop the realised arrays, keeping which chip this is (seed, time): it is realised again, the
         same, on next use. What lets a map be written layer by layer without holding every chip."""
-        for name in ("tiles", "scale", "read_var", "gain", "adc_gain", "adc_offset"):
+        for name in _BUFFERS:
             setattr(self, name, None)
         self.source = None
+
+    @property
+    def compensation(self) -> torch.Tensor:
+        """The layer's whole output-scale correction (E,): digital gain × pulse factor (what a map records)."""
+        return self.gain if self.pulse is None else self.gain * self.pulse
 
     def dense(self) -> torch.Tensor:
         """The (E, out, in·padded) matrix the chip computes, scale and gain folded in (no converters)."""
@@ -222,13 +253,14 @@ def realise(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, s
     real = realise_flat(flat, seconds, chip_generator(seed, uid))
     gain = torch.full((wn.shape[0],), float(real.gain))
     adc_gain, adc_offset = adc_errors(config, wn.shape[:-1], seed, uid)
+    alpha = None
     if config.drift.compensation and device.drifts and seconds > 0:
         ref, ref_read = real.reference, None
         if ref is None:
             at0 = device.realise(flat, 0.0, chip_generator(seed, uid))
             ref, ref_read = at0.weight, at0.read_std
-        gain = gain * drift_compensation(config, ref, ref_read, real.weight, real.read_std, seed, uid,
-                                         adc_gain=adc_gain, adc_offset=adc_offset)
+        alpha = torch.full_like(gain, drift_compensation(config, ref, ref_read, real.weight, real.read_std, seed,
+                                                         uid, adc_gain=adc_gain, adc_offset=adc_offset))
         del ref, ref_read
     # from here on each array is dropped as soon as its successor exists: the peak is a few copies of a layer
     shape, real.reference, flat, wn = wn.shape, None, None, None
@@ -239,8 +271,9 @@ def realise(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, s
         rv = real.read_std.view(shape).square_()  # (E, T, out, rows)
         real.read_std = None
         read_var = rv.transpose(-1, -2).contiguous() if config.exact_read_noise else rv.mean(-1)
-    return Programmed(tiles=eff, scale=scale.squeeze(-1), read_var=read_var, gain=gain, adc_gain=adc_gain,
-                      adc_offset=adc_offset)
+    state = Programmed(tiles=eff, scale=scale.squeeze(-1), read_var=read_var, gain=gain, adc_gain=adc_gain,
+                       adc_offset=adc_offset)
+    return state if alpha is None else compensate(config, state, alpha)
 
 
 def programming_targets(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, seed: int, uid: int,
@@ -377,16 +410,16 @@ class CalibrationSums:
 
 def calibrated_gain(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, seed: int, uid: int,
                     seconds: float, moment: InputMoment | None = None) -> torch.Tensor:
-    """The digital gain (E,) of chip instance ``seed`` read ``seconds`` after programming: what
-    :func:`realise` gives as ``gain``, for a caller that needs only the gain (an exported map's record).
+    """The drift-compensation gain (E,) of chip instance ``seed`` read ``seconds`` after programming:
+    what :func:`realise` gives as ``compensation`` (digital gain or pulse factor), for a caller that needs only the gain (an exported map's record).
     A device that realises in blocks (PCM without stuck devices) feeds its drift calibration block by
     block, so the layer's realised weight, reference and read noise are never whole: the transient is
     a few blocks and the calibration sums instead of about five copies of the layer. Equal to
-    :func:`realise`'s gain up to float32 summation order."""
+    :func:`realise`'s up to float32 summation order."""
     device = config.device
     blocks = getattr(device, "device_blocks", None)
     if blocks is None or moment is not None or getattr(device, "stuck_low", 0) or getattr(device, "stuck_high", 0):
-        return realise(config, weight, tiles, rows, seed, uid, seconds, moment=moment).gain
+        return realise(config, weight, tiles, rows, seed, uid, seconds, moment=moment).compensation
     w = weight.detach().to("cpu", torch.float32)
     w = w.unsqueeze(0) if w.dim() == 2 else w
     gain = torch.ones(w.shape[0])
@@ -450,5 +483,5 @@ def is_freed(t: torch.Tensor) -> bool:
 
 
 __all__ = ["ADC_GAIN_STREAM", "ADC_OFFSET_STREAM", "CALIBRATION_SEED", "Chip", "FreedWeight", "Programmed",
-           "adc_errors", "calibration_input", "chip_generator", "drift_compensation", "free", "is_freed",
+           "adc_errors", "calibration_input", "chip_generator", "compensate", "drift_compensation", "free", "is_freed",
            "normalised_tiles", "programming_targets", "realise", "reference_gain", "stable_id"]

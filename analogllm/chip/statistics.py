@@ -42,29 +42,30 @@ class Table:
 
 
 @lru_cache(maxsize=64)
-def _tables(device: Device, seconds: float, config: AnalogConfig) -> tuple[Table, Table]:
+def _tables(device: Device, seconds: float, config: AnalogConfig) -> tuple[Table, Table, float]:
     from analogllm.chip.state import drift_compensation
 
     gen = torch.Generator().manual_seed(1234)
     w = torch.rand(8, 64, 256, generator=gen) * 2 - 1
     w = w / w.abs().amax(-1, keepdim=True)  # every column reaches full scale, as a layer's tiles do
     real = device.realise(w, seconds, torch.Generator().manual_seed(4321))
-    got = real.weight * real.gain
+    gain = float(real.gain)
     if config.drift.compensation and device.drifts and seconds > 0:
         ref, ref_read = real.reference, None
         if ref is None:
             at0 = device.realise(w, 0.0, torch.Generator().manual_seed(4321))
             ref, ref_read = at0.weight, at0.read_std
-        got = got * drift_compensation(config, ref, ref_read, real.weight, real.read_std, 0, 0)
-    err = (got - w) * torch.sign(w)  # along the weight's own sign: positive = larger than the target
-    read = real.read_std.square() if real.read_std is not None else torch.zeros_like(w)
+        gain = gain * drift_compensation(config, ref, ref_read, real.weight, real.read_std, 0, 0)
+    err = (real.weight * gain - w) * torch.sign(w)  # along the weight's own sign: positive = larger than the target
+    # the compensation scales a read's noise with its signal (after the ADC or through longer pulses)
+    read = (real.read_std * gain).square() if real.read_std is not None else torch.zeros_like(w)
     idx = (w.abs() * (LEVELS - 1)).round().long().flatten()
     count = torch.zeros(LEVELS).index_add_(0, idx, torch.ones(idx.numel())).clamp(min=1)
     mean = torch.zeros(LEVELS).index_add_(0, idx, err.flatten()) / count
     square = torch.zeros(LEVELS).index_add_(0, idx, err.square().flatten()) / count
     read_mean = torch.zeros(LEVELS).index_add_(0, idx, read.flatten()) / count
     var = (square - mean.square()).clamp(min=0) + read_mean
-    return Table(mean), Table(var)
+    return Table(mean), Table(var), gain
 
 
 def output_variance(config: AnalogConfig) -> float:
@@ -75,7 +76,13 @@ def output_variance(config: AnalogConfig) -> float:
 
 def device_statistics(config: AnalogConfig, seconds: float) -> tuple[Table, Table]:
     """(bias, var) of ``config``'s device at ``seconds`` after programming, with its drift compensation."""
-    return _tables(config.device, float(seconds), config)
+    return _tables(config.device, float(seconds), config)[:2]
 
 
-__all__ = ["LEVELS", "Table", "device_statistics", "output_variance"]
+def compensation_gain(config: AnalogConfig, seconds: float) -> float:
+    """The drift compensation α (× the device's own gain) of the probe tile at ``seconds``: how much the
+    arrays' outputs have shrunk by then (1 without drift or compensation)."""
+    return _tables(config.device, float(seconds), config)[2]
+
+
+__all__ = ["LEVELS", "Table", "compensation_gain", "device_statistics", "output_variance"]

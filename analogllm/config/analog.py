@@ -155,11 +155,22 @@ class IRDropConfig:
 
 @dataclass(frozen=True)
 class DriftConfig:
-    """Drift compensation: one digital scalar per layer, from a fixed calibration input read at t and
-    right after programming (aihwkit GlobalDriftCompensation)."""
+    """Drift compensation: one scalar α per layer, from a fixed calibration input read at t and right
+    after programming (aihwkit GlobalDriftCompensation).
+
+    compensation_at: where the chip applies α. ``digital``: the ADC's outputs are multiplied by α (aihwkit),
+                     so the arrays' outputs reach the output stage and the ADC shrunk by the drift, and the
+                     converter ranges chosen at programming grow too wide relative to them as the chip ages.
+                     ``pulse``: every input pulse is α× longer (a chip that applies inputs as pulse
+                     durations, as IBM HERMES does), so the arrays' outputs (read noise included) reach the
+                     output stage and the ADC at their t = 0 size and the ranges stay right; the output
+                     noise and the ADC steps are not scaled. Costs α× longer reads (about 1.5× at 1 day,
+                     2× at 1 year on PCM).
+    """
 
     compensation: bool = True
     calibration_vectors: int = 64
+    compensation_at: Literal["digital", "pulse"] = "digital"
 
     def __post_init__(self) -> None:
         check(self.calibration_vectors >= 1, "drift.calibration_vectors", "must be >= 1")
@@ -216,6 +227,13 @@ class MappingConfig:
     clip_fractions:  the bounds tried, as fractions of the column's abs-max.
     ranges:          DAC ranges: ``error`` (minimise the expected error), ``std`` (``std_alpha`` σ), ``max``
                      (no clipping) or ``none`` (keep the config's initialisation).
+    dac_headroom:    ``error`` DAC ranges × this factor, the ADC ranges kept as chosen for the unwidened
+                     range, so every output reaches its ADC this much below the range the error model
+                     would give it. The first-order error model underprices outputs that saturate the
+                     ADCs (a few massive-activation tokens, whose errors propagate through the model);
+                     measured on SmolLM2 and pcm in docs/mapping.md. Pair it with
+                     ``drift.compensation_at: pulse``, or drift shrinks the outputs further and the
+                     headroom grows too large after a day.
     adc:             ADC ranges calibrated per ``tile`` (each array's ADCs), per ``layer``, or ``none``
                      (the profile's full scale ``adc.bound``).
     compensate:      program the chip in closed loop: each block of input rows aimed at the measured
@@ -240,6 +258,7 @@ class MappingConfig:
     compensate_rank: int = 64
     verify_reads: int = 1
     ranges: Literal["error", "std", "max", "none"] = "error"
+    dac_headroom: float = 1.0
     adc: Literal["tile", "layer", "none"] = "tile"
     std_alpha: float = 12.0
     tokens: int = 768
@@ -258,6 +277,7 @@ class MappingConfig:
         check(all(0.0 < f <= 1.0 for f in self.clip_fractions), "mapping.clip_fractions",
               f"must lie in (0, 1] (fractions of a column's abs-max), got {list(self.clip_fractions)}")
         check(self.std_alpha > 0, "mapping.std_alpha", f"must be > 0, got {self.std_alpha}")
+        check(self.dac_headroom > 0, "mapping.dac_headroom", f"must be > 0, got {self.dac_headroom}")
         check(self.tokens >= 8, "mapping.tokens", f"must be >= 8, got {self.tokens}")
         check(self.seconds >= 0, "mapping.seconds", f"must be >= 0, got {self.seconds}")
 

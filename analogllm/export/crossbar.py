@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from analogllm.chip.state import Programmed, chip_generator, realise, reference_gain
+from analogllm.chip.state import Programmed, chip_generator, compensate, realise, reference_gain
 from analogllm.config import AnalogConfig
 from analogllm.devices.base import Device, Realisation, Replay
 from analogllm.devices.conductance import pair_target
@@ -338,15 +338,14 @@ def measured_state(arrays: dict[str, torch.Tensor], map_arrays: dict[str, torch.
         else:
             used = torch.tensor([n for _, n in record["tiles"]["inputs"]], dtype=var.dtype).clamp(min=1)
             read_var = var.sum(-2) / used.view(1, t, 1)  # mean over the rows that carry inputs
+    state = Programmed(tiles=tiles.contiguous(), scale=map_arrays["scale"].float(), read_var=read_var, gain=torch.ones(e))
     if "gain" in arrays:
-        gain = arrays["gain"].float().reshape(e)
-    elif config.drift.compensation and physics.drifts and seconds > 0:
+        return compensate(config, state, arrays["gain"].float().reshape(e))
+    if config.drift.compensation and physics.drifts and seconds > 0:
         now = tiles.transpose(-1, -2).reshape(e * t, out, rows)
         ref = targets.transpose(-1, -2).reshape(e * t, out, rows) / peak
-        gain = torch.full((e,), reference_gain(config, ref.float(), now))
-    else:
-        gain = torch.ones(e)
-    return Programmed(tiles=tiles.contiguous(), scale=map_arrays["scale"].float(), read_var=read_var, gain=gain)
+        return compensate(config, state, torch.full((e,), reference_gain(config, ref.float(), now)))
+    return state
 
 
 def simulate_measurement(map_arrays: dict[str, torch.Tensor], record: dict[str, Any], device: dict[str, Any],
@@ -369,7 +368,7 @@ def simulate_measurement(map_arrays: dict[str, torch.Tensor], record: dict[str, 
     rows = record["tiles"]["rows"]
     weight = target_weight(map_arrays, record, device).float()
     replay = CrossbarMap(physics=physics, normalised=x, name=record["name"])
-    gain = realise(config, weight, t, rows, seed, uid, seconds, device=replay).gain  # the chip's own calibration
+    gain = realise(config, weight, t, rows, seed, uid, seconds, device=replay).compensation  # the chip's own calibration
     arrays: dict[str, torch.Tensor] = {"gain": gain.float()}
     for side, g, std in (("plus", state.g_plus, state.read_plus), ("minus", state.g_minus, state.read_minus)):
         g, std = _crossbar(g, record), None if std is None else _crossbar(std, record)

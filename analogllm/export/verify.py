@@ -197,7 +197,7 @@ def _check_layer(amap: AnalogMap, layer: AnalogLayer, twin: AnalogLayer, exact: 
     dac_error, bias_error = _install_digital(twin, layer, arrays, record)
     real = layer.matrix.realised_weight(layer.weight).double()
     real_map = twin.matrix.realised_weight(twin.weight).double()
-    gain_map = float(twin.matrix.chip.gain[0])
+    gain_map = float(twin.matrix.chip.compensation[0])
     return LayerCheck(
         name=layer.name,
         target_error=float(((w_map - w).abs() / scale).max()),

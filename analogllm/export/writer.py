@@ -127,7 +127,7 @@ def _write_layer(tmp: Path, index: int, layer: AnalogLayer, module: Any, target:
     seed = matrix.config.seed if chip.seed is None else chip.seed
     if chip.programmed:  # the instance the model runs on (programmed again if the weight changed)
         matrix.ensure_programmed(layer.weight)
-        gain = float(chip.gain[0])
+        gain = float(chip.compensation[0])
     else:  # a chip the model does not hold is not realised for its gain alone
         gain = float(matrix.calibrated_gain(layer.weight, seed)[0])
         return_freed_memory()  # the calibration's blocks go back to the OS before the encoding's arrays come
@@ -173,6 +173,7 @@ def _converters(config: AnalogConfig) -> dict[str, Any]:
                 "unit": "normalised output (inputs in [-1, 1], weights in [-1, 1] per tile column)"},
         "output": {"noise": output.noise, "nonlinearity": output.nonlinearity, "saturation": output.saturation},
         "drift_compensation": config.drift.compensation,
+        "drift_compensation_at": config.drift.compensation_at,
     }
 
 

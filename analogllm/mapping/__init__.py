@@ -165,7 +165,8 @@ def map_layers_(model: nn.Module, inputs: dict, spec: MappingConfig, report: Map
     def ranges() -> None:
         if spec.ranges != "none":
             report.ranges.update(calibrate_ranges_(model, inputs, spec.ranges, spec.adc, spec.std_alpha,
-                                                   spec.seconds, progress, names=set(layers)))
+                                                   spec.seconds, progress, names=set(layers),
+                                                   headroom=spec.dac_headroom))
 
     ranges()
     if spec.clip:

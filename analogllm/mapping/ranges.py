@@ -44,9 +44,11 @@ def _candidates(lm: LayerModel, count: int = 24) -> list[float]:
     return [lm.rms * float(k) for k in torch.logspace(torch.log10(torch.tensor(1.5)), torch.log10(torch.tensor(top)), count)]
 
 
-def best_ranges(lm: LayerModel, method: str, adc: str, std_alpha: float = 12.0) -> RangeChoice:
+def best_ranges(lm: LayerModel, method: str, adc: str, std_alpha: float = 12.0, headroom: float = 1.0) -> RangeChoice:
     """The DAC range by ``method`` (error | max | std) and the ADC ranges by ``adc`` (tile | layer | none)
-    for the layer model ``lm``."""
+    for the layer model ``lm``; with ``error``, the chosen DAC range × ``headroom`` while the ADC ranges
+    stay those chosen for the unwidened range, so every output reaches its ADC ``headroom``× below the
+    range the error model would give it."""
     cfg = lm.config
     has_adc = cfg.adc.bits is not None
 
@@ -71,6 +73,9 @@ def best_ranges(lm: LayerModel, method: str, adc: str, std_alpha: float = 12.0) 
             best = (e.total, r, b, e)
     assert best is not None
     _, r, b, e = best
+    if method == "error" and headroom != 1.0:
+        r = r * headroom
+        e = lm.errors(r, b)
     return RangeChoice(dac_range=r, dac_k=r / lm.rms, adc_ranges=None if b is None else b.tolist(), errors=e)
 
 
@@ -95,9 +100,9 @@ def layer_model(matrix: AnalogMatrix, weight: torch.Tensor, x: torch.Tensor, sec
 @torch.no_grad()
 def calibrate_ranges_(model: nn.Module, inputs: dict[Key, torch.Tensor], method: str = "error", adc: str = "tile",
                       std_alpha: float = 12.0, seconds: float = 0.0, progress: bool = False,
-                      names: set[str] | None = None) -> dict[str, RangeChoice]:
+                      names: set[str] | None = None, headroom: float = 1.0) -> dict[str, RangeChoice]:
     """Set the DAC range and ADC ranges of every analogue matrix that ``inputs`` has samples for (of
-    those called ``names``, when given)."""
+    those called ``names``, when given); ``headroom`` widens the ``error`` method's DAC ranges."""
     weight_side = {id(p.analog) for p in model.modules() if isinstance(p, AnalogWeight)}
     out: dict[str, RangeChoice] = {}
     items = [(n, m, w) for n, m, w in analog_matrices(model)
@@ -109,7 +114,7 @@ def calibrate_ranges_(model: nn.Module, inputs: dict[Key, torch.Tensor], method:
             if x is None or x.shape[0] == 0:
                 continue  # an expert no calibration token was routed to keeps its defaults
             w = weight if e is None else weight[e]
-            choice = best_ranges(layer_model(matrix, w, x, seconds), method, adc, std_alpha)
+            choice = best_ranges(layer_model(matrix, w, x, seconds), method, adc, std_alpha, headroom)
             _apply(matrix, e, choice)
             out[name if e is None else f"{name}[{e}]"] = choice
     return out

@@ -152,8 +152,8 @@ class AnalogMatrix(nn.Module):
             a, b = cfg.device.output_var_terms()
             out_var, shot, quantize = cfg.output.noise**2 + b, a, True
         else:
-            tiles, scale, read_var, clip, out_var, shot = self._training_read(w)
-            gain = torch.ones((), dtype=w.dtype, device=w.device)
+            tiles, scale, read_var, clip, out_var, shot, alpha = self._training_read(w)
+            gain = torch.full((), alpha, dtype=w.dtype, device=w.device)
             w_arg, quantize = w, cfg.training.quantize
             adc_gain = adc_offset = None  # a chip's own ADCs; training does not know which chip it will run on
         adc = None
@@ -189,8 +189,11 @@ class AnalogMatrix(nn.Module):
         return r.abs() + _EPS
 
     def _training_read(self, w: torch.Tensor):
-        """(tiles, scale, read_var, clip, out_var, shot) of a hardware-aware training read: the clipped
-        digital weight tiles, and the training noise (see :class:`~analogllm.config.TrainingConfig`)."""
+        """(tiles, scale, read_var, clip, out_var, shot, gain) of a hardware-aware training read: the
+        clipped digital weight tiles, the training noise (see :class:`~analogllm.config.TrainingConfig`),
+        and the digital gain after the ADC. With ``device`` noise and drift compensated digitally, the
+        tiles are the drifted chip's (shrunk by 1/α) and the gain α restores them after the output noise
+        and the ADC, as on the chip; pulse compensation restores them in front, so the gain stays 1."""
         if self.chip.deployed:
             raise RuntimeError(f"{self.name}: deployed with analogllm.deploy_; it has no digital weights to train")
         tr = self.config.training
@@ -198,17 +201,22 @@ class AnalogMatrix(nn.Module):
         wt = tile_weight(w if bound is None else w.clamp(-bound, bound), self.tiles, self.rows).detach()  # T, out, R
         scale = wt.abs().amax(-1, keepdim=True).clamp(min=_EPS)
         wn = wt / scale
+        alpha = 1.0
         if tr.noise == "device":
-            from analogllm.chip.statistics import device_statistics
+            from analogllm.chip.statistics import compensation_gain, device_statistics
 
             bias, var = device_statistics(self.config, self.train_seconds)
             wn, read_var = bias.apply(wn), var.lookup(wn.abs()).mean(-1)
             a, b = self.config.device.output_var_terms()
             out_var, shot = self.config.output.noise**2 + b, a
+            if self.config.drift.compensation_at == "digital":
+                alpha = compensation_gain(self.config, self.train_seconds)
+                if alpha != 1.0:
+                    wn, read_var = wn / alpha, read_var / alpha**2
         else:
             read_var = torch.full(wn.shape[:2], tr.weight_noise**2, dtype=wn.dtype, device=wn.device) if tr.weight_noise else None
             out_var, shot = tr.output_noise**2, 0.0
-        return wn.transpose(-1, -2), scale.squeeze(-1), read_var, bound, out_var, shot
+        return wn.transpose(-1, -2), scale.squeeze(-1), read_var, bound, out_var, shot, alpha
 
     # ----- the chip -------------------------------------------------------------------------------------
     def ensure_programmed(self, weight: torch.Tensor) -> None:
