@@ -247,6 +247,25 @@ def test_dac_headroom_widens_the_chosen_dac_range_and_keeps_the_adc_ranges():
         al.AnalogConfig.from_profile("pcm", **{"mapping.dac_headroom": 0.0})
 
 
+def test_mapping_applies_the_dac_headroom_to_every_layer_and_reports_it(outlier_model):
+    model, tok, _, _ = outlier_model
+    steps = {"mapping.clip": False, "mapping.compensate": False}
+    mapped = {}
+    for h in (1.0, 1.4):
+        m = copy.deepcopy(model)
+        al.analogize_(m, al.AnalogConfig.from_profile("pcm", **steps, **{"mapping.dac_headroom": h}),
+                      calibration=_blocks(tok, "train", 8))
+        mapped[h] = m
+    layers = {h: {n: a for n, a in m.named_modules() if isinstance(a, al.nn.matrix.AnalogMatrix)} for h, m in mapped.items()}
+    assert len(layers[1.0]) > 0
+    for name, plain in layers[1.0].items():
+        wide = layers[1.4][name]
+        assert torch.allclose(wide.input_range, 1.4 * plain.input_range, rtol=1e-5), name
+        assert torch.equal(wide.output_range, plain.output_range), name
+    assert "1.4x the error model's" in mapped[1.4].analog_report.mapping.summary()
+    assert "error model's" not in mapped[1.0].analog_report.mapping.summary()
+
+
 def _layer_chip_error(cfg, w, x, target, seeds=range(4)):
     """A layer's relative output error against ``target`` on chips ``seeds``, at its best ranges."""
     layer = _probe_layer(w, cfg)

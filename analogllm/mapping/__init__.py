@@ -55,6 +55,7 @@ class MappingReport:
     ranges: dict[str, RangeChoice] = field(default_factory=dict)
     clipped: dict[str, ClipChoice] = field(default_factory=dict)
     compensated: list[str] = field(default_factory=list)
+    dac_headroom: float = 1.0
     digital_macs_per_token: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -76,7 +77,9 @@ class MappingReport:
         if self.ranges:
             errs = [c.errors.total for c in self.ranges.values()]
             lines.append(f"  converter ranges of {len(self.ranges)} matrices: predicted relative output error "
-                         f"mean {sum(errs) / len(errs):.2e}, worst {max(errs):.2e}")
+                         f"mean {sum(errs) / len(errs):.2e}, worst {max(errs):.2e}"
+                         + (f"; DAC ranges {self.dac_headroom:g}x the error model's (mapping.dac_headroom)"
+                            if self.dac_headroom != 1.0 else ""))
         if self.clipped:
             cs = list(self.clipped.values())
             before, after = sum(c.error_unclipped for c in cs), sum(c.error for c in cs)
@@ -163,6 +166,8 @@ def map_layers_(model: nn.Module, inputs: dict, spec: MappingConfig, report: Map
         add_rotation(layers[name][0], layers[name][1], rotations[name])
     report.online = sorted(report.online + online)
     def ranges() -> None:
+        if spec.ranges == "error":
+            report.dac_headroom = spec.dac_headroom
         if spec.ranges != "none":
             report.ranges.update(calibrate_ranges_(model, inputs, spec.ranges, spec.adc, spec.std_alpha,
                                                    spec.seconds, progress, names=set(layers),
