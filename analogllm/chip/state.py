@@ -411,7 +411,8 @@ class CalibrationSums:
 def calibrated_gain(config: AnalogConfig, weight: torch.Tensor, tiles: int, rows: int, seed: int, uid: int,
                     seconds: float, moment: InputMoment | None = None) -> torch.Tensor:
     """The drift-compensation gain (E,) of chip instance ``seed`` read ``seconds`` after programming:
-    what :func:`realise` gives as ``compensation`` (digital gain or pulse factor), for a caller that needs only the gain (an exported map's record).
+    what :func:`realise` gives as ``compensation`` (digital gain or pulse factor), for a caller that needs
+    only that (an exported map's record).
     A device that realises in blocks (PCM without stuck devices) feeds its drift calibration block by
     block, so the layer's realised weight, reference and read noise are never whole: the transient is
     a few blocks and the calibration sums instead of about five copies of the layer. Equal to

@@ -338,7 +338,8 @@ def measured_state(arrays: dict[str, torch.Tensor], map_arrays: dict[str, torch.
         else:
             used = torch.tensor([n for _, n in record["tiles"]["inputs"]], dtype=var.dtype).clamp(min=1)
             read_var = var.sum(-2) / used.view(1, t, 1)  # mean over the rows that carry inputs
-    state = Programmed(tiles=tiles.contiguous(), scale=map_arrays["scale"].float(), read_var=read_var, gain=torch.ones(e))
+    state = Programmed(tiles=tiles.contiguous(), scale=map_arrays["scale"].float(), read_var=read_var,
+                       gain=torch.ones(e))
     if "gain" in arrays:
         return compensate(config, state, arrays["gain"].float().reshape(e))
     if config.drift.compensation and physics.drifts and seconds > 0:
@@ -368,7 +369,8 @@ def simulate_measurement(map_arrays: dict[str, torch.Tensor], record: dict[str, 
     rows = record["tiles"]["rows"]
     weight = target_weight(map_arrays, record, device).float()
     replay = CrossbarMap(physics=physics, normalised=x, name=record["name"])
-    gain = realise(config, weight, t, rows, seed, uid, seconds, device=replay).compensation  # the chip's own calibration
+    # the chip's own calibration, wherever it applies it
+    gain = realise(config, weight, t, rows, seed, uid, seconds, device=replay).compensation
     arrays: dict[str, torch.Tensor] = {"gain": gain.float()}
     for side, g, std in (("plus", state.g_plus, state.read_plus), ("minus", state.g_minus, state.read_minus)):
         g, std = _crossbar(g, record), None if std is None else _crossbar(std, record)
