@@ -91,7 +91,13 @@ class Programmed:
     @property
     def compensation(self) -> torch.Tensor:
         """The layer's whole output-scale correction (E,): digital gain × pulse factor."""
-        return self.gain if self.pulse is None else self.gain * self.pulse
+        return whole_compensation(self.gain, self.pulse)
+
+
+def whole_compensation(gain: torch.Tensor, pulse: torch.Tensor | None) -> torch.Tensor:
+    """Digital gain × pulse factor (E,): the drift compensation wherever the chip applies it (what a map
+    records as ``gain``)."""
+    return gain if pulse is None else gain * pulse
 
 
 def compensate(config: AnalogConfig, state: Programmed, alpha: torch.Tensor) -> Programmed:
@@ -174,8 +180,8 @@ class Chip(nn.Module):
 
     @property
     def compensation(self) -> torch.Tensor:
-        """The layer's whole output-scale correction (E,): digital gain × pulse factor (what a map records)."""
-        return self.gain if self.pulse is None else self.gain * self.pulse
+        """The layer's whole output-scale correction (E,): :func:`whole_compensation` of its buffers."""
+        return whole_compensation(self.gain, self.pulse)
 
     def dense(self) -> torch.Tensor:
         """The (E, out, in·padded) matrix the chip computes, scale and gain folded in (no converters)."""
@@ -485,4 +491,4 @@ def is_freed(t: torch.Tensor) -> bool:
 
 __all__ = ["ADC_GAIN_STREAM", "ADC_OFFSET_STREAM", "CALIBRATION_SEED", "Chip", "FreedWeight", "Programmed",
            "adc_errors", "calibration_input", "chip_generator", "compensate", "drift_compensation", "free", "is_freed",
-           "normalised_tiles", "programming_targets", "realise", "reference_gain", "stable_id"]
+           "normalised_tiles", "programming_targets", "realise", "reference_gain", "stable_id", "whole_compensation"]

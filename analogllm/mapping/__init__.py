@@ -165,9 +165,10 @@ def map_layers_(model: nn.Module, inputs: dict, spec: MappingConfig, report: Map
     for name in online:
         add_rotation(layers[name][0], layers[name][1], rotations[name])
     report.online = sorted(report.online + online)
+    if spec.ranges == "error":
+        report.dac_headroom = spec.dac_headroom
+
     def ranges() -> None:
-        if spec.ranges == "error":
-            report.dac_headroom = spec.dac_headroom
         if spec.ranges != "none":
             report.ranges.update(calibrate_ranges_(model, inputs, spec.ranges, spec.adc, spec.std_alpha,
                                                    spec.seconds, progress, names=set(layers),
