@@ -70,13 +70,23 @@ class InputMoment(nn.Module):
         f = self.factor.detach().to("cpu", torch.float64)
         return f @ f.T + torch.diag(self.diag.detach().to("cpu", torch.float64))
 
+    def cholesky(self) -> torch.Tensor:
+        """The lower Cholesky factor L of the damped H = L·Lᵀ (float32): the metric in which an error
+        matrix's output error on these inputs is its Frobenius norm, ‖E·L‖."""
+        return torch.linalg.cholesky(damped(self.matrix())).float()
+
+
+def damped(h: torch.Tensor) -> torch.Tensor:
+    """H with ``DAMP`` × its mean diagonal added to the diagonal (in place): channels the calibration
+    never drove keep a finite inverse."""
+    h.diagonal().add_(DAMP * h.diagonal().mean().clamp(min=1e-30))
+    return h
+
 
 def _inverse_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(row order by decreasing input power, upper Cholesky factor of the damped, reordered H⁻¹)."""
     order = torch.argsort(h.diagonal(), descending=True, stable=True)
-    h = h[order][:, order]
-    h.diagonal().add_(DAMP * h.diagonal().mean().clamp(min=1e-30))
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(damped(h[order][:, order])))
     return order, torch.linalg.cholesky(inv, upper=True).float()
 
 

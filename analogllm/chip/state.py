@@ -78,7 +78,9 @@ class Programmed:
     read_var (E, T, out) or exact (E, T, rows, out) or None, the digital gain (E,), and the column ADCs'
     static errors adc_gain, adc_offset (E, T, out; offsets in LSB) or None. ``pulse`` (E,) is the drift
     compensation applied as longer input pulses (``drift.compensation_at: pulse``): already folded into
-    ``tiles`` and ``read_var``, kept to report it."""
+    ``tiles`` and ``read_var``, kept to report it. ``correct_in`` (E, k, in) and ``correct_out`` (E, out, k)
+    are the measured low-rank correction the chip adds digitally after its ADCs (:mod:`analogllm.chip.correct`),
+    or None."""
 
     tiles: torch.Tensor
     scale: torch.Tensor
@@ -87,11 +89,26 @@ class Programmed:
     adc_gain: torch.Tensor | None = None
     adc_offset: torch.Tensor | None = None
     pulse: torch.Tensor | None = None
+    correct_in: torch.Tensor | None = None
+    correct_out: torch.Tensor | None = None
 
     @property
     def compensation(self) -> torch.Tensor:
         """The layer's whole output-scale correction (E,): digital gain × pulse factor."""
         return whole_compensation(self.gain, self.pulse)
+
+    def dense(self, in_features: int) -> torch.Tensor:
+        """The (E, out, in) matrix the arrays compute, scales and digital gain folded in (no converters,
+        read noise or correction)."""
+        return dense_weight(self.tiles, self.scale, self.gain, in_features)
+
+
+def dense_weight(tiles: torch.Tensor, scale: torch.Tensor, gain: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Tiles (E, T, rows, out) with their column scales (E, T, out) and gain (E,) as the dense (E, out, in)
+    matrix they compute."""
+    from analogllm.ops.read import untile_weight
+
+    return untile_weight(tiles.transpose(-1, -2) * scale.unsqueeze(-1), in_features) * gain.view(-1, 1, 1)
 
 
 def whole_compensation(gain: torch.Tensor, pulse: torch.Tensor | None) -> torch.Tensor:
@@ -114,7 +131,7 @@ def compensate(config: AnalogConfig, state: Programmed, alpha: torch.Tensor) -> 
     return state
 
 
-_BUFFERS = ("tiles", "scale", "read_var", "gain", "adc_gain", "adc_offset", "pulse")
+_BUFFERS = ("tiles", "scale", "read_var", "gain", "adc_gain", "adc_offset", "pulse", "correct_in", "correct_out")
 
 
 class Chip(nn.Module):
@@ -162,13 +179,9 @@ class Chip(nn.Module):
     def store(self, state: Programmed, like: torch.Tensor, seed: int, seconds: float, source: tuple[int, int]) -> None:
         """Keep ``state`` on ``like``'s device and dtype."""
         kw = dict(device=like.device, dtype=like.dtype if like.is_floating_point() else torch.float32)
-        self.tiles = state.tiles.to(**kw)
-        self.scale = state.scale.to(**kw)
-        self.read_var = None if state.read_var is None else state.read_var.to(**kw)
-        self.gain = state.gain.to(**kw)
-        self.adc_gain = None if state.adc_gain is None else state.adc_gain.to(**kw)
-        self.adc_offset = None if state.adc_offset is None else state.adc_offset.to(**kw)
-        self.pulse = None if state.pulse is None else state.pulse.to(**kw)
+        for name in _BUFFERS:
+            value = getattr(state, name)
+            setattr(self, name, None if value is None else value.to(**kw))
         self.seed, self.seconds, self.source = seed, float(seconds), source
 
     def clear(self) -> None:
@@ -183,10 +196,6 @@ class Chip(nn.Module):
         """The layer's whole output-scale correction (E,): :func:`whole_compensation` of its buffers."""
         return whole_compensation(self.gain, self.pulse)
 
-    def dense(self) -> torch.Tensor:
-        """The (E, out, in·padded) matrix the chip computes, scale and gain folded in (no converters)."""
-        w = (self.tiles.transpose(-1, -2) * self.scale.unsqueeze(-1)) * self.gain.view(-1, 1, 1, 1)
-        return w.movedim(-3, -2).reshape(w.shape[0], w.shape[-2], -1)
 
 
 def tile_scales(weight: torch.Tensor, tiles: int, rows: int) -> torch.Tensor:

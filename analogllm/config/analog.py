@@ -242,6 +242,12 @@ class MappingConfig:
     compensate_rank: rank of the stored input moment (plus its diagonal) that closed-loop programming uses.
     verify_reads:    reads averaged by each verify of closed-loop programming, each with the device's own read
                      noise (1: the conservative choice, since averaging barely lowers 1/f noise).
+    correction_rank: rank k of the measured correction (:mod:`analogllm.chip.correct`; 0 = off): each time
+                     the chip is programmed or brought to a new age it reads every device, and a rank-k
+                     digital path after the ADCs cancels the weight error it finds along the layer's input
+                     moment (drift with its per-device spread, what closed-loop programming left). Costs
+                     k·(in + out) digital MACs per token and matrix.
+    correction_reads: reads of every device averaged for the correction (1: 1/f noise barely averages).
     tokens:          calibration input rows kept per layer for the error model.
     seconds:         deployment time at which the device statistics of the error model are taken.
     seed:            seed of the random rotations and of the calibration sample.
@@ -257,6 +263,8 @@ class MappingConfig:
     compensate: bool = True
     compensate_rank: int = 64
     verify_reads: int = 1
+    correction_rank: int = 0
+    correction_reads: int = 1
     ranges: Literal["error", "std", "max", "none"] = "error"
     dac_headroom: float = 1.0
     adc: Literal["tile", "layer", "none"] = "tile"
@@ -269,6 +277,9 @@ class MappingConfig:
         check(all(0.0 <= a <= 1.0 for a in self.alphas), "mapping.alphas", "must lie in [0, 1]")
         check(self.verify_reads >= 1, "mapping.verify_reads", f"must be >= 1, got {self.verify_reads}")
         check(self.compensate_rank >= 1, "mapping.compensate_rank", f"must be >= 1, got {self.compensate_rank}")
+        check(self.correction_rank >= 0, "mapping.correction_rank",
+              f"must be >= 0 (0 = off), got {self.correction_rank}")
+        check(self.correction_reads >= 1, "mapping.correction_reads", f"must be >= 1, got {self.correction_reads}")
         for pattern in self.online_rotation:
             try:
                 re.compile(pattern)

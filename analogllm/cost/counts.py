@@ -48,6 +48,8 @@ Digital parts per token, at context N (FLOP = one add or multiply; a MAC is 2 FL
   (heads · head_dim · d_state), RWKV-4's WKV 14 per channel, gated delta-rule layers 7 per state element
   (value heads · d_k · d_v);
 * the output softmax over the vocabulary for sampling: 5 FLOPs per logit.
+* the measured low-rank correction (``mapping.correction_rank`` k > 0): k · (in + out) MACs per active
+  analogue matrix, its factors read from on-chip SRAM.
 
 These are the operations a digital unit has to execute, not a cycle-accurate model of one; elementwise
 counts are within a small factor of any real kernel and are dwarfed by the matmuls and the KV cache.
@@ -62,6 +64,7 @@ from typing import Any
 
 from torch import nn
 
+from analogllm.chip.correct import correction_macs
 from analogllm.config import AnalogConfig
 
 #: documented per-element FLOP counts of the digital parts (see the module docstring)
@@ -397,6 +400,18 @@ class Workload:
         return out
 
 
+def correction_ops(config: AnalogConfig, layers: tuple[LayerCounts, ...]) -> list[DigitalOp]:
+    """The measured low-rank correction's digital side path (``mapping.correction_rank``), as one op:
+    k·(in + out) MACs per active matrix and token, its factors read from SRAM each token."""
+    k = config.mapping.correction_rank
+    if not k:
+        return []
+    values = sum(layer.active * correction_macs(min(k, layer.out, layer.inp), layer.inp, layer.out)
+                 for layer in layers if layer.analog)
+    return [DigitalOp(f"measured rank-{k} correction", flops=2 * values, macs=values, sram_values=values,
+                      note="B·(A·x) after the ADCs of every analogue matrix (mapping.correction_rank)")]
+
+
 def workload_from_model(model: nn.Module, context: int = DEFAULT_CONTEXT, source: str | None = None) -> Workload:
     """The workload of an analogue model (``analogize_`` done; programming is not needed)."""
     from analogllm.export.manifest import analog_layers
@@ -419,6 +434,7 @@ def workload_from_model(model: nn.Module, context: int = DEFAULT_CONTEXT, source
     digital = [{"name": r[0], "type": r[1], "shape": r[2], "reason": r[4]}
                for r in model.analog_report.rows if r[3] == "digital"]
     ops, products = digital_ops(arch, digital, context, config.analog_attention)
+    ops += correction_ops(config, layers)
     return Workload(
         source=source if source is not None else getattr(hf, "name_or_path", None) or None,
         model_type=arch.model_type, family=model_family(model), input="model", target=target,
@@ -441,6 +457,7 @@ def workload_from_manifest(manifest: dict[str, Any], hf_config: Any, context: in
         for r in manifest["layers"]
     )
     ops, products = digital_ops(arch, list(manifest.get("digital", [])), context, config.analog_attention)
+    ops += correction_ops(config, layers)
     model = manifest.get("model", {})
     return Workload(
         source=model.get("source"), model_type=arch.model_type, family=model.get("family"), input="map",

@@ -206,11 +206,12 @@ class CrossbarMap(Replay):
 
 
 def install(layer: AnalogLayer, arrays: dict[str, torch.Tensor], record: dict[str, Any],
-            device: dict[str, Any]) -> None:
+            device: dict[str, Any], reference: torch.Tensor | None = None) -> None:
     """Program ``layer`` (of a model copy) from the map: its weight becomes the conductance target (so
     the layer's column scales are the map's), its device programs the stored conductances, and the
     layer's own programming path with the map's chip seed and time does the rest (noise, drift,
-    drift compensation)."""
+    drift compensation).
+    ``reference``: the model weight a measured correction aims the chip at (default: the targets)."""
     physics = layer.matrix.config.device
     if not isinstance(physics, (PCM, RRAM)):
         raise ValueError(f"layer {layer.name}: a crossbar map needs a pcm or rram model to replay on")
@@ -218,7 +219,7 @@ def install(layer: AnalogLayer, arrays: dict[str, torch.Tensor], record: dict[st
         w = target_weight(arrays, record, device)
         layer.weight.copy_(w.reshape(layer.weight.shape).to(layer.weight.dtype))
     replay = CrossbarMap(physics=physics, normalised=tile_targets(arrays, record, device), name=layer.name)
-    layer.matrix.program(layer.weight, record["seed"], record["seconds"], device=replay)
+    layer.matrix.program(layer.weight, record["seed"], record["seconds"], reference=reference, device=replay)
 
 
 def tile_targets(arrays: dict[str, torch.Tensor], record: dict[str, Any], device: dict[str, Any]) -> torch.Tensor:

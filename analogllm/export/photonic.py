@@ -248,10 +248,11 @@ class MeshMap(Replay):
 
 
 def install(layer: AnalogLayer, arrays: dict[str, torch.Tensor], record: dict[str, Any],
-            device: dict[str, Any]) -> None:
+            device: dict[str, Any], reference: torch.Tensor | None = None) -> None:
     """Program ``layer`` (of a model copy) from the map: weight = the exact-phase target (so the layer's
     column scales are the map's), meshes = the stored codes, then the layer's own programming path
-    with the map's chip seed draws the same phase noise the exported chip has."""
+    with the map's chip seed draws the same phase noise the exported chip has.
+    ``reference``: the model weight a measured correction aims the chip at (default: the targets)."""
     physics = layer.matrix.config.device
     if not isinstance(physics, Photonic):
         raise ValueError(f"layer {layer.name}: a photonic map needs a photonic model to replay on")
@@ -266,7 +267,7 @@ def install(layer: AnalogLayer, arrays: dict[str, torch.Tensor], record: dict[st
         layout=((bo, bi, e * t), record["shape"][-2], record["tiles"]["rows"]),
         name=layer.name,
     )
-    layer.matrix.program(layer.weight, record["seed"], record["seconds"], device=replay)
+    layer.matrix.program(layer.weight, record["seed"], record["seconds"], reference=reference, device=replay)
 
 
 # ----- read back: the measured phases and transmissions of a programmed chip (analogllm.export.readback) ---

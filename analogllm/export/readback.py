@@ -41,6 +41,7 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 from tqdm.auto import tqdm
 
+from analogllm.chip.correct import measured_correction
 from analogllm.chip.state import Programmed
 from analogllm.export.manifest import (
     DIGEST_KEY, LAYER_DIR, AnalogLayer, AnalogMap, MapError, analog_layers, canonical_json, check_model_fits_map,
@@ -231,13 +232,6 @@ def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b) / den if den > 0 else 1.0
 
 
-def _dense(state: Programmed, in_features: int) -> torch.Tensor:
-    """(E, out, in) matrix a chip state computes (scales and gain folded in), float64."""
-    w = state.tiles.double().transpose(-1, -2) * state.scale.double().unsqueeze(-1)  # (E, T, out, rows)
-    w = w.movedim(-3, -2).reshape(w.shape[0], w.shape[-2], -1)[..., :in_features]
-    return w * state.gain.double().view(-1, 1, 1)
-
-
 def measured_states(amap: AnalogMap, measured: Measurement, config: Any,
                     read_noise: str = "auto") -> dict[str, Programmed]:
     """Layer name → the chip state its measurement describes, every layer checked to resemble its target
@@ -254,7 +248,7 @@ def measured_states(amap: AnalogMap, measured: Measurement, config: Any,
             state = module.measured_state(measured.layers[name], map_arrays, record, amap.device_record, config,
                                           measured.seconds, read_noise, where)
         target = module.target_weight(map_arrays, record, amap.device_record)
-        c = _correlation(_dense(state, record["shape"][-1]), target)
+        c = _correlation(state.dense(record["shape"][-1]), target)
         if c <= -MIN_CORRELATION:
             raise MeasurementError(f"{where}: the measured weights anti-correlate with the map's targets "
                                    f"(correlation {c:.3f}): {module.SIGN_HINT} (wrong sign)")
@@ -281,6 +275,11 @@ def _install(layer: AnalogLayer, record: dict[str, Any], map_arrays: dict[str, t
     if record.get("dac_range") is not None:
         matrix.mark_range_set()
     weight = layer.weight
+    if matrix.config.mapping.correction_rank:
+        # the measurement is the device read the correction needs; it aims at the map's targets, since a
+        # map does not hold the model's weights (after closed-loop programming they differ)
+        state.correct_in, state.correct_out = measured_correction(matrix.config, weight, state, matrix.moment,
+                                                                  record["seed"], matrix.uid, seconds, read=False)
     matrix.chip.store(state, weight, record["seed"], seconds, (weight._version, weight.data_ptr()))
     matrix.chip.read_back = dict(info)
 

@@ -193,7 +193,7 @@ def _check_layer(amap: AnalogMap, layer: AnalogLayer, twin: AnalogLayer, exact: 
     w = layer.matrix.target_weight(w, record["seed"]).double()  # closed-loop programming moves the targets
     w_map = module.target_weight(arrays, record, device_record, exact)
     w_q = w_map if quantized == exact else module.target_weight(arrays, record, device_record, quantized)
-    module.install(twin, arrays, record, device_record)
+    module.install(twin, arrays, record, device_record, reference=layer.weight)  # the model's own correction
     dac_error, bias_error = _install_digital(twin, layer, arrays, record)
     real = layer.matrix.realised_weight(layer.weight).double()
     real_map = twin.matrix.realised_weight(twin.weight).double()

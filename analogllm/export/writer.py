@@ -174,6 +174,8 @@ def _converters(config: AnalogConfig) -> dict[str, Any]:
         "output": {"noise": output.noise, "nonlinearity": output.nonlinearity, "saturation": output.saturation},
         "drift_compensation": config.drift.compensation,
         "drift_compensation_at": config.drift.compensation_at,
+        "correction_rank": config.mapping.correction_rank,
+        "correction_reads": config.mapping.correction_reads,
     }
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from analogllm.chip.correct import correction_macs
 from analogllm.config.analog import MappingConfig
 from analogllm.mapping.capture import capture_inputs, digital
 from analogllm.mapping.clip import ClipChoice, clip_weights_
@@ -56,6 +57,7 @@ class MappingReport:
     clipped: dict[str, ClipChoice] = field(default_factory=dict)
     compensated: list[str] = field(default_factory=list)
     dac_headroom: float = 1.0
+    correction_rank: int = 0
     digital_macs_per_token: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -90,6 +92,9 @@ class MappingReport:
         if self.compensated:
             lines.append(f"  closed-loop programming of {len(self.compensated)} matrices (input moments stored for "
                          "the programmer)")
+        if self.correction_rank:
+            lines.append(f"  measured rank-{self.correction_rank} correction after the ADCs of every matrix, "
+                         "recomputed from a read of the devices at every age (mapping.correction_rank)")
         lines.append(f"  digital work added per token: {self.digital_macs_per_token:,} operations")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -182,6 +187,11 @@ def map_layers_(model: nn.Module, inputs: dict, spec: MappingConfig, report: Map
         report.compensated += fit_moments_(layers, inputs, spec.compensate_rank)
     report.digital_macs_per_token += sum(m.transform.macs_per_token() for m, _ in layers.values()
                                          if m.transform is not None)
+    if spec.correction_rank:
+        report.correction_rank = spec.correction_rank
+        report.digital_macs_per_token += sum(
+            correction_macs(min(spec.correction_rank, *w.shape[-2:]), m.in_features, w.shape[-2]) * (m.experts or 1)
+            for m, w in layers.values())
 
 
 def fit_moments_(layers: dict[str, tuple[AnalogMatrix, torch.Tensor]], inputs: dict, rank: int) -> list[str]:

@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from analogllm.chip.compensate import InputMoment
-from analogllm.chip.state import Chip, calibrated_gain, normalised_tiles, programming_targets, realise, stable_id
+from analogllm.chip.correct import measured_correction
+from analogllm.chip.state import (Chip, calibrated_gain, dense_weight, normalised_tiles, programming_targets, realise,
+                                  stable_id)
 from analogllm.config import AnalogConfig
 from analogllm.nn.transform import InputTransform
 from analogllm.ops.quant import clip_bound
@@ -173,6 +175,8 @@ class AnalogMatrix(nn.Module):
                             cfg.dac.bits or 0 if quantize else 0, cfg.adc.bits or 0, float(out_var), float(shot),
                             float(sat), need_grad, need_grad and adc is not None and adc.requires_grad,
                             adc_gain, adc_offset, cfg.ir_drop_rho, float(cfg.dac.inl) if quantize else 0.0)
+        if self.mode == "chip" and self.chip.correct_in is not None:  # digital, after the ADCs
+            out = out + (x2 @ self.chip.correct_in[e].T) @ self.chip.correct_out[e].T
         return out.reshape(*lead, out.shape[-1])
 
     def _dac_range(self, x: torch.Tensor, expert: int | None) -> torch.Tensor:
@@ -228,15 +232,21 @@ class AnalogMatrix(nn.Module):
             self.program(weight, self.config.seed if chip.seed is None else chip.seed, chip.seconds)
 
     @torch.no_grad()
-    def program(self, weight: torch.Tensor, seed: int, seconds: float | None = None, **replay) -> Chip:
+    def program(self, weight: torch.Tensor, seed: int, seconds: float | None = None,
+                reference: torch.Tensor | None = None, **replay) -> Chip:
         """Sample chip instance ``seed`` of this matrix and read it ``seconds`` after programming
         (default: the chip's current age). ``replay`` passes ``device=``/``targets=`` to
-        :func:`~analogllm.chip.state.realise` (programming from an exported map)."""
+        :func:`~analogllm.chip.state.realise` (programming from an exported map). ``reference``: the
+        weight the measured correction aims the chip at, when ``weight`` is a map's targets rather than
+        the model's (closed-loop programming moves the targets away from it); default ``weight``."""
         self.require_digital()
         self.chip.check_writable(self.name)
         seconds = self.chip.seconds if seconds is None else float(seconds)
         moment = None if replay else self.moment  # a replayed map holds its instance's targets already
         state = realise(self.config, weight, self.tiles, self.rows, seed, self.uid, seconds, moment=moment, **replay)
+        if self.config.mapping.correction_rank:
+            state.correct_in, state.correct_out = measured_correction(
+                self.config, weight if reference is None else reference, state, self.moment, seed, self.uid, seconds)
         self.chip.store(state, weight, seed, seconds, (weight._version, weight.data_ptr()))
         return self.chip
 
@@ -248,12 +258,13 @@ class AnalogMatrix(nn.Module):
                                moment=self.moment)
 
     def realised_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """The dense (…, out, in) matrix this chip instance computes, scales and gain folded in
-        (without converters or read noise): for raw-weight reads and for export checks."""
+        """The dense (…, out, in) matrix this chip instance computes, scales, gain and measured correction
+        folded in (without converters or read noise): for raw-weight reads and for export checks."""
         self.ensure_programmed(weight)
         chip = self.chip
-        w = untile_weight((chip.tiles.transpose(-1, -2) * chip.scale.unsqueeze(-1)), self.in_features)
-        w = w * chip.gain.view(-1, 1, 1)
+        w = dense_weight(chip.tiles, chip.scale, chip.gain, self.in_features)
+        if chip.correct_in is not None:
+            w = w + chip.correct_out @ chip.correct_in
         return w if weight.dim() == 3 else w[0]
 
     def normalised_tiles(self, weight: torch.Tensor, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
