@@ -197,7 +197,6 @@ class Chip(nn.Module):
         return whole_compensation(self.gain, self.pulse)
 
 
-
 def tile_scales(weight: torch.Tensor, tiles: int, rows: int) -> torch.Tensor:
     """max |w| of every tile column of ``weight`` (..., out, in), (..., T, out, 1), from the weight itself
     (the norm kernel takes no |w| copy of the tiles); a tile of padding only is 0, clamped."""
