@@ -135,6 +135,7 @@ def test_correction_settings_are_checked_and_costed():
     with pytest.raises(ConfigError, match="mapping.correction_reads"):
         al.AnalogConfig.from_profile("pcm", **{"mapping.correction_reads": 0})
     assert correction_macs(32, 576, 1536) == 32 * 2112
+    assert correction_macs(64, 48, 16) == 16 * 64  # capped at the matrix's own rank, as the correction is
     layer = _layer()
     layer.analog.program(layer.weight, seed=0, seconds=0.0)
     assert layer.analog.chip.correct_in is None  # off by default

@@ -108,5 +108,6 @@ def measured_correction(config: AnalogConfig, weight: torch.Tensor, state: Progr
 
 
 def correction_macs(rank: int, in_features: int, out_features: int) -> int:
-    """Digital MACs per token of a rank-``rank`` correction of an (out, in) matrix."""
-    return rank * (in_features + out_features)
+    """Digital MACs per token of a rank-``rank`` correction of an (out, in) matrix (a rank above the
+    matrix's own is capped, as :func:`measured_correction` caps it)."""
+    return min(rank, in_features, out_features) * (in_features + out_features)

@@ -406,7 +406,7 @@ def correction_ops(config: AnalogConfig, layers: tuple[LayerCounts, ...]) -> lis
     k = config.mapping.correction_rank
     if not k:
         return []
-    values = sum(layer.active * correction_macs(min(k, layer.out, layer.inp), layer.inp, layer.out)
+    values = sum(layer.active * correction_macs(k, layer.inp, layer.out)
                  for layer in layers if layer.analog)
     return [DigitalOp(f"measured rank-{k} correction", flops=2 * values, macs=values, sram_values=values,
                       note="B·(A·x) after the ADCs of every analogue matrix (mapping.correction_rank)")]

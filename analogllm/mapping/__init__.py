@@ -190,7 +190,7 @@ def map_layers_(model: nn.Module, inputs: dict, spec: MappingConfig, report: Map
     if spec.correction_rank:
         report.correction_rank = spec.correction_rank
         report.digital_macs_per_token += sum(
-            correction_macs(min(spec.correction_rank, *w.shape[-2:]), m.in_features, w.shape[-2]) * (m.experts or 1)
+            correction_macs(spec.correction_rank, m.in_features, w.shape[-2]) * (m.experts or 1)
             for m, w in layers.values())
 
 
