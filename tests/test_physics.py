@@ -130,6 +130,56 @@ def test_pcm_idle_devices_drift_and_are_read(t):
     assert (real.read_std.double() ** 2 * G_PCM**2).mean().item() == pytest.approx(stated, rel=0.03)
 
 
+@pytest.mark.parametrize("pairs", [2, 4])
+@pytest.mark.parametrize("x", [0.05, 0.5])
+def test_pcm_pairs_average_independent_devices(x, pairs):
+    # n pairs in parallel, all aimed at x: the weight is their mean, so its programming spread is one
+    # pair's over √n (the clamped-Gaussian formulas above) and its mean keeps the idle device's clamp bias
+    w = torch.full((4, 256, 256), x)
+    real = PCM(pairs=pairs).realise(w, 0.0, gen(11))
+    g = real.weight.double() * G_PCM
+    m_on, v_on = clamped(x * G_PCM, pcm_sigma(x))
+    m_idle, v_idle = clamped(0.0, pcm_sigma(0.0))
+    assert g.std().item() == pytest.approx(math.sqrt((v_on + v_idle) / pairs), rel=0.03)
+    assert g.mean().item() == pytest.approx(m_on - m_idle, abs=0.01)
+    # the read noise of the mean: without programming noise every device sits at its target at t = 0, so
+    # the n pairs' reads are alike and the mean's std is one device's Q_s(x)·√ln(…) relative, over √n
+    # (G− idle at exactly 0 µS, no read noise) ...
+    quiet = PCM(pairs=pairs, prog_noise_scale=0.0).realise(torch.full((1, 64, 64), x), 0.0, gen(12))
+    ratio = (quiet.read_std / quiet.weight).double()
+    assert torch.allclose(ratio, torch.full_like(ratio, pcm_qs(x) * read_time_factor(0.0) / math.sqrt(pairs)), rtol=1e-5)
+    # ... and after a day, when drift has spread the devices, its variance is still one pair's over n
+    aged = PCM(pairs=pairs, prog_noise_scale=0.0).realise(torch.full((4, 64, 64), x), DAY, gen(12))
+    one = PCM(prog_noise_scale=0.0).realise(torch.full((16, 64, 64), x), DAY, gen(13))
+    assert (aged.read_std.double().square().mean() * pairs).item() == pytest.approx(
+        one.read_std.double().square().mean().item(), rel=0.03)
+
+
+def test_pcm_pairs_drift_spread_falls_by_root_n():
+    # ν's spread enters the weight through (t/t0)^(−ν): the spread of the mean of n powers is one's / √n
+    x, t = 0.3, 3.15e7
+    spread = [PCM(pairs=n, prog_noise_scale=0.0, read_noise_scale=0.0).realise(torch.full((4, 128, 128), x), t, gen(14))
+              .weight.double().std().item() for n in (1, 2)]
+    assert spread[1] == pytest.approx(spread[0] / math.sqrt(2), rel=0.04)
+
+
+@pytest.mark.parametrize("numel", [3 * 70 * 600, 2 * (1 << 18) + 777])  # one generator / several streams
+@pytest.mark.parametrize("t", [0.0, DAY])
+def test_pcm_pairs_block_path_is_the_device_by_device_state(numel, t):
+    # realise (block by block, streams) and pair_state (whole tensors) draw the same devices in the same
+    # order; the state holds each side's mean over the pairs and the std of that mean
+    pcm = PCM(pairs=2)
+    w = torch.rand(numel, generator=gen(15)) * 2 - 1
+    real = pcm.realise(w.clone(), t, gen(16))
+    state = pcm.pair_state(w.clone(), t, gen(16))
+    assert torch.allclose(real.weight, (state.g_plus - state.g_minus) / pcm.g_max, atol=1e-6)
+    assert torch.allclose(real.read_std, state.read_std, rtol=1e-5, atol=1e-8)
+    if t:
+        assert torch.allclose(real.reference, (state.ref_plus - state.ref_minus) / pcm.g_max, atol=1e-6)
+    with pytest.raises(Exception, match="device.pairs"):
+        PCM(pairs=0)
+
+
 # ----- RRAM -----------------------------------------------------------------------------------------------
 def quiet_rram(**kw) -> RRAM:
     return RRAM(**{"read_noise": 0.0, "stuck_low": 0.0, "stuck_high": 0.0, **kw})

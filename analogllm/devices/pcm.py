@@ -2,9 +2,13 @@
 
 Weights are differential pairs G+ − G−: the device on the weight's side is targeted at |w|·g_max, the
 other (idle) one at 0 µS. Both are programmed, so both carry programming error, drift and read noise,
-as in aihwkit's ``PCMLikeNoiseModel`` with its ``SinglePairConductanceConverter``. One chip instance
-draws, in this order and from one generator: for G+ then G−, the programming noise of every device and
-then its drift exponent ν; then, if the profile has stuck devices, which devices are stuck (G+, G−).
+as in aihwkit's ``PCMLikeNoiseModel`` with its ``SinglePairConductanceConverter``. With ``pairs`` > 1
+every weight is held by that many pairs in parallel, all aimed at the same target, whose currents add
+on the column (the full scale is pairs·g_max): every device's own error is independent, so the weight's
+programming error, drift spread and read noise shrink by √pairs for pairs× the devices (HERMES's unit
+cell holds four PCM devices, two per polarity). One chip instance draws, in this order and from one
+generator: for every pair, for G+ then G−, the programming noise of every device and then its drift
+exponent ν; then, if the profile has stuck devices, which devices are stuck (every pair's G+, G−).
 
 * programming: G_p = max(G_T + σ_p(x_T)·z, 0), σ_p(x) = c0 + c1·x + c2·x² µS (x_T = G_T/g_max). An idle
   device (x_T = 0) gets σ_p(0) = 0.263 µS, so after the clamp it sits at +0.105 µS on average with a
@@ -56,6 +60,8 @@ class PCM(Device):
     drift_t0:              seconds after programming at which the reference is read.
     drift_mu / drift_sigma: (slope, intercept, low, high) of μν, σν = clip(slope·ln x_T + intercept, low, high).
     stuck_low / stuck_high: fraction of devices stuck at 0 µS / at g_max, drawn once per chip instance.
+    pairs:                 differential pairs per weight, in parallel and aimed at the same target (1:
+                           aihwkit's single pair; 2: a four-device unit cell as HERMES has).
     """
 
     kind = "pcm"
@@ -75,6 +81,7 @@ class PCM(Device):
     drift_scale: float = 1.0
     stuck_low: float = 0.0
     stuck_high: float = 0.0
+    pairs: int = 1
 
     def __post_init__(self) -> None:
         check(self.g_max > 0, "device.g_max", f"must be > 0 µS, got {self.g_max}")
@@ -83,6 +90,8 @@ class PCM(Device):
             check(getattr(self, name) >= 0, f"device.{name}", "must be >= 0")
         check(self.stuck_low + self.stuck_high <= 1, "device.stuck_low", "stuck_low + stuck_high must be <= 1")
         check(self.drift_t0 > 0 and self.t_read > 0, "device.drift_t0", "drift_t0 and t_read must be > 0")
+        check(isinstance(self.pairs, int) and self.pairs >= 1, "device.pairs",
+              f"must be a whole number of differential pairs per weight (>= 1), got {self.pairs!r}")
         check(len(self.drift_mu) == 4 and len(self.drift_sigma) == 4, "device.drift_mu",
               "drift_mu and drift_sigma are (slope, intercept, low, high)")
 
@@ -93,6 +102,8 @@ class PCM(Device):
     def summary(self) -> str:
         text = (f"g_max {self.g_max} µS, σ_prog {self.prog_noise[0]:.2f}–"
                 f"{max(self.prog_noise[0], sum(self.prog_noise)):.2f} µS (both devices), drift ν≈0.05")
+        if self.pairs > 1:
+            text += f", {self.pairs} pairs per weight"
         if self.stuck_low or self.stuck_high:
             text += f", stuck {self.stuck_low:g}/{self.stuck_high:g}"
         return text
@@ -127,34 +138,41 @@ class PCM(Device):
     def pair_read_std(self, g_plus: torch.Tensor, g_minus: torch.Tensor, t_plus: torch.Tensor,
                       t_minus: torch.Tensor, seconds: float) -> torch.Tensor | None:
         """Std of one read of the pairs' normalised weight, for devices now at ``g_plus``/``g_minus``
-        programmed to ``t_plus``/``t_minus`` (µS): the read noise a read-back chip gets from this model
-        when its measurement carries no measured spread. None when the profile has no read noise."""
+        programmed to ``t_plus``/``t_minus`` (µS; with several pairs per weight, their mean, each pair's
+        devices taken as alike): the read noise a read-back chip gets from this model when its
+        measurement carries no measured spread. None when the profile has no read noise."""
         if self.read_noise_scale == 0:
             return None
         sp, sm = self.read_std(g_plus, t_plus, seconds), self.read_std(g_minus, t_minus, seconds)
-        return torch.sqrt(sp.square() + sm.square()) / self.g_max
+        return torch.sqrt(sp.square() + sm.square()) / (self.g_max * math.sqrt(self.pairs))
 
     def pair_state(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> PairState:
-        """Both devices of every pair of this chip instance (module docstring for the draws' order)."""
+        """Both devices of every pair of this chip instance (module docstring for the draws' order); with
+        several pairs per weight, each side's mean over them (what reading the side's devices in
+        parallel measures, per device) and the std of that mean."""
         targets = weight_to_pair(weight, self.g_max)
         drawn = []
-        for g_target in targets:  # G+ then G−: programming noise, then ν
-            g_prog = (g_target + self.prog_std(g_target) * randn_like(g_target, generator)).clamp(min=0)
-            drawn.append((g_target, g_prog, self.drift_nu(g_target, generator)))
-        stuck = [stuck_devices(g, self.stuck_low, self.stuck_high, generator) for g in targets]
-        pair = []
-        for (g_target, g_prog, nu), faults in zip(drawn, stuck):
+        for _ in range(self.pairs):
+            for g_target in targets:  # G+ then G−: programming noise, then ν
+                g_prog = (g_target + self.prog_std(g_target) * randn_like(g_target, generator)).clamp(min=0)
+                drawn.append((g_target, g_prog, self.drift_nu(g_target, generator)))
+        stuck = [stuck_devices(g, self.stuck_low, self.stuck_high, generator) for _ in range(self.pairs) for g in targets]
+        sums: list[list[torch.Tensor]] = [[], []]  # per side: (programmed, now, read variance) summed over the pairs
+        for i, ((g_target, g_prog, nu), faults) in enumerate(zip(drawn, stuck)):
             g_t = g_prog * ((seconds + self.drift_t0) / self.drift_t0) ** (-nu) if seconds > 0 else g_prog
             read = self.read_std(g_t, g_target, seconds)
             if faults is not None:
                 read = torch.where(faults[0] | faults[1], torch.zeros_like(read), read)
-            pair.append((apply_stuck(g_prog, faults, self.g_max), apply_stuck(g_t, faults, self.g_max), read))
-        (p0, gp, sp), (m0, gm, sm) = pair
+            part = (apply_stuck(g_prog, faults, self.g_max), apply_stuck(g_t, faults, self.g_max), read.square())
+            side = sums[i % 2]
+            sums[i % 2] = list(part) if not side else [a + b for a, b in zip(side, part)]
+        n = self.pairs
+        (p0, gp, vp), (m0, gm, vm) = ([t / n for t in side[:2]] + [side[2] / n**2] for side in sums)
         noisy = self.read_noise_scale > 0
         return PairState(
             g_plus=gp, g_minus=gm, ref_plus=p0 if seconds > 0 else None, ref_minus=m0 if seconds > 0 else None,
-            read_plus=sp if noisy else None, read_minus=sm if noisy else None,
-            read_std=torch.sqrt(sp.square() + sm.square()) / self.g_max if noisy else None,
+            read_plus=vp.sqrt() if noisy else None, read_minus=vm.sqrt() if noisy else None,
+            read_std=torch.sqrt(vp + vm) / self.g_max if noisy else None,
         )
 
     def realise(self, weight: torch.Tensor, seconds: float, generator: torch.Generator) -> Realisation:
@@ -172,43 +190,45 @@ class PCM(Device):
         return self._realise_by_device(weight, seconds, generator, into=weight)
 
     def programming_draws(self, numel: int, generator: torch.Generator) -> tuple[torch.Tensor, ...] | None:
-        """G+'s and G−'s programming normals, drawn as :meth:`device_blocks` draws them (its ν draws are
-        taken too where they share the generator, so the order holds); None with stuck devices."""
+        """Every pair's G+ and G− programming normals (pair by pair), drawn as :meth:`device_blocks` draws
+        them (its ν draws are taken too where they share the generator, so the order holds); None with
+        stuck devices."""
         if self.stuck_low or self.stuck_high:
             return None
-        seeds = [stream_seeds(numel, generator) for _ in range(4)]  # G+ noise, G+ ν, G− noise, G− ν
+        seeds = [stream_seeds(numel, generator) for _ in range(4 * self.pairs)]  # per pair: G+ noise, ν, G− noise, ν
         step = _BLOCK if seeds[0] is not None else max(numel, 1)
-        z = (torch.empty(numel), torch.empty(numel))
+        z = tuple(torch.empty(numel) for _ in range(2 * self.pairs))
         for start in range(0, numel, step):
             like = z[0][start:start + step]
-            for k in range(4):
+            for k, stream in enumerate(seeds):
                 if k % 2 == 0:
-                    z[k // 2][start:start + like.numel()] = gaussian_block(like, seeds[k], start, generator)
-                elif seeds[k] is None:  # ν from the same generator: drawn to keep the order, not kept
+                    z[k // 2][start:start + like.numel()] = gaussian_block(like, stream, start, generator)
+                elif stream is None:  # ν from the same generator: drawn to keep the order, not kept
                     gaussian_block(like, None, start, generator)
         return z
 
     def programmed(self, weight: torch.Tensor, draws: tuple[torch.Tensor, ...]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(max(G+ + σ_p z+, 0) − max(G− + σ_p z−, 0)) / g_max, as :meth:`device_blocks` programs (targets
-        are continuous), with σ_p² of both devices and the 1/f read noise variance of both at t0."""
-        held, prog, read = [], 0.0, 0.0
-        for side, z in zip((1, -1), draws):
-            g_target = pair_target(weight, self.g_max, side)
-            std = self.prog_std(g_target)
-            g = (z * std).add_(g_target).clamp_(min=0)
-            held.append(g)
-            prog = prog + std.square()
-            read = read + self.read_std(g, g_target, 0.0).square()
-        scale = self.g_max ** -2
-        return held[0].sub_(held[1]).div_(self.g_max), weight, prog * scale, read * scale
+        """The mean over the pairs of (max(G+ + σ_p z+, 0) − max(G− + σ_p z−, 0)) / g_max, as
+        :meth:`device_blocks` programs (targets are continuous), with the variance of that mean's
+        programming noise and of one read of it at t0."""
+        targets = weight_to_pair(weight, self.g_max)
+        stds = [self.prog_std(g) for g in targets]
+        held, prog, read = torch.zeros_like(weight), 0.0, 0.0
+        for k, z in enumerate(draws):  # every pair's G+, then its G− (summed in device_blocks' order)
+            g = (z * stds[k % 2]).add_(targets[k % 2]).clamp_(min=0)
+            held.add_(g, alpha=1 if k % 2 == 0 else -1)
+            prog = prog + stds[k % 2].square()
+            read = read + self.read_std(g, targets[k % 2], 0.0).square()
+        full = self.g_max * self.pairs
+        return held.div_(full), weight, prog * full**-2, read * full**-2
 
     def device_blocks(self, weight: torch.Tensor, seconds: float, generator: torch.Generator,
                       normalise: bool = True) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
         """The realisation of ``weight`` (normalised, any shape, stuck devices off; or tiles made a range at a
         time, :class:`analogllm.chip.state.LazyTiles`) one stream-aligned block of devices at a time, as
         (flat offset, weight, reference at t = 0 or None, read-noise std or None):
-        the same draws as :meth:`pair_state` (G+'s programming noise and ν, then G−'s), so a caller that
+        the same draws as :meth:`pair_state` (each pair's G+ programming noise and ν, then G−'s), so a caller that
         needs only sums over the layer (its drift calibration) never holds it whole. ``normalise=False``
         leaves the weight and reference in µS and the read noise as a variance in µS², which is how
         :meth:`_realise_by_device` accumulates them. A block's targets are taken before it is yielded, so
@@ -216,33 +236,36 @@ class PCM(Device):
         if self.stuck_low or self.stuck_high:
             raise ValueError("device_blocks draws no stuck devices: realise a PCM with stuck devices whole")
         flat = weight.reshape(-1) if isinstance(weight, torch.Tensor) else weight  # or tiles made lazily
-        seeds = [stream_seeds(flat.numel(), generator) for _ in range(4)]  # G+ noise, G+ ν, G− noise, G− ν
+        seeds = [stream_seeds(flat.numel(), generator) for _ in range(4 * self.pairs)]  # per pair: G+ noise, ν, G− noise, ν
         step = _BLOCK if seeds[0] is not None else max(flat.numel(), 1)
-        decay = (seconds + self.drift_t0) / self.drift_t0
         for start in range(0, flat.numel(), step):
             w = flat[start:start + step]
             targets = [pair_target(w, self.g_max, 1), pair_target(w, self.g_max, -1)]
             now = ref = var = None
-            for k, g_target in zip((0, 2), targets):
-                z = gaussian_block(w, seeds[k], start, generator)
-                g_prog = z.mul_(self.prog_std(g_target)).add_(g_target).clamp_(min=0)
-                nu = self._nu(g_target, gaussian_block(w, seeds[k + 1], start, generator))  # at t = 0 too
-                g_t = g_prog * decay ** nu.neg_() if seconds > 0 else g_prog
-                del nu
-                read = self.read_std(g_t, g_target, seconds).square_() if self.read_noise_scale > 0 else None
-                if k == 0:  # G+ − G−; the read noises add in variance
-                    now, ref, var = g_t, g_prog if seconds > 0 else None, read
-                else:
-                    now.add_(g_t, alpha=-1)
-                    if ref is not None:
-                        ref.add_(g_prog, alpha=-1)
-                    if var is not None:
-                        var.add_(read)
+            for k, stream in enumerate(seeds[::2]):  # every pair's G+, then its G−
+                g_t, g_prog, read = self._device(targets[k % 2], w, (stream, seeds[2 * k + 1]), start, seconds, generator)
+                sign = 1 if k % 2 == 0 else -1
+                now = _accumulate(now, g_t, sign)
+                ref = _accumulate(ref, g_prog if seconds > 0 else None, sign)
+                var = _accumulate(var, read, 1)
             if normalise:
-                now.div_(self.g_max)
-                ref = None if ref is None else ref.div_(self.g_max)
-                var = None if var is None else var.sqrt_().div_(self.g_max)
+                full = self.g_max * self.pairs
+                now.div_(full)
+                ref = None if ref is None else ref.div_(full)
+                var = None if var is None else var.sqrt_().div_(full)
             yield start, now, ref, var
+
+    def _device(self, g_target: torch.Tensor, like: torch.Tensor, streams: tuple[list[int] | None, list[int] | None],
+                start: int, seconds: float, generator: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One block of devices aimed at ``g_target`` (µS): (now, right after programming, read-noise
+        variance or None), from their programming-noise and ν streams."""
+        z = gaussian_block(like, streams[0], start, generator)
+        g_prog = z.mul_(self.prog_std(g_target)).add_(g_target).clamp_(min=0)
+        nu = self._nu(g_target, gaussian_block(like, streams[1], start, generator))  # at t = 0 too
+        g_t = g_prog * ((seconds + self.drift_t0) / self.drift_t0) ** nu.neg_() if seconds > 0 else g_prog
+        read = self.read_std(g_t, g_target, seconds).square_() if self.read_noise_scale > 0 else None
+        return g_t, g_prog, read
 
     def _realise_by_device(self, weight: torch.Tensor, seconds: float, generator: torch.Generator,
                            into: torch.Tensor | None = None) -> Realisation:
@@ -259,6 +282,14 @@ class PCM(Device):
             for total, part in ((out, now), (ref, before), (var, noise)):
                 if total is not None:
                     total[start:start + part.numel()].copy_(part)
-        return Realisation(weight=out.div_(self.g_max).view_as(weight),
-                           read_std=None if var is None else var.sqrt_().div_(self.g_max).view_as(weight),
-                           reference=None if ref is None else ref.div_(self.g_max).view_as(weight))
+        full = self.g_max * self.pairs
+        return Realisation(weight=out.div_(full).view_as(weight),
+                           read_std=None if var is None else var.sqrt_().div_(full).view_as(weight),
+                           reference=None if ref is None else ref.div_(full).view_as(weight))
+
+
+def _accumulate(total: torch.Tensor | None, part: torch.Tensor | None, sign: int) -> torch.Tensor | None:
+    """``total`` ± ``part`` in place, or ``part`` itself when it is the first term (None stays None)."""
+    if part is None or total is None:
+        return part
+    return total.add_(part, alpha=sign)

@@ -62,10 +62,13 @@ def device_record(device: Device, levels: int | None) -> dict[str, Any]:
         if not 2 <= levels <= 2**24:
             raise ValueError(f"levels must be in 2..{2**24}, got {levels}")
         source = "export"
+    pairs = getattr(device, "pairs", 1)
     return {
         "kind": device.kind,
         "array": "crossbar",
-        "encoding": "differential pair, one device at 0 uS: G+ = max(w, 0) g_max, G- = max(-w, 0) g_max",
+        "encoding": "differential pair, one device at 0 uS: G+ = max(w, 0) g_max, G- = max(-w, 0) g_max"
+                    + (f"; every pair programmed {pairs} times, in parallel on the column" if pairs > 1 else ""),
+        "pairs_per_weight": pairs,
         "g_max_uS": float(device.g_max),
         "levels": levels,
         "level_step_uS": float(device.g_max) / (levels - 1),
