@@ -94,7 +94,7 @@ def test_two_pairs_per_weight_cut_a_layers_error_by_root_two_open_and_closed_loo
     moment = InputMoment(384, 64).fit_(fit)
     err = {(n, m is None): sum(_output_error(_layer(**{"device.pairs": n}), unseen, m, s) for s in range(3)) / 3
            for n in (1, 2) for m in (None, moment)}
-    # measured: 0.064 → 0.046 open loop (the idle devices' clamp bias is a mean: it does not average
+    # measured: 0.064 → 0.045 open loop (the idle devices' clamp bias is a mean: it does not average
     # away), and closed loop, which cancels what a noisy verify read lets it see, 0.041 → 0.029
     for open_loop in (True, False):
         assert 0.6 < err[2, open_loop] / err[1, open_loop] < 0.8, err

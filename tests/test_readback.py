@@ -109,11 +109,16 @@ def test_noise_free_measurement_reads_back_the_programmed_chip(tmp_path, profile
             # ... except that a partial tile's zero-padded rows carry no input, so no read noise, while
             # the simulation averages its idle padding devices in: a small difference, on those tiles only
             assert torch.allclose(chip.read_var[:, ~full], ref.chip.read_var[:, ~full], rtol=0.1, atol=0)
-    if profile == "pcm" and "device.pairs" not in overrides:  # the device model's read noise at the
-        # measured conductances is the same one (with several pairs it takes a side's devices as alike)
+    if profile == "pcm":  # the device model's read noise at the measured conductances is the same one;
+        # with two pairs it takes a side's devices as alike, a lower bound (the mean of squares is at least
+        # the square of the mean) within a few % of their own (measured: 0.95–0.99 of it)
         twin_model, _ = rb.readback_model(path, measured, read_noise="model")
         for a, b in zip(analog_layers(twin_model), analog_layers(twin)):
-            assert torch.allclose(a.matrix.chip.read_var, b.matrix.chip.read_var, rtol=1e-5, atol=0)
+            model_var, own = a.matrix.chip.read_var, b.matrix.chip.read_var
+            if "device.pairs" not in overrides:
+                assert torch.allclose(model_var, own, rtol=1e-5, atol=0)
+            else:
+                assert bool((model_var <= own * (1 + 1e-5)).all()) and bool((model_var >= 0.9 * own).all())
         assert max(rb.deviation(twin, load_map(path)).values()) > 0.05  # a day of drift is visible
 
 

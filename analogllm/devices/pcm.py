@@ -5,8 +5,8 @@ other (idle) one at 0 µS. Both are programmed, so both carry programming error,
 as in aihwkit's ``PCMLikeNoiseModel`` with its ``SinglePairConductanceConverter``. With ``pairs`` > 1
 every weight is held by that many pairs in parallel, all aimed at the same target, whose currents add
 on the column (the full scale is pairs·g_max): every device's own error is independent, so the weight's
-programming error, drift spread and read noise shrink by √pairs for pairs× the devices (HERMES's unit
-cell holds four PCM devices, two per polarity). One chip instance draws, in this order and from one
+programming error, drift spread and read noise shrink by √pairs for pairs× the devices (IBM's 14-nm
+PCM inference chips hold each weight on four PCM devices, Narayanan et al., VLSI 2021). One chip instance draws, in this order and from one
 generator: for every pair, for G+ then G−, the programming noise of every device and then its drift
 exponent ν; then, if the profile has stuck devices, which devices are stuck (every pair's G+, G−).
 
@@ -61,7 +61,7 @@ class PCM(Device):
     drift_mu / drift_sigma: (slope, intercept, low, high) of μν, σν = clip(slope·ln x_T + intercept, low, high).
     stuck_low / stuck_high: fraction of devices stuck at 0 µS / at g_max, drawn once per chip instance.
     pairs:                 differential pairs per weight, in parallel and aimed at the same target (1:
-                           aihwkit's single pair; 2: a four-device unit cell as HERMES has).
+                           aihwkit's single pair; 2: four devices per weight).
     """
 
     kind = "pcm"
