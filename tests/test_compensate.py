@@ -123,6 +123,19 @@ def test_the_moment_is_low_rank_plus_diagonal_and_exact_at_full_rank():
     assert low.factor.shape == (48, 8)
 
 
+def test_the_moment_from_fewer_rows_than_inputs_is_the_leading_eigenspace():
+    # an MLP down projection's sample (768 rows × 1536 inputs) is decomposed through the smaller X·Xᵀ
+    x = _inputs(96, 40, seed=1)
+    h = (x.double().T @ x.double()) / 40
+    lam, vec = torch.linalg.eigh(h)
+    top = (vec[:, -8:] * lam[-8:].sqrt()) @ (vec[:, -8:] * lam[-8:].sqrt()).T
+    low = InputMoment(96, 8).fit_(x)
+    f = low.factor.double()
+    assert torch.allclose(f @ f.T, top, atol=1e-5 * h.diagonal().max().item())
+    assert torch.allclose(low.matrix().diagonal(), h.diagonal(), rtol=1e-4)
+    assert torch.allclose(InputMoment(96, 40).fit_(x).matrix(), h, atol=1e-5 * h.diagonal().max().item())
+
+
 def test_mapping_fits_moments_on_pcm_and_not_on_the_ideal_profile():
     from analogllm.data import token_blocks
     from analogllm.hf.models import load_model

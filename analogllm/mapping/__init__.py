@@ -198,12 +198,18 @@ def fit_moments_(layers: dict[str, tuple[AnalogMatrix, torch.Tensor]], inputs: d
     """Give every matrix of ``layers`` whose device can be programmed in closed loop the second moment of
     its DAC-side calibration inputs (:class:`~analogllm.chip.compensate.InputMoment`); the names done.
     Expert stacks keep open-loop programming (one moment per expert is not stored)."""
-    done = []
+    done, last = [], None
     for name, (matrix, weight) in layers.items():
         x = inputs.get((name, None))
         if x is None or matrix.experts is not None or not matrix.config.device.closed_loop:
             continue
-        matrix.set_moment(min(rank, matrix.in_features)).fit_(dac_inputs(matrix, x, weight.device))
+        x = dac_inputs(matrix, x, weight.device)
+        moment = matrix.set_moment(min(rank, matrix.in_features))
+        if last is not None and last[0].shape == x.shape and last[1].rank == moment.rank and torch.equal(last[0], x):
+            moment.load_state_dict(last[1].state_dict())  # q/k/v, gate/up: one input, one eigendecomposition
+        else:
+            moment.fit_(x)
+        last = (x, moment)
         matrix.chip.clear()  # a chip realised before it was open loop
         done.append(name)
     return done
