@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from analogllm.fileio import atomic_write_bytes
+from analogllm.fileio import atomic_write_bytes, cache_dir
 
 __all__ = [
     "BUILTIN",
@@ -67,15 +67,6 @@ _BLOCKS_FORMAT = 1
 # --------------------------------------------------------------------------------------------
 # Shared storage helpers
 # --------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Root of analogllm's on-disk cache: ``$ANALOGLLM_CACHE``, else ``~/.cache/analogllm``.
-
-    Read on every call (not at import) so that tests and scripts can redirect it with an
-    environment variable at any time. The directory is created only when something is written.
-    """
-    return Path(os.environ.get("ANALOGLLM_CACHE") or "~/.cache/analogllm").expanduser()
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

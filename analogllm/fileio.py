@@ -65,3 +65,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def cache_dir() -> Path:
+    """Root of analogllm's on-disk cache: ``$ANALOGLLM_CACHE``, else ``~/.cache/analogllm``.
+
+    Read on every call (not at import) so that tests and scripts can redirect it with an
+    environment variable at any time. The directory is created only when something is written.
+    """
+    return Path(os.environ.get("ANALOGLLM_CACHE") or "~/.cache/analogllm").expanduser()

@@ -31,15 +31,13 @@ from pathlib import Path
 
 import torch
 
+from analogllm.fileio import cache_dir
+
 _SOURCE = Path(__file__).with_name("read_kernel.c")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 _TIMEOUT = 120  # seconds for one compiler run; a hung compiler must not hang the first forward
 _ROWS_PER_THREAD = 16  # fewer rows per thread: the hand-off costs more than it saves
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ANALOGLLM_CACHE") or Path.home() / ".cache" / "analogllm")
 
 
 def _cpu_id() -> str:
