@@ -50,11 +50,10 @@ def test_a_deployed_chip_survives_dtype_moves_copies_and_pickling(name):
     out = _logits(model, ids)
     assert out.dtype == torch.float64
     # the same reads in double precision, up to the few converter levels (and, in the MoE, expert choices)
-    # that a float32 rounding puts on the other side of a boundary: usually none (all logits within 2e-7),
-    # but one level flipped early in the model moved 1.2 % of them in a run on two busy cores
+    # that a float32 rounding puts on the other side of a boundary
     if name == "tiny-llama":
         close = (out.float() - ref).abs() <= 1e-3 + 1e-3 * ref.abs()
-        assert close.float().mean().item() > 0.97
+        assert close.float().mean().item() > 0.99
     assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05
     matrices = [m for _, m, _ in al.analog_matrices(model)]
     assert all(m.chip.tiles.dtype == torch.float64 for m in matrices)

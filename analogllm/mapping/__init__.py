@@ -205,7 +205,7 @@ def fit_moments_(layers: dict[str, tuple[AnalogMatrix, torch.Tensor]], inputs: d
             continue
         x = dac_inputs(matrix, x, weight.device)
         moment = matrix.set_moment(min(rank, matrix.in_features))
-        if last is not None and last[0].shape == x.shape and last[1].rank == moment.rank and torch.equal(last[0], x):
+        if last is not None and last[1].rank == moment.rank and torch.equal(last[0], x):
             moment.load_state_dict(last[1].state_dict())  # q/k/v, gate/up: one input, one eigendecomposition
         else:
             moment.fit_(x)
