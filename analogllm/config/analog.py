@@ -301,6 +301,10 @@ class AnalogConfig:
     analogue when it matches ``include`` (empty = everything) and no ``exclude``. The LM head
     (``lm_head``; RWKV's ``head``) stays digital by default, like embeddings and norms, following
     Analog Foundation Models.
+
+    kv_prefix: token ids whose keys and values the host computes digitally and serves as the start of
+    every sequence's KV cache (:mod:`analogllm.hf.prefix`): the attention sink, and the massive
+    activations it carries, stay off the chip. Empty (the default) = none; attention transformers only.
     """
 
     device: Device = field(default_factory=Ideal)
@@ -316,6 +320,7 @@ class AnalogConfig:
     exclude: tuple[str, ...] = ("lm_head", "^head$")
     analog_attention: bool = False
     exact_read_noise: bool = False
+    kv_prefix: tuple[int, ...] = ()
     seed: int = 0
     name: str = "custom"
 
@@ -330,6 +335,8 @@ class AnalogConfig:
         check(self.ir_drop.wire_resistance == 0 or getattr(self.device, "g_max", None) is not None,
               "ir_drop.wire_resistance", f"needs a crossbar device with a g_max (pcm, rram); a {self.device.kind} "
               "device has no column wires")
+        check(all(isinstance(t, int) and t >= 0 for t in self.kv_prefix), "kv_prefix",
+              "must be a list of token ids (integers >= 0)")
 
     # ----- construction -------------------------------------------------------------------------------------
     @classmethod

@@ -191,6 +191,10 @@ def stream_deploy(source: str | Path, config: AnalogConfig | str | None = None, 
     ckpt = Checkpoint(source)
     if config is None or isinstance(config, str):
         config = AnalogConfig.from_profile(config or "pcm")
+    if config.kv_prefix:
+        raise ValueError("kv_prefix: its keys and values need every decoder block's digital weights at once, "
+                         "which block-by-block loading never holds; load the model whole (load_model, "
+                         "analogize_, deploy_) or set kv_prefix to []")
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, local_files_only=True), dtype=dtype)
     model.tie_weights()  # built empty, a tied LM head is its own meta tensor until tied

@@ -59,6 +59,7 @@ class MappingReport:
     dac_headroom: float = 1.0
     correction_rank: int = 0
     digital_macs_per_token: int = 0
+    kv_prefix: tuple[int, int] | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -96,6 +97,9 @@ class MappingReport:
             lines.append(f"  measured rank-{self.correction_rank} correction after the ADCs of every matrix, "
                          "recomputed from a read of the devices at every age (mapping.correction_rank)")
         lines.append(f"  digital work added per token: {self.digital_macs_per_token:,} operations")
+        if self.kv_prefix:
+            lines.append(f"  digital KV prefix of {self.kv_prefix[0]} token(s): {self.kv_prefix[1]:,} keys and values "
+                         "computed from the exact weights, stored for every sequence (kv_prefix)")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -106,7 +106,8 @@ def analogize_(
     (token blocks, LongTensor [n, L]) the model is then mapped onto the chip's converters as
     ``config.mapping`` says (:func:`analogllm.mapping.map_`: rotations, rescaling, calibrated ranges).
     Returns the model, with the config on ``model.analog_config``, the report on
-    ``model.analog_report`` (and the mapping's on ``model.analog_report.mapping``). A Hugging Face model
+    ``model.analog_report`` (and the mapping's on ``model.analog_report.mapping``); ``config.kv_prefix``
+    gets its digital KV prefix (:mod:`analogllm.hf.prefix`). A Hugging Face model
     then saves and loads as an analogue checkpoint (:mod:`analogllm.hf.quantizer`); ``attach=False``
     leaves that out (the quantizer itself converts with it while loading).
     """
@@ -130,6 +131,16 @@ def analogize_(
         from analogllm.mapping import map_
 
         report.mapping = map_(model, calibration, config.mapping, progress)
+    if config.kv_prefix:
+        # after the mapping: calibrated without the prefix, the ranges also cover the massive activations
+        # that tokens of other text can still carry (docs/mapping.md)
+        from analogllm.hf.prefix import attach_prefix, prefix_values
+
+        if attach:  # a checkpoint being loaded (attach=False) has no weights yet; it was checked when saved
+            values = prefix_values(model, config.kv_prefix)  # refuses a model without a KV cache now
+            if report.mapping is not None:
+                report.mapping.kv_prefix = (len(config.kv_prefix), values)
+        attach_prefix(model, config.kv_prefix)
     if attach:
         from analogllm.hf.quantizer import attach as attach_quantizer
 

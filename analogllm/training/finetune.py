@@ -48,6 +48,7 @@ from analogllm.data import BUILTIN, token_blocks
 from analogllm.eval.perplexity import LMScore, evaluate_lm
 from analogllm.hf.models import load_model
 from analogllm.hf.checkpoint import save_pretrained
+from analogllm.hf.prefix import prefixed
 from analogllm.ops.memory import return_freed_memory
 from analogllm.ops.noise import seeded
 from analogllm.training.config import DistillSection, check_text
@@ -490,14 +491,15 @@ def _analogue(name: str, recipe: FinetuneRecipe, train: torch.Tensor, progress: 
     return analogize_(model, config, calibration=calibration, progress=progress)
 
 
-def _teacher(recipe: FinetuneRecipe, digital: torch.nn.Module | None) -> Teacher | None:
-    """The distillation teacher: the digital model scored beside the chips (``train.distill``)."""
+def _teacher(recipe: FinetuneRecipe, digital: torch.nn.Module | None, kv_prefix: tuple[int, ...] = ()) -> Teacher | None:
+    """The distillation teacher: the digital model scored beside the chips (``train.distill``), with the
+    chip's KV prefix attached to the model itself."""
     if not recipe.train.distill.enabled:
         return None
     if digital is None:
         raise ConfigError(f"train.distill.enabled: {recipe.model} is an analogue checkpoint; name its digital "
                           "model as `baseline` so the adapters have a teacher")
-    return Teacher(digital)
+    return Teacher(digital, kv_prefix)
 
 
 def _program(model: torch.nn.Module, seed: int, age: float, calibration: torch.Tensor) -> None:
@@ -518,11 +520,14 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
     written = " (written by the digital model)" if recipe.data.source == GENERATED else ""
     log(f"{recipe.model}: {len(train)} training blocks{written}; held-out: "
         + ", ".join(f"{k} ({len(v)} blocks)" for k, v in texts.items()))
-    digital = {k: score(digital_model, v, recipe, f"digital ({k})", progress)
-               for k, v in texts.items()} if recipe.eval.digital and digital_model is not None else {}
-    teacher = _teacher(recipe, digital_model)
+    _teacher(recipe, digital_model)  # refuse a missing teacher before minutes of mapping
     chip = _analogue(recipe.model, recipe, train, progress)
     baseline = _analogue(recipe.baseline, recipe, train, progress) if recipe.baseline else None
+    kv_prefix = chip.analog_config.kv_prefix
+    with prefixed(digital_model, kv_prefix if digital_model is not None else ()):  # the chip's context
+        digital = {k: score(digital_model, v, recipe, f"digital ({k})", progress)
+                   for k, v in texts.items()} if recipe.eval.digital and digital_model is not None else {}
+    teacher = _teacher(recipe, digital_model, kv_prefix)
     if out is not None:  # the base the adapters sit beside (their folders name chip seed and age)
         save_pretrained(chip, out / CHIP_DIR, tokenizer=tokenizer)
     rows = ([recipe.baseline_label] if baseline is not None else []) + [recipe.label]

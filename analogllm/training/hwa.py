@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from analogllm.hf.prefix import attach_prefix
 from analogllm.config.schema import ConfigError
 from analogllm.nn.convert import own_matrices
 from analogllm.nn.matrix import AnalogMatrix
@@ -146,11 +148,15 @@ class Teacher:
     matrix in ``digital`` mode (its exact targets, e.g. the model a chip map was exported from).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, kv_prefix: Sequence[int] = ()) -> None:
+        """``kv_prefix``: the student's digital KV prefix (``AnalogConfig.kv_prefix``), given to the teacher
+        too, so both predict the same text after the same context."""
         if getattr(model, "analog_config", None) is not None and set(modes(model).values()) - {"digital"}:
             raise ValueError("the teacher must be the digital model: pass a copy taken before analogize_ "
                              "(or an analogue copy with set_mode(copy, 'digital'))")
         self.model = model.eval().requires_grad_(False)
+        if kv_prefix and getattr(model, "analog_config", None) is None:  # an analogue copy has its own
+            attach_prefix(self.model, kv_prefix)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

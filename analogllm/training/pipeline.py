@@ -36,6 +36,7 @@ from analogllm.fileio import atomic_dir
 from analogllm.eval.sweep import drift_sweeps
 from analogllm.hf.models import load_model
 from analogllm.hf.checkpoint import from_pretrained, save_pretrained
+from analogllm.hf.prefix import prefixed
 from analogllm.config.schema import to_dict
 from analogllm.training.config import HWARecipe
 from analogllm.training.hwa import Teacher, TrainResult, hwa_train, unwrap
@@ -168,7 +169,7 @@ def run_train(
     model, tokenizer = load_base(recipe, progress) if base is None else (copy.deepcopy(base[0]), base[1])
     train = blocks(recipe, tokenizer, "train", model, progress)
     spec = recipe.train
-    teacher = Teacher(copy.deepcopy(model)) if spec.distill.enabled else None
+    teacher = Teacher(copy.deepcopy(model), recipe.analog.config().kv_prefix) if spec.distill.enabled else None
     if spec.hardware_aware:
         to_analog(model, recipe, train, progress)
     out = Path(recipe.output_dir)
@@ -216,7 +217,8 @@ def evaluate_recipe(
               for label, m in ((BEFORE, analog), (AFTER, trained)) if m is not None]
     reports = []
     for name, val in texts.items():
-        digital = evaluate_lm(model, val, ev.batch_size, progress=progress, desc=f"digital ({name})")
+        with prefixed(model, recipe.analog.config().kv_prefix):  # the reference reads the chip's context
+            digital = evaluate_lm(model, val, ev.batch_size, progress=progress, desc=f"digital ({name})")
         reports.append(EvalReport(
             model=recipe.model, profile=recipe.analog.profile, blocks=len(val), tokens=digital.tokens,
             drift_times=ev.drift_times, chip_seeds=ev.chip_seeds, digital=digital,
