@@ -4,15 +4,16 @@ Decoder LLMs park most of their attention on the first token of a sequence (the 
 that token carries the model's massive activations. On the chip its keys and values are read through
 the same noisy arrays and static converters as every other token's, and their error reaches every
 later token through attention. A fixed prefix of a few token ids (``AnalogConfig.kv_prefix``, e.g.
-the tokenizer's end-of-text token) takes the sink's place instead. Its keys and values do not depend on
+the tokenizer's BOS token) takes the sink's place instead. Its keys and values do not depend on
 the input, so the host computes them once, digitally from the exact weights, and serves them from
 memory as the first entries of every sequence's KV cache; the chip computes only the sequence's own
-tokens (IntactKV, Liu et al., ACL Findings 2024; PrefixQuant, Chen et al. 2024).
+tokens (IntactKV, Liu et al. 2024; PrefixQuant, Chen et al. 2024).
 
 Cost: P · layers · 2 · (kv heads · head dim) stored values (SmolLM2-135M, P = 1: 11,520) and P more keys
 to attend to per token; no analogue work. The simulation recomputes the prefix digitally at each
-forward (one P-token pass), which equals the stored cache for fixed weights and stays right while
-hardware-aware training moves them; the prefix carries no gradient, as a cache the host writes would not.
+forward (one P-token pass) while the model holds its digital weights, which equals the stored cache for
+fixed weights and stays right while hardware-aware training moves them (no gradient flows through it, as
+none would through a cache the host writes); ``deploy_`` stores it before it frees the weights.
 Every score of a model with a prefix is compared with the digital model given the same prefix
 (:func:`prefixed`).
 """
