@@ -129,7 +129,8 @@ def test_models_without_a_key_value_cache_in_every_layer_are_refused(name):
     """Refused at conversion, before any mapping or training is spent on it."""
     model, _ = load_model(name)
     with pytest.raises(ValueError, match="kv_prefix.*set kv_prefix to \\[\\]"):
-        al.analogize_(model, al.AnalogConfig.from_profile("ideal", kv_prefix=PREFIX))
+        al.analogize_(model, al.AnalogConfig.from_profile("pcm", kv_prefix=PREFIX), calibration=_ids(2, 16))
+    assert model.analog_report.mapping is None  # refused before the mapping ran
 
 
 @pytest.mark.parametrize("bad", [["a"], [-1], "x"])

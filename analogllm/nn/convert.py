@@ -127,25 +127,32 @@ def analogize_(
         from analogllm.nn.attention import enable_analog_attention
 
         enable_analog_attention(model, config)
+    # a checkpoint being loaded (attach=False) has no weights yet; it was checked when saved
+    prefix_size = _check_prefix(model, config.kv_prefix) if config.kv_prefix and attach else None
     if calibration is not None:
         from analogllm.mapping import map_
 
         report.mapping = map_(model, calibration, config.mapping, progress)
+        report.mapping.kv_prefix = prefix_size
     if config.kv_prefix:
         # after the mapping: calibrated without the prefix, the ranges also cover the massive activations
         # that tokens of other text can still carry (docs/mapping.md)
-        from analogllm.hf.prefix import attach_prefix, prefix_values
+        from analogllm.hf.prefix import attach_prefix
 
-        if attach:  # a checkpoint being loaded (attach=False) has no weights yet; it was checked when saved
-            values = prefix_values(model, config.kv_prefix)  # refuses a model without a KV cache now
-            if report.mapping is not None:
-                report.mapping.kv_prefix = (len(config.kv_prefix), values)
         attach_prefix(model, config.kv_prefix)
     if attach:
         from analogllm.hf.quantizer import attach as attach_quantizer
 
         attach_quantizer(model)
     return model
+
+
+def _check_prefix(model: nn.Module, tokens: tuple[int, ...]) -> tuple[int, int]:
+    """(prefix tokens, key/value numbers stored) of ``config.kv_prefix``; refuses a model without a
+    key/value cache before any mapping is spent on it."""
+    from analogllm.hf.prefix import prefix_values
+
+    return len(tokens), prefix_values(model, tokens)
 
 
 def _convert_modules(model: nn.Module, config: AnalogConfig) -> ConversionReport:
