@@ -45,10 +45,10 @@ def _cache_kwarg(model: nn.Module) -> str:
 
 class KVPrefix:
     """The digital KV prefix of one model: a forward pre-hook on its decoder body (which peft's adapters
-    and HF's ``generate`` call too). While the model holds its digital weights the prefix is computed
-    from them at each forward; :meth:`store_` (called by ``deploy_`` before it frees them) keeps it as
-    the host would, as stored keys and values. A class, not a closure, so the model still deep-copies
-    and pickles."""
+    and HF's ``generate`` call too; :func:`attach_prefix` registers it). While the model holds its
+    digital weights the prefix is computed from them at each forward; :meth:`store_` (called by
+    ``deploy_`` before it frees them) keeps it as the host would, as stored keys and values. A class, not
+    a closure, so the model still deep-copies and pickles."""
 
     def __init__(self, model: nn.Module, tokens: Sequence[int]) -> None:
         if not tokens:
@@ -62,7 +62,7 @@ class KVPrefix:
         self.owner = type(model).__name__
         self.busy = False
         self.stored: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.handle = body.register_forward_pre_hook(self, with_kwargs=True)
+        self.handle: Any = None
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         cache = kwargs.get(self.key)
@@ -88,12 +88,12 @@ class KVPrefix:
             for i, (k, v) in enumerate(self.stored):
                 cache.update(*(t.to(w.device, w.dtype).expand(batch, -1, -1, -1).clone() for t in (k, v)), i)
             return cache
-        from analogllm.mapping.capture import digital
+        from analogllm.chip.program import mode
 
         ids = torch.tensor([self.tokens], dtype=torch.long, device=body.get_input_embeddings().weight.device)
         self.busy = True
         try:
-            with torch.no_grad(), digital(body):
+            with torch.no_grad(), mode(body, "digital"):  # analogue attention products included
                 out = body(input_ids=ids.expand(batch, -1), use_cache=True, **{self.key: cache})
         finally:
             self.busy = False
@@ -118,6 +118,7 @@ def attach_prefix(model: nn.Module, tokens: Sequence[int]) -> KVPrefix:
     reads then starts with their keys and values. A forward given a cache that already holds tokens the
     prefix did not put there is left alone (the caller brought its own context)."""
     prefix = KVPrefix(model, tokens)
+    prefix.handle = model.base_model.register_forward_pre_hook(prefix, with_kwargs=True)
     model.analog_kv_prefix = prefix
     return prefix
 
@@ -149,9 +150,7 @@ def _skip_cached(cache: Any, kwargs: dict[str, Any]) -> None:
 def prefix_values(model: nn.Module, tokens: Sequence[int]) -> int:
     """How many key/value numbers the host stores for the prefix ``tokens`` (one sequence); refuses a model
     that keeps no key/value cache in every layer. Needs the digital weights; attaches nothing."""
-    prefix = KVPrefix(model, tokens)
-    prefix.handle.remove()
-    return prefix.store_(model.base_model)
+    return KVPrefix(model, tokens).store_(model.base_model)
 
 
 def _keys_only(cache: Any, p: int) -> bool:

@@ -491,15 +491,18 @@ def _analogue(name: str, recipe: FinetuneRecipe, train: torch.Tensor, progress: 
     return analogize_(model, config, calibration=calibration, progress=progress)
 
 
+def _check_teacher(recipe: FinetuneRecipe, digital: torch.nn.Module | None) -> None:
+    """Refuse ``train.distill`` without a digital model to distil from."""
+    if recipe.train.distill.enabled and digital is None:
+        raise ConfigError(f"train.distill.enabled: {recipe.model} is an analogue checkpoint; name its digital "
+                          "model as `baseline` so the adapters have a teacher")
+
+
 def _teacher(recipe: FinetuneRecipe, digital: torch.nn.Module | None, kv_prefix: tuple[int, ...] = ()) -> Teacher | None:
     """The distillation teacher: the digital model scored beside the chips (``train.distill``), with the
     chip's KV prefix attached to the model itself."""
-    if not recipe.train.distill.enabled:
-        return None
-    if digital is None:
-        raise ConfigError(f"train.distill.enabled: {recipe.model} is an analogue checkpoint; name its digital "
-                          "model as `baseline` so the adapters have a teacher")
-    return Teacher(digital, kv_prefix)
+    _check_teacher(recipe, digital)
+    return Teacher(digital, kv_prefix) if recipe.train.distill.enabled else None
 
 
 def _program(model: torch.nn.Module, seed: int, age: float, calibration: torch.Tensor) -> None:
@@ -520,7 +523,7 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
     written = " (written by the digital model)" if recipe.data.source == GENERATED else ""
     log(f"{recipe.model}: {len(train)} training blocks{written}; held-out: "
         + ", ".join(f"{k} ({len(v)} blocks)" for k, v in texts.items()))
-    _teacher(recipe, digital_model)  # refuse a missing teacher before minutes of mapping
+    _check_teacher(recipe, digital_model)  # before minutes of mapping
     chip = _analogue(recipe.model, recipe, train, progress)
     baseline = _analogue(recipe.baseline, recipe, train, progress) if recipe.baseline else None
     kv_prefix = chip.analog_config.kv_prefix

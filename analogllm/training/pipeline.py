@@ -216,9 +216,11 @@ def evaluate_recipe(
     sweeps = [drift_sweeps(m, texts, ev.drift_times, ev.chip_seeds, ev.batch_size, label=label, progress=progress)
               for label, m in ((BEFORE, analog), (AFTER, trained)) if m is not None]
     reports = []
+    with prefixed(model, recipe.analog.config().kv_prefix):  # the digital reference reads the chip's context
+        digitals = {name: evaluate_lm(model, val, ev.batch_size, progress=progress, desc=f"digital ({name})")
+                    for name, val in texts.items()}
     for name, val in texts.items():
-        with prefixed(model, recipe.analog.config().kv_prefix):  # the reference reads the chip's context
-            digital = evaluate_lm(model, val, ev.batch_size, progress=progress, desc=f"digital ({name})")
+        digital = digitals[name]
         reports.append(EvalReport(
             model=recipe.model, profile=recipe.analog.profile, blocks=len(val), tokens=digital.tokens,
             drift_times=ev.drift_times, chip_seeds=ev.chip_seeds, digital=digital,
