@@ -370,3 +370,22 @@ def test_a_tied_digital_head_stays_tied_under_the_residual_rotation(tmp_path):
     with torch.no_grad(), seeded(5):
         b = back(input_ids=ids).logits
     assert torch.equal(a, b)
+
+
+def test_calibration_capture_runs_analogue_attention_exactly():
+    """The calibration pass sees the exact model's activations, analogue attention products included:
+    with them on a noisy chip, the captured inputs equal those of the same model without them."""
+    from analogllm.mapping.capture import capture_inputs
+
+    model, tok = load_model("tiny-llama")
+    blocks = _blocks(tok, "train", 4)
+    captured = []
+    for attention in (False, True):
+        m = copy.deepcopy(model)
+        al.analogize_(m, al.AnalogConfig.from_profile("pcm", analog_attention=attention))
+        al.program_(m, seed=0)
+        captured.append(capture_inputs(m, blocks, tokens=64, seed=0))
+        assert not attention or any(hasattr(x, "analog_products") for x in m.modules())
+    assert captured[0].keys() == captured[1].keys()
+    for key, x in captured[0].items():
+        assert torch.allclose(x, captured[1][key], atol=1e-6), key

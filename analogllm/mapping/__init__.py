@@ -32,7 +32,7 @@ from torch import nn
 
 from analogllm.chip.correct import correction_macs
 from analogllm.config.analog import MappingConfig
-from analogllm.mapping.capture import capture_inputs, digital
+from analogllm.mapping.capture import capture_inputs
 from analogllm.mapping.clip import ClipChoice, clip_weights_
 from analogllm.mapping.families import rescale_groups
 from analogllm.mapping.ranges import RangeChoice, calibrate_ranges_, dac_inputs
@@ -265,5 +265,5 @@ def restore_transforms_(model: nn.Module, specs: dict[str, dict]) -> None:
         matrices[name].set_transform(scale=bool(spec.get("scale")), rotation_seed=spec.get("rotation_seed"))
 
 
-__all__ = ["MappingReport", "add_rotation", "begin_rotation", "digital", "fit_moments_", "map_", "map_layers_", "moment_specs", "restore_moments_",
+__all__ = ["MappingReport", "add_rotation", "begin_rotation", "fit_moments_", "map_", "map_layers_", "moment_specs", "restore_moments_",
            "restore_transforms_", "transform_specs"]

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from analogllm.chip.program import mode
 from analogllm.nn.convert import analog_matrices
 from analogllm.nn.matrix import AnalogMatrix
 from analogllm.ops.noise import seeded
@@ -18,27 +16,13 @@ from analogllm.ops.noise import seeded
 Key = tuple[str, int | None]
 
 
-@contextmanager
-def digital(model: nn.Module) -> Iterator[None]:
-    """Run every analogue matrix of ``model`` as a plain matmul (its input transform included), so a
-    pass sees the activations of the exact model; restored afterwards."""
-    matrices = [m for m in model.modules() if isinstance(m, AnalogMatrix)]
-    modes = [m.mode for m in matrices]
-    for m in matrices:
-        m.mode = "digital"
-    try:
-        yield
-    finally:
-        for m, mode in zip(matrices, modes):
-            m.mode = mode
-
-
 @torch.no_grad()
 def capture_inputs(model: nn.Module, blocks: torch.Tensor, tokens: int = 256, batch_size: int = 4,
                    seed: int = 0, progress: bool = False) -> dict[Key, torch.Tensor]:
     """A seeded random sample of ``tokens`` input rows of every analogue matrix (before its input
-    transform), from a digital forward over ``blocks`` (LongTensor [n, block]). Layers that read the
-    same activation (q/k/v) share one stored tensor."""
+    transform), from a digital forward over ``blocks`` (LongTensor [n, block]): every matrix and every
+    analogue attention product runs exactly, so each layer sees the activations of the exact model.
+    Layers that read the same activation (q/k/v) share one stored tensor."""
     names = {id(m): name for name, m, _ in analog_matrices(model)}
     n_batches = math.ceil(len(blocks) / batch_size)
     per_call = math.ceil(tokens / n_batches)
@@ -61,7 +45,7 @@ def capture_inputs(model: nn.Module, blocks: torch.Tensor, tokens: int = 256, ba
     was = model.training
     model.eval()
     try:
-        with digital(model), seeded(seed, device):
+        with mode(model, "digital"), seeded(seed, device):
             for start in tqdm(range(0, len(blocks), batch_size), desc="calibration pass", disable=not progress,
                               leave=False):
                 seen.clear()
@@ -77,4 +61,4 @@ def capture_inputs(model: nn.Module, blocks: torch.Tensor, tokens: int = 256, ba
     return out
 
 
-__all__ = ["Key", "capture_inputs", "digital"]
+__all__ = ["Key", "capture_inputs"]
