@@ -67,9 +67,10 @@ def deploy_(model: nn.Module, seed: int = 0, seconds: float = 0.0) -> nn.Module:
     generation and LoRA adapters trained by backprop through the chip work; training the base,
     reprogramming, drift, export, saving and physics-aware training raise. Set the DAC ranges before."""
     _require_analog(model)
-    prefix = getattr(model, "analog_kv_prefix", None)
-    if prefix is not None and prefix.stored is None and not deployed(model):
-        prefix.store_(model.base_model)  # the host keeps the digital KV prefix; the weights it needs go now
+    if not deployed(model):
+        from analogllm.hf.prefix import hold_prefix_
+
+        hold_prefix_(model)  # the host keeps the digital KV prefix; the weights it needs go now
     return deploy_matrices_(model, seed, seconds)
 
 

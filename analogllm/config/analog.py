@@ -305,6 +305,9 @@ class AnalogConfig:
     kv_prefix: token ids whose keys and values the host computes digitally and serves as the start of
     every sequence's KV cache (:mod:`analogllm.hf.prefix`): the attention sink, and the massive
     activations it carries, stay off the chip. Empty (the default) = none; attention transformers only.
+    ``"bos"`` = the model's BOS token, resolved by ``analogize_`` to its id, or to none with a note where
+    the model names no BOS token or keeps no key/value cache in every layer (so a profile or recipe for
+    every family can carry it; explicit ids are refused there instead).
     """
 
     device: Device = field(default_factory=Ideal)
@@ -320,7 +323,7 @@ class AnalogConfig:
     exclude: tuple[str, ...] = ("lm_head", "^head$")
     analog_attention: bool = False
     exact_read_noise: bool = False
-    kv_prefix: tuple[int, ...] = ()
+    kv_prefix: tuple[int, ...] | Literal["bos"] = ()
     seed: int = 0
     name: str = "custom"
 
@@ -335,8 +338,9 @@ class AnalogConfig:
         check(self.ir_drop.wire_resistance == 0 or getattr(self.device, "g_max", None) is not None,
               "ir_drop.wire_resistance", f"needs a crossbar device with a g_max (pcm, rram); a {self.device.kind} "
               "device has no column wires")
-        check(all(isinstance(t, int) and t >= 0 for t in self.kv_prefix), "kv_prefix",
-              "must be a list of token ids (integers >= 0)")
+        check(self.kv_prefix == "bos" or (not isinstance(self.kv_prefix, str)
+                                          and all(isinstance(t, int) and t >= 0 for t in self.kv_prefix)),
+              "kv_prefix", "must be a list of token ids (integers >= 0) or 'bos' (the model's BOS token)")
 
     # ----- construction -------------------------------------------------------------------------------------
     @classmethod

@@ -153,6 +153,14 @@ def _join(where: str, key: str) -> str:
 
 
 def _name(tp: Any) -> str:
+    """A type hint as a reader would write it: ``tuple[int, ...] | 'bos'``."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_name(a) for a in get_args(tp))
+    if origin is Literal:
+        return " | ".join(map(repr, get_args(tp)))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

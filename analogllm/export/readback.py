@@ -48,6 +48,7 @@ from analogllm.export.manifest import (
     load_map, read_format_json, save_layer_file,
 )
 from analogllm.fileio import atomic_dir, atomic_write_bytes
+from analogllm.hf.prefix import hold_prefix_
 
 MEASUREMENT_FORMAT = "analogllm-measurement"
 MEASUREMENT_VERSION = 1
@@ -319,6 +320,7 @@ def chip_from_measurement(model: nn.Module, amap: AnalogMap | str | os.PathLike,
             "measured": str(measured.path), "seconds": measured.seconds, "reads": measured.reads,
             "read_noise": read_noise}
     module = amap.target_module
+    hold_prefix_(model)  # from the source's weights, before the map's targets replace them
     for name, layer in layers.items():
         lmap = amap.layers[name]
         map_arrays = lmap.arrays()

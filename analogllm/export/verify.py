@@ -39,6 +39,7 @@ from analogllm.export.manifest import (
     AnalogLayer, AnalogMap, MapError, analog_layers, check_model_fits_map, load_map, scale_per_input,
 )
 from analogllm.export.writer import require_ranges
+from analogllm.hf.prefix import hold_prefix_
 from analogllm.ops.noise import seeded
 
 #: relative difference allowed between the realised matrices (and gains) of the replayed and the
@@ -158,6 +159,7 @@ def verify_map(
     blocks = _eval_blocks(amap.manifest, tokenizer, blocks, max_blocks, block_size)
 
     replica = copy.deepcopy(model)
+    hold_prefix_(replica)  # from the model's own weights, before the map's targets replace them
     replica_layers = {layer.name: layer for layer in analog_layers(replica)}
     exact, quantized = amap.target_module.SOURCES
     if amap.device_record.get("phase_bits", 0) is None:

@@ -33,14 +33,21 @@ from torch import nn
 _MARK = "_analog_kv_prefix"
 
 
+class PrefixUnsupported(ValueError):
+    """The model cannot take a digital KV prefix; ``reason`` says why (the message adds what to do)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"kv_prefix: {reason}; set kv_prefix to [] for this model")
+        self.reason = reason
+
+
 def _cache_kwarg(model: nn.Module) -> str:
     """The forward's KV-cache argument (``cache`` in recent transformers, ``past_key_values`` before)."""
     params = inspect.signature(model.forward).parameters
     for name in ("cache", "past_key_values"):
         if name in params:
             return name
-    raise ValueError(f"kv_prefix needs a model whose forward takes a KV cache; {type(model).__name__} has "
-                     "none: set kv_prefix to [] for this model")
+    raise PrefixUnsupported(f"{type(model).__name__}'s forward takes no key/value cache")
 
 
 class KVPrefix:
@@ -55,8 +62,7 @@ class KVPrefix:
             raise ValueError("kv_prefix: give at least one token id")
         body = getattr(model, "base_model", None)
         if body is None or body is model:
-            raise ValueError(f"kv_prefix needs a Hugging Face causal LM with a decoder body; {type(model).__name__} "
-                             "has none: set kv_prefix to [] for this model")
+            raise PrefixUnsupported(f"{type(model).__name__} is not a Hugging Face causal LM with a decoder body")
         self.tokens = tuple(int(t) for t in tokens)
         self.key = _cache_kwarg(body)
         self.owner = type(model).__name__
@@ -78,39 +84,52 @@ class KVPrefix:
         return args, kwargs
 
     def _cache(self, body: nn.Module, batch: int, cache: Any) -> Any:
-        """A cache holding the prefix's keys and values for ``batch`` sequences (into ``cache`` if given)."""
-        if self.stored is not None:
-            if cache is None:
-                from transformers import DynamicCache
+        """A cache holding the prefix's keys and values for ``batch`` sequences (into ``cache`` if given):
+        one sequence's, computed now from the digital weights unless stored, repeated ``batch`` times, so
+        that a computed prefix and a stored one are the same numbers bit for bit."""
+        if cache is None:
+            from transformers import DynamicCache
 
-                cache = DynamicCache(config=body.config)
-            w = body.get_input_embeddings().weight  # the model's device and dtype now (after any .to())
-            for i, (k, v) in enumerate(self.stored):
-                cache.update(*(t.to(w.device, w.dtype).expand(batch, -1, -1, -1).clone() for t in (k, v)), i)
-            return cache
+            cache = DynamicCache(config=body.config)
+        w = body.get_input_embeddings().weight  # the model's device and dtype now (after any .to())
+        for i, (k, v) in enumerate(self.stored if self.stored is not None else self._compute(body)):
+            cache.update(*(t.to(w.device, w.dtype).expand(batch, -1, -1, -1).clone() for t in (k, v)), i)
+        return cache
+
+    def _compute(self, body: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prefix's keys and values per layer ((1, heads, P, dim) each), computed digitally."""
         from analogllm.chip.program import mode
 
         ids = torch.tensor([self.tokens], dtype=torch.long, device=body.get_input_embeddings().weight.device)
         self.busy = True
         try:
             with torch.no_grad(), mode(body, "digital"):  # analogue attention products included
-                out = body(input_ids=ids.expand(batch, -1), use_cache=True, **{self.key: cache})
+                out = body(input_ids=ids, use_cache=True)
         finally:
             self.busy = False
         cache = out.get(self.key) if out.get(self.key) is not None else out.get("past_key_values")
         if not _keys_only(cache, len(self.tokens)):
-            raise ValueError(f"kv_prefix: {self.owner} does not keep a key/value cache in every layer (a recurrent, "
-                             "state-space or hybrid model), so its prefix cannot be served as stored keys and "
-                             "values; set kv_prefix to [] for it")
-        return cache
+            raise PrefixUnsupported(f"{self.owner} does not keep a key/value cache in every layer (a recurrent, "
+                                    "state-space or hybrid model), so its prefix cannot be served as stored keys "
+                                    "and values")
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
     def store_(self, body: nn.Module) -> int:
         """Compute the prefix from the current digital weights once and serve it from then on; returns how
         many key/value numbers that is (per sequence)."""
         self.stored = None
-        cache = self._cache(body, 1, None)
-        self.stored = [(layer.keys, layer.values) for layer in cache.layers]
+        self.stored = self._compute(body)
         return sum(k.numel() + v.numel() for k, v in self.stored)
+
+
+def hold_prefix_(model: nn.Module) -> None:
+    """Store ``model``'s digital KV prefix (if it has one not yet stored) from its current digital weights,
+    before they are replaced or freed: by ``deploy_``, or by a map's targets when a chip is replayed or
+    read back from a map. The host computes the prefix from the source model's exact weights; the
+    targets (closed-loop programming moves them, and they are quantised) are what the chip holds."""
+    prefix = getattr(model, "analog_kv_prefix", None)
+    if prefix is not None and prefix.stored is None:
+        prefix.store_(model.base_model)
 
 
 def attach_prefix(model: nn.Module, tokens: Sequence[int]) -> KVPrefix:
@@ -153,6 +172,29 @@ def prefix_values(model: nn.Module, tokens: Sequence[int]) -> int:
     return KVPrefix(model, tokens).store_(model.base_model)
 
 
+def resolve_prefix(model: nn.Module, tokens: Sequence[int] | str, check: bool = True) -> tuple[tuple[int, ...], str | None]:
+    """The token ids ``kv_prefix`` (``AnalogConfig.kv_prefix``) names for ``model``, and why ``"bos"`` named
+    none. Explicit ids come back as given (they are checked where they are used, and refused there);
+    ``"bos"``, a profile's default, is the model's BOS token where it keeps a key/value cache in every
+    layer, and none otherwise, so that a profile converts every family. ``check=False`` (weights not
+    loaded yet) skips the one-token digital forward that confirms the cache."""
+    if not isinstance(tokens, str):
+        return tuple(tokens), None
+    bos = getattr(getattr(model, "config", None), "bos_token_id", None)
+    bos = bos[0] if isinstance(bos, (list, tuple)) and bos else bos
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(bos, int) or embed is None or not 0 <= bos < embed.weight.shape[0]:
+        return (), "the model names no BOS token in its vocabulary"
+    try:
+        if check:
+            prefix_values(model, (bos,))
+        else:
+            KVPrefix(model, (bos,))
+    except PrefixUnsupported as exc:
+        return (), exc.reason
+    return (bos,), None
+
+
 def _keys_only(cache: Any, p: int) -> bool:
     """Whether every layer of ``cache`` holds the ``p`` prefix tokens' keys and values (attention); a
     recurrent layer's state (Mamba, RWKV, linear attention) is not a per-token cache."""
@@ -187,4 +229,4 @@ def prefixed(model: nn.Module, tokens: Sequence[int]) -> Iterator[nn.Module]:
             detach_prefix(model)
 
 
-__all__ = ["KVPrefix", "attach_prefix", "detach_prefix", "prefix_values", "prefixed"]
+__all__ = ["KVPrefix", "PrefixUnsupported", "attach_prefix", "detach_prefix", "hold_prefix_", "prefix_values", "prefixed", "resolve_prefix"]

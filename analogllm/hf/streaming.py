@@ -172,6 +172,21 @@ def _blocks_on_demand(blocks: nn.ModuleList, prefix: str, read: Callable[[nn.Mod
             h.remove()
 
 
+def _streaming_config(config: AnalogConfig | str | None) -> tuple[AnalogConfig, str | None]:
+    """The config block-by-block loading uses, and why it serves no KV prefix where the profile asked for
+    the BOS token's: the prefix's keys and values need every decoder block's digital weights at once."""
+    if config is None or isinstance(config, str):
+        config = AnalogConfig.from_profile(config or "pcm")
+    if config.kv_prefix == "bos":  # a profile's default: served where it can be, and this cannot
+        return config.set("kv_prefix", []), ("kv_prefix 'bos': no prefix, block-by-block loading never holds "
+                                             "every block's digital weights")
+    if config.kv_prefix:
+        raise ValueError("kv_prefix: its keys and values need every decoder block's digital weights at once, "
+                         "which block-by-block loading never holds; load the model whole (load_model, "
+                         "analogize_, deploy_) or set kv_prefix to []")
+    return config, None
+
+
 def stream_deploy(source: str | Path, config: AnalogConfig | str | None = None, *, seed: int = 0,
                   seconds: float = 0.0, calibration: torch.Tensor | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, progress: bool = False) -> nn.Module:
@@ -189,17 +204,14 @@ def stream_deploy(source: str | Path, config: AnalogConfig | str | None = None, 
 
     device = torch.device(device)
     ckpt = Checkpoint(source)
-    if config is None or isinstance(config, str):
-        config = AnalogConfig.from_profile(config or "pcm")
-    if config.kv_prefix:
-        raise ValueError("kv_prefix: its keys and values need every decoder block's digital weights at once, "
-                         "which block-by-block loading never holds; load the model whole (load_model, "
-                         "analogize_, deploy_) or set kv_prefix to []")
+    config, why_no_prefix = _streaming_config(config)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, local_files_only=True), dtype=dtype)
     model.tie_weights()  # built empty, a tied LM head is its own meta tensor until tied
     model.eval()
     analogize_(model, config, attach=False)
+    if why_no_prefix:
+        model.analog_report.notes.append(why_no_prefix)
     _check_keys(model, ckpt)
     prefix, blocks = decoder_blocks(model)
     reader = _Reader(ckpt, device, dtype)

@@ -63,6 +63,7 @@ class ConversionReport:
 
     rows: list[tuple[str, str, str, str, str]] = field(default_factory=list)
     mapping: Any = None  # the analogllm.mapping.MappingReport, when calibration text was given
+    notes: list[str] = field(default_factory=list)  # model-wide choices (the KV prefix)
 
     @property
     def analog(self) -> list[str]:
@@ -86,8 +87,9 @@ class ConversionReport:
         out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
         out += [line(r) for r in self.rows]
         summary = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
+        notes = "".join(f"\n{n}" for n in self.notes)
         mapping = "" if self.mapping is None else "\n\n" + self.mapping.summary()
-        return "\n".join(out) + f"\n\n{summary}" + mapping
+        return "\n".join(out) + f"\n\n{summary}" + notes + mapping
 
 
 def analogize_(
@@ -120,7 +122,10 @@ def analogize_(
     if getattr(model, "analog_config", None) is not None:
         raise ValueError("model is already analogue (it has an analog_config); convert a fresh digital model")
 
+    config, prefix_note = _resolve_prefix(model, config, check=attach)
     report = _convert_modules(model, config)
+    if prefix_note:
+        report.notes.append(prefix_note)
     model.analog_config = config  # type: ignore[assignment]
     model.analog_report = report  # type: ignore[assignment]
     if config.analog_attention:
@@ -145,6 +150,20 @@ def analogize_(
 
         attach_quantizer(model)
     return model
+
+
+def _resolve_prefix(model: nn.Module, config: AnalogConfig, check: bool) -> tuple[AnalogConfig, str | None]:
+    """``config`` with ``kv_prefix: bos`` replaced by the ids it names for ``model`` (the config saved with
+    the model holds ids), and the line the conversion report prints about the prefix."""
+    if not config.kv_prefix:
+        return config, None
+    from analogllm.hf.prefix import resolve_prefix
+
+    tokens, why = resolve_prefix(model, config.kv_prefix, check)
+    config = config.set("kv_prefix", list(tokens))
+    if why:
+        return config, f"kv_prefix 'bos': no prefix, {why}"
+    return config, f"digital KV prefix: token ids {list(tokens)} (kv_prefix)"
 
 
 def _check_prefix(model: nn.Module, tokens: tuple[int, ...]) -> tuple[int, int]:
