@@ -117,7 +117,6 @@ class KVPrefix:
     def store_(self, body: nn.Module) -> int:
         """Compute the prefix from the current digital weights once and serve it from then on; returns how
         many key/value numbers that is (per sequence)."""
-        self.stored = None
         self.stored = self._compute(body)
         return sum(k.numel() + v.numel() for k, v in self.stored)
 
@@ -175,9 +174,9 @@ def prefix_values(model: nn.Module, tokens: Sequence[int]) -> int:
 def resolve_prefix(model: nn.Module, tokens: Sequence[int] | str, check: bool = True) -> tuple[tuple[int, ...], str | None]:
     """The token ids ``kv_prefix`` (``AnalogConfig.kv_prefix``) names for ``model``, and why ``"bos"`` named
     none. Explicit ids come back as given (they are checked where they are used, and refused there);
-    ``"bos"``, a profile's default, is the model's BOS token where it keeps a key/value cache in every
-    layer, and none otherwise, so that a profile converts every family. ``check=False`` (weights not
-    loaded yet) skips the one-token digital forward that confirms the cache."""
+    ``"bos"`` is the model's BOS token where it keeps a key/value cache in every layer, and none
+    otherwise, so that a profile or recipe carrying it converts every family. ``check=False`` (weights
+    not loaded yet) skips the one-token digital forward that confirms the cache."""
     if not isinstance(tokens, str):
         return tuple(tokens), None
     bos = getattr(getattr(model, "config", None), "bos_token_id", None)

@@ -173,11 +173,12 @@ def _blocks_on_demand(blocks: nn.ModuleList, prefix: str, read: Callable[[nn.Mod
 
 
 def _streaming_config(config: AnalogConfig | str | None) -> tuple[AnalogConfig, str | None]:
-    """The config block-by-block loading uses, and why it serves no KV prefix where the profile asked for
-    the BOS token's: the prefix's keys and values need every decoder block's digital weights at once."""
+    """The config block-by-block loading uses, and why it serves no KV prefix where the config asks for the
+    BOS token's (``kv_prefix: bos``): the prefix's keys and values need every decoder block's digital
+    weights at once."""
     if config is None or isinstance(config, str):
         config = AnalogConfig.from_profile(config or "pcm")
-    if config.kv_prefix == "bos":  # a profile's default: served where it can be, and this cannot
+    if config.kv_prefix == "bos":  # served where it can be, and here it cannot
         return config.set("kv_prefix", []), ("kv_prefix 'bos': no prefix, block-by-block loading never holds "
                                              "every block's digital weights")
     if config.kv_prefix:

@@ -139,7 +139,7 @@ def to_analog(model: nn.Module, recipe: HWARecipe, train: torch.Tensor, progress
     return model.eval()
 
 
-def kv_prefix(model: nn.Module, recipe: HWARecipe) -> tuple[int, ...]:
+def _kv_prefix(model: nn.Module, recipe: HWARecipe) -> tuple[int, ...]:
     """The KV prefix ids the recipe's chip gives the digital ``model`` (``"bos"`` resolved), which its
     teacher and its digital reference read too."""
     return resolve_prefix(model, recipe.analog.config().kv_prefix)[0]
@@ -175,7 +175,7 @@ def run_train(
     model, tokenizer = load_base(recipe, progress) if base is None else (copy.deepcopy(base[0]), base[1])
     train = blocks(recipe, tokenizer, "train", model, progress)
     spec = recipe.train
-    teacher = Teacher(copy.deepcopy(model), kv_prefix(model, recipe)) if spec.distill.enabled else None
+    teacher = Teacher(copy.deepcopy(model), _kv_prefix(model, recipe)) if spec.distill.enabled else None
     if spec.hardware_aware:
         to_analog(model, recipe, train, progress)
     out = Path(recipe.output_dir)
@@ -222,7 +222,7 @@ def evaluate_recipe(
     sweeps = [drift_sweeps(m, texts, ev.drift_times, ev.chip_seeds, ev.batch_size, label=label, progress=progress)
               for label, m in ((BEFORE, analog), (AFTER, trained)) if m is not None]
     reports = []
-    with prefixed(model, kv_prefix(model, recipe)):  # the digital reference reads the chip's context
+    with prefixed(model, _kv_prefix(model, recipe)):  # the digital reference reads the chip's context
         digitals = {name: evaluate_lm(model, val, ev.batch_size, progress=progress, desc=f"digital ({name})")
                     for name, val in texts.items()}
     for name, val in texts.items():
