@@ -498,13 +498,6 @@ def _check_teacher(recipe: FinetuneRecipe, digital: torch.nn.Module | None) -> N
                           "model as `baseline` so the adapters have a teacher")
 
 
-def _teacher(recipe: FinetuneRecipe, digital: torch.nn.Module | None, kv_prefix: tuple[int, ...] = ()) -> Teacher | None:
-    """The distillation teacher: the digital model scored beside the chips (``train.distill``), with the
-    chip's KV prefix attached to the model itself."""
-    _check_teacher(recipe, digital)
-    return Teacher(digital, kv_prefix) if recipe.train.distill.enabled else None
-
-
 def _program(model: torch.nn.Module, seed: int, age: float, calibration: torch.Tensor) -> None:
     program_(model, seed, age)
     calibrate_(model, calibration, seed=seed)  # unset learned DAC ranges (no mapping) from one read
@@ -530,7 +523,8 @@ def finetune(recipe: FinetuneRecipe, progress: bool = True, log: Callable[[str],
     with prefixed(digital_model, kv_prefix if digital_model is not None else ()):  # the chip's context
         digital = {k: score(digital_model, v, recipe, f"digital ({k})", progress)
                    for k, v in texts.items()} if recipe.eval.digital and digital_model is not None else {}
-    teacher = _teacher(recipe, digital_model, kv_prefix)
+    # the distillation teacher: the digital model scored beside the chips, with the chip's KV prefix
+    teacher = Teacher(digital_model, kv_prefix) if recipe.train.distill.enabled else None
     if out is not None:  # the base the adapters sit beside (their folders name chip seed and age)
         save_pretrained(chip, out / CHIP_DIR, tokenizer=tokenizer)
     rows = ([recipe.baseline_label] if baseline is not None else []) + [recipe.label]
