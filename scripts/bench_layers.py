@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import machine, markdown, round_robin  # noqa: E402
+from benchlib import bench_config, machine, markdown, round_robin  # noqa: E402
 
 import analogllm as al  # noqa: E402
 from analogllm.cli.core import add_set_argument, parse_overrides  # noqa: E402
@@ -57,7 +57,7 @@ def _eval_step(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 def _analogllm(base: nn.Linear, rows: int | None, profile: str, compile_: bool,
                overrides: dict | None = None) -> tuple[nn.Module, nn.Module]:
-    cfg = al.AnalogConfig.from_profile(profile, **{"tiling.rows": rows, "tiling.cols": rows, **(overrides or {})})
+    cfg = bench_config(profile, **{"tiling.rows": rows, "tiling.cols": rows, **(overrides or {})})
     train = al.AnalogLinear.from_linear(_copy(base), cfg, name="bench")
     al.set_mode(train, "hwa")  # hardware-aware training noise (modes are explicit, not model.train())
     train(torch.randn(4, base.in_features, device=base.weight.device))  # data-initialised input range

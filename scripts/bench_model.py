@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import machine, markdown, round_robin  # noqa: E402
+from benchlib import bench_config, machine, markdown, round_robin  # noqa: E402
 
 import analogllm as al  # noqa: E402
 from analogllm.data import token_blocks  # noqa: E402
@@ -71,7 +71,7 @@ def _build(args: argparse.Namespace, analog: bool, device: torch.device) -> tupl
         raise SystemExit(f"the built-in corpus gives only {ids.shape[0]} blocks of {args.block} tokens; lower --batch")
     ids = ids[: args.batch].to(device)
     if analog:
-        al.analogize_(model, al.AnalogConfig.from_profile(args.profile))
+        al.analogize_(model, bench_config(args.profile))
         with torch.no_grad(), al.mode(model, "hwa"):
             model(ids[:1])  # data-initialised DAC ranges
     return model, ids
@@ -137,7 +137,7 @@ def _streamed_worker(args: argparse.Namespace) -> dict:
     ids = token_blocks(tokenizer, "builtin", block_size=args.block, split="validation", max_blocks=args.batch)
     calibration = calibration_blocks(tokenizer, count=args.calibration_blocks)
     t0 = time.perf_counter()
-    model = stream_deploy(args.model, al.AnalogConfig.from_profile(args.profile), seed=0, seconds=DAY,
+    model = stream_deploy(args.model, bench_config(args.profile), seed=0, seconds=DAY,
                           calibration=calibration, device=args.device)
     seconds = time.perf_counter() - t0
     step = _eval_step(model, ids.to(args.device))

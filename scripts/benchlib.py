@@ -13,6 +13,19 @@ from collections.abc import Callable
 
 import torch
 
+import analogllm as al
+
+#: the read path the other toolkits simulate, pinned so the ratios compare like with like: drift
+#: compensation as a digital gain after the ADC (aihwkit's GlobalDriftCompensation), no measured
+#: low-rank correction, no digital KV prefix (the pcm profile turns on the latter two and pulse
+#: compensation for quality; ``--set`` puts them back)
+READ_PATH = {"drift.compensation_at": "digital", "mapping.correction_rank": 0, "kv_prefix": []}
+
+
+def bench_config(profile: str, **overrides: object) -> al.AnalogConfig:
+    """``profile`` on the pinned :data:`READ_PATH`, then ``overrides``."""
+    return al.AnalogConfig.from_profile(profile, **{**READ_PATH, **overrides})
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":

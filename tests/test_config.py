@@ -33,6 +33,20 @@ def test_overrides_are_validated():
         cfg.set("adc.bits", "six")
 
 
+def test_numbers_in_exponent_form_are_numbers():
+    # YAML 1.1 (PyYAML) reads 5e-5 as a string; `--set train.lr=5e-5` and `lr: 5e-5` in a recipe mean a number
+    from analogllm.cli.args import parse_overrides
+    from analogllm.config.schema import replace_path
+    from analogllm.training.config import TrainSection
+
+    cfg = al.AnalogConfig.from_profile("pcm", **parse_overrides(["device.g_max=2.5e1", "output.noise=4E-2"]))
+    assert cfg.device.g_max == 25.0 and cfg.output.noise == 0.04
+    assert replace_path(TrainSection(), "lr", "5e-5").lr == 5e-5
+    for bad in ("5e", "e5", "5e-5x", "1e5.0"):
+        with pytest.raises(ConfigError, match="output.noise"):
+            al.AnalogConfig.from_profile("pcm", **{"output.noise": bad})
+
+
 @pytest.mark.parametrize(
     "patch, message",
     [

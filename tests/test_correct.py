@@ -136,9 +136,9 @@ def test_correction_settings_are_checked_and_costed():
         al.AnalogConfig.from_profile("pcm", **{"mapping.correction_reads": 0})
     assert correction_macs(32, 576, 1536) == 32 * 2112
     assert correction_macs(64, 48, 16) == 16 * 64  # capped at the matrix's own rank, as the correction is
-    layer = _layer()
+    layer = _layer(**{"mapping.correction_rank": 0})
     layer.analog.program(layer.weight, seed=0, seconds=0.0)
-    assert layer.analog.chip.correct_in is None  # off by default
+    assert layer.analog.chip.correct_in is None  # rank 0: off
     moment = InputMoment(8, 2).fit_(torch.randn(40, 8))
     chol = moment.cholesky().double()
     h = moment.matrix()

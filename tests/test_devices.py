@@ -87,10 +87,11 @@ def _layer(cfg, seed=0):
 
 
 def test_drift_compensation_restores_mean_output_scale():
-    # conductance drift alone: the IR drop's bias on the ±1 calibration read is checked in test_readside.py
+    # conductance drift alone: the IR drop's bias on the ±1 calibration read is checked in test_readside.py;
+    # the measured correction (which cancels drift too) off
     cfg = al.AnalogConfig.from_profile("pcm", **{"dac.bits": None, "adc.bits": None, "output.noise": 0.0,
                                                  "device.read_noise_scale": 0.0, "tiling.rows": None,
-                                                 "ir_drop.wire_resistance": 0.0})
+                                                 "ir_drop.wire_resistance": 0.0, "mapping.correction_rank": 0})
     x = torch.randn(64, 256)
     for compensation, low, high in [(True, 0.97, 1.03), (False, 0.4, 0.6)]:
         layer = _layer(cfg.set("drift.compensation", compensation))
@@ -256,7 +257,7 @@ def test_gain_calibrated_block_by_block_is_the_realised_chips_gain(rows, extra):
     rows = math.ceil(1536 / tiles)
     assert w.numel() > _BLOCK and (_BLOCK % rows != 0) == bool(extra)  # 384 rows: a block ends inside a row
     day = 86400.0
-    whole = realise(cfg, w, tiles, rows, 3, 77, day).gain
+    whole = realise(cfg, w, tiles, rows, 3, 77, day).compensation  # gain × pulse factor
     blocks = calibrated_gain(cfg, w, tiles, rows, 3, 77, day)
     assert torch.allclose(blocks, whole, rtol=1e-6) and whole.item() > 1.05  # drift compensated
     assert not torch.allclose(calibrated_gain(cfg, w, tiles, rows, 4, 77, day), whole, rtol=1e-5)

@@ -102,7 +102,7 @@ def test_crossbar_manifest_describes_model_chip_and_converters(tmp_path):
         assert rec["kind"] == "conv1d" and rec["bias"]
         assert rec["dac_range"] == pytest.approx(float(layer.matrix.input_range.detach().abs()))
         # drift-compensation gain of this chip instance after a day (≠ 1), as the model computes it
-        assert rec["gain"] == float(layer.matrix.chip.gain[0]) and rec["gain"] > 1.05
+        assert rec["gain"] == float(layer.matrix.chip.compensation[0]) and rec["gain"] > 1.05
         assert rec["sha256"] == sha256_file(path / rec["file"])
         assert torch.equal(load_file(str(path / rec["file"]))["bias"][0], layer.bias.detach())
 

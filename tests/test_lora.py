@@ -314,6 +314,23 @@ def test_merge_and_reprogram_programs_new_chip_with_merged_weights():
     assert not torch.allclose(realised, merged_target, atol=1e-4)  # programming noise is there
 
 
+def test_adapters_leave_the_kv_prefix_as_the_host_stored_it_from_the_exact_weights():
+    # the attention sink's keys and values stay the exact digital ones while the adapters train (computed
+    # through them at every forward they moved with the adapters, without a gradient), and a merge keeps
+    # the prefix the adapters were trained with
+    model, train, _ = make_chip(kv_prefix="bos")
+    prefix = model.analog_kv_prefix
+    exact = prefix._compute(model.base_model)
+    peft_model = lora.attach_lora(model)
+    train_adapters(peft_model, "backprop", train, replace(TRAIN, steps=3), ZO)
+    assert prefix.stored is not None
+    assert all(torch.equal(a, b) for kv, kv0 in zip(prefix.stored, exact) for a, b in zip(kv, kv0))
+    through = prefix._compute(model.base_model)  # what the prefix would be through the trained adapters
+    assert not all(torch.allclose(a, b) for kv, kv0 in zip(through, exact) for a, b in zip(kv, kv0))
+    merged = lora.merge_and_reprogram(peft_model, seed=7)
+    assert merged.analog_kv_prefix.stored is prefix.stored
+
+
 def _program(matrix, weight, seed, seconds=0.0):
     matrix.program(weight, seed, seconds)
     return matrix.realised_weight(weight)

@@ -123,7 +123,10 @@ def outlier_model():
 def _mapped_error(outlier_model, calibration=True, seed=0, **steps):
     model, tok, ids, ref = outlier_model
     m = copy.deepcopy(model)
-    cfg = al.AnalogConfig.from_profile("pcm", **steps)
+    # each step's own effect: the profile's DAC headroom, measured correction and KV prefix (each measured
+    # on SmolLM2 in docs/mapping.md) off, and the chip's logits compared with the unprefixed model's
+    plain = {"mapping.dac_headroom": 1.0, "mapping.correction_rank": 0, "kv_prefix": []}
+    cfg = al.AnalogConfig.from_profile("pcm", **{**plain, **steps})
     al.analogize_(m, cfg, calibration=_blocks(tok, "train", 8) if calibration else None)
     if not calibration:  # no mapping: the learned DAC ranges initialise from the first batch's abs-max
         with torch.no_grad():

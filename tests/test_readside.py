@@ -359,13 +359,17 @@ def test_ideal_profile_has_every_read_side_effect_off():
 
 
 # ----- drift compensation ---------------------------------------------------------------------------------
-def test_drift_compensation_with_ir_drop_and_adc_errors():
+@pytest.mark.parametrize("where", ["digital", "pulse"])
+def test_drift_compensation_with_ir_drop_and_adc_errors(where):
     # the ±1 calibration read sees the IR drop and the ADC errors like every read, so compensation still
     # restores the scale of such inputs after a year; inputs that load the wires less lose the difference
-    # of the calibration's IR drop at t0 and at t (its wires carry half the current after a year's drift)
+    # of the calibration's IR drop at t0 and at t (its wires carry half the current after a year's drift).
+    # Longer pulses restore the charge, not the current, so the wires' drop stays the drifted one's
+    # (pricing it at the compensated conductances under-compensated full inputs to 0.91).
     quiet = {"dac.bits": None, "adc.bits": 12, "adc.bound": 200.0, "output.noise": 0.0,
              "device.read_noise_scale": 0.0, "device.prog_noise_scale": 0.0, "adc.gain_std": 0.02,
-             "adc.offset_std": 0.5, "ir_drop.wire_resistance": 0.35}
+             "adc.offset_std": 0.5, "ir_drop.wire_resistance": 0.35, "drift.compensation_at": where,
+             "mapping.correction_rank": 0}
     cfg = al.AnalogConfig.from_profile("pcm", **quiet)
     torch.manual_seed(0)
     full = torch.randint(0, 2, (64, 512)).float() * 2 - 1  # inputs like the calibration's
@@ -463,6 +467,25 @@ def test_training_read_puts_the_output_noise_where_the_compensation_leaves_it():
     scale2 = float(lin.analog.normalised_tiles(lin.weight.detach())[1].square().mean())  # tile-column scales²
     want = (alpha**2 - 1) * sigma**2 * scale2
     assert (spread["digital"] - spread["pulse"]) == pytest.approx(want, rel=0.1)
+
+
+def test_training_read_prices_the_ir_drop_at_the_drifted_current_with_pulses():
+    # a digital α after the ADC and α× longer pulses deliver the same charge through the same drifted
+    # currents, so without output noise and ADC the two training reads agree, IR drop included (pricing
+    # the drop at the compensated tiles' load left the pulses' outputs at 0.90 of the digital gain's)
+    year, out = 3.15e7, {}
+    for at in ("digital", "pulse"):
+        cfg = al.AnalogConfig.from_profile("pcm", **{"dac.bits": None, "adc.bits": None, "output.noise": 0.0,
+                                                     "training.noise": "device", "drift.compensation_at": at,
+                                                     "ir_drop.wire_resistance": 0.35})
+        lin = _layer(cfg, 512, 256, dac_range=1.0)
+        lin.analog.mode, lin.analog.train_seconds = "hwa", year
+        x = torch.sign(torch.randn(64, 512, generator=torch.Generator().manual_seed(2)))  # loads the wires fully
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)  # the same weight-noise draws in both reads
+            out[at] = lin(x) - lin.bias
+    ratio = float(out["pulse"].abs().mean() / out["digital"].abs().mean())
+    assert ratio == pytest.approx(1.0, abs=1e-4)
 
 
 # ----- configuration ----------------------------------------------------------------------------------------

@@ -9,10 +9,14 @@ valid ones, instead of a silent default or a TypeError deep inside a layer.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
+
+#: a number in exponent form without a decimal point (``5e-5``), which YAML 1.1 (PyYAML) reads as a string
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -96,6 +100,8 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if tp is float:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__} ({value!r})")
         return float(value)

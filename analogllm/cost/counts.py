@@ -290,6 +290,7 @@ class DigitalOp:
     dram_values: int = 0   #: values moved to / from DRAM (× bytes per value of the hardware)
     sram_values: int = 0   #: values moved to / from on-chip SRAM
     note: str = ""
+    chip_only: bool = False  #: a repair of the analogue chip (no part of the model a GPU runs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -409,7 +410,8 @@ def correction_ops(config: AnalogConfig, layers: tuple[LayerCounts, ...]) -> lis
     values = sum(layer.active * correction_macs(k, layer.inp, layer.out)
                  for layer in layers if layer.analog)
     return [DigitalOp(f"measured rank-{k} correction", flops=2 * values, macs=values, sram_values=values,
-                      note="B·(A·x) after the ADCs of every analogue matrix (mapping.correction_rank)")]
+                      note="B·(A·x) after the ADCs of every analogue matrix (mapping.correction_rank)",
+                      chip_only=True)]
 
 
 def workload_from_model(model: nn.Module, context: int = DEFAULT_CONTEXT, source: str | None = None) -> Workload:

@@ -182,14 +182,16 @@ def _photonic_layer(layer: LayerCounts, hw: PhotonicCost, d: DigitalCost, adc_bi
 
 
 def gpu_baseline(workload: Workload, profile: HardwareProfile) -> GPUBaseline:
-    """The same token on a GPU: every MAC digital (2 ops), elementwise FLOPs 1 op, weights and KV from HBM."""
+    """The same token on a GPU: every MAC digital (2 ops), elementwise FLOPs 1 op, weights and KV from HBM.
+    The chip's own repairs (the measured correction) are left out: the GPU runs the exact model."""
     if profile.kind != "gpu" or profile.gpu is None:
         raise ValueError(f"baseline profile {profile.name!r} is not a gpu profile")
     g: GPUCost = profile.gpu
     t = workload.totals()
-    ops = 2.0 * t["macs"] + t["digital_flops"]
+    model_ops = [op for op in workload.digital if not op.chip_only]
+    ops = 2.0 * t["macs"] + sum(op.flops for op in model_ops)
     layer_weights = sum(layer.macs for layer in workload.layers)  # active weights, one read per token
-    values = layer_weights + t["dram_values"] + t["sram_values"]
+    values = layer_weights + sum(op.dram_values + op.sram_values for op in model_ops)
     nbytes = values * g.bytes_per_value
     energy = {"compute": ops / g.tops_per_w, "hbm": nbytes * 8 * g.hbm_pj_per_bit}  # 1 TOPS/W = 1 op/pJ
     latency = max(ops / (g.peak_tops * 1e12), nbytes / g.hbm_bytes_per_s)

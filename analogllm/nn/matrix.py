@@ -170,11 +170,12 @@ class AnalogMatrix(nn.Module):
         sat = cfg.output.saturation if cfg.output.nonlinearity == "tanh" else 0.0
         if adc is None:
             adc_gain = adc_offset = None
+        rho = cfg.ir_drop_rho / self._pulse(e) if cfg.ir_drop_rho else 0.0
         out, _, _, _ = read(x2, tiles, scale, r.to(tiles.dtype), gain.to(tiles.dtype), adc, read_var,
                             None if bias is None else bias.to(tiles.dtype), w_arg, clip, key,
                             cfg.dac.bits or 0 if quantize else 0, cfg.adc.bits or 0, float(out_var), float(shot),
                             float(sat), need_grad, need_grad and adc is not None and adc.requires_grad,
-                            adc_gain, adc_offset, cfg.ir_drop_rho, float(cfg.dac.inl) if quantize else 0.0)
+                            adc_gain, adc_offset, rho, float(cfg.dac.inl) if quantize else 0.0)
         if self.mode == "chip" and self.chip.correct_in is not None:  # digital, after the ADCs
             out = out + (x2 @ self.chip.correct_in[e].T) @ self.chip.correct_out[e].T
         return out.reshape(*lead, out.shape[-1])
@@ -191,6 +192,20 @@ class AnalogMatrix(nn.Module):
         # reshape: ZeRO-3 training holds the scalar range as (1,) (analogllm.training.sharding)
         r = self.input_range.reshape(()) if expert is None else self.input_range[expert]
         return r.abs() + _EPS
+
+    def _pulse(self, e: int) -> float:
+        """The factor α by which pulse compensation lengthens this read's pulses (1 without it). Longer
+        pulses restore the charge, not the current: the wires carry the drifted devices' current, so the
+        IR drop of tiles that hold α-scaled weights is priced at ρ/α."""
+        if self.config.drift.compensation_at != "pulse":
+            return 1.0
+        if self.mode == "chip":
+            return 1.0 if self.chip.pulse is None else float(self.chip.pulse[e])
+        if self.config.training.noise == "device":  # the training read's tiles are the compensated ones
+            from analogllm.chip.statistics import compensation_gain
+
+            return compensation_gain(self.config, self.train_seconds)
+        return 1.0
 
     def _training_read(self, w: torch.Tensor):
         """(tiles, scale, read_var, clip, out_var, shot, gain) of a hardware-aware training read: the

@@ -51,6 +51,7 @@ from analogllm.nn.matrix import AnalogMatrix
 from analogllm.ops.noise import seeded
 from analogllm.nn.weight import AnalogWeight
 from analogllm.hf.checkpoint import from_pretrained, save_pretrained
+from analogllm.hf.prefix import hold_prefix_
 from analogllm.tuners.pat import layer_name
 from analogllm.config.schema import check
 
@@ -182,13 +183,22 @@ def attach_lora(model: nn.Module, settings: LoraSettings = LoraSettings()) -> Pe
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=list(targets),
         bias="none", fan_in_fan_out=getattr(getattr(model, "config", None), "model_type", "") == "gpt2",
     )
-    with seeded(settings.init_seed):  # adapter init must not shift the chip's read-noise stream
-        peft_model = get_peft_model(model, lora_config)
+    peft_model = _wrap(model, lora_config, settings.init_seed)  # the seed: the chip's read-noise stream stays
     if settings.analog:
         analogize_adapters_(peft_model, config)
     _guard_merges(peft_model)
     peft_model.eval()
     return peft_model
+
+
+def _wrap(model: nn.Module, lora_config: LoraConfig, seed: int) -> PeftModel:
+    """peft's LoRA around the chip ``model``, its initialisation drawn under ``seed`` (the caller's random
+    streams left as they were). A digital KV prefix is stored first, from the exact base weights, as the
+    host holds it: computed through the adapters at every forward it would move with them, without a
+    gradient, and every later token attends to it (it is the attention sink)."""
+    hold_prefix_(model)
+    with seeded(seed):
+        return get_peft_model(model, lora_config)
 
 
 def analogize_adapters_(model: PeftModel, config: AnalogConfig | None = None) -> PeftModel:
@@ -353,8 +363,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, trainable: bool = F
     _require_chip(model)
     lora_config = LoraConfig.from_pretrained(str(path))
     lora_config.inference_mode = False
-    with seeded(0):  # the adapters' initialisation is overwritten by the saved weights; keep the caller's RNG
-        peft_model = get_peft_model(model, lora_config)
+    peft_model = _wrap(model, lora_config, 0)  # the initialisation is overwritten by the saved weights
     if meta.get("analog"):
         analogize_adapters_(peft_model, AnalogConfig.from_dict(meta["config"]))
     weights = load_peft_weights(str(path), device="cpu")
