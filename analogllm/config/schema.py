@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 T = TypeVar("T")
 
-#: a number in exponent form without a decimal point (``5e-5``), which YAML 1.1 (PyYAML) reads as a string
+#: a number in exponent form that YAML 1.1 (PyYAML) reads as a string (``5e-5``, ``1.5e3``: it wants a dot and a sign)
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
