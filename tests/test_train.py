@@ -294,3 +294,22 @@ def test_bad_recipe_files_name_the_key(tmp_path, capsys):
     assert main(["train", "quickstart", "--set", f"data.source={tmp_path / 'absent.txt'}", "--set", f"output_dir={out}"]) == 2
     assert "data.source" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_second_pass_over_generated_text_is_warned(cache, base, tmp_path):
+    """More steps than the self-generated blocks cover warn and name the setting that fixes it;
+    one pass does not."""
+    import warnings
+
+    def train(steps: int) -> list[str]:
+        r = load_hwa_recipe("quickstart", {**SMALL, "output_dir": str(tmp_path / str(steps)), "data.source": "generated",
+                                           "data.generated_blocks": 4, "train.batch_size": 2, "train.steps": steps,
+                                           "analog.calibration_blocks": 0, "train.checkpoint_every": 0})
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            run_train(r, base=base, progress=False)
+        return [str(w.message) for w in seen if "generated blocks" in str(w.message)]
+
+    assert train(2) == []
+    (message,) = train(3)
+    assert "read the 4 generated blocks 1.5 times" in message and "data.generated_blocks to at least 6" in message
