@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -299,7 +300,6 @@ def test_bad_recipe_files_name_the_key(tmp_path, capsys):
 def test_a_second_pass_over_generated_text_is_warned(cache, base, tmp_path):
     """More steps than the self-generated blocks cover warn and name the setting that fixes it;
     one pass does not."""
-    import warnings
 
     def train(steps: int) -> list[str]:
         r = load_hwa_recipe("quickstart", {**SMALL, "output_dir": str(tmp_path / str(steps)), "data.source": "generated",
