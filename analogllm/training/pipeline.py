@@ -42,7 +42,7 @@ from analogllm.hf.prefix import prefixed, resolve_prefix
 from analogllm.config.schema import to_dict
 from analogllm.training.config import HWARecipe
 from analogllm.training.hwa import Teacher, TrainResult, hwa_train, unwrap
-from analogllm.training.sharding import check_launch, full_state_dict, sharding_requested
+from analogllm.training.sharding import check_launch, full_state_dict, launch_processes, sharding_requested
 from analogllm.training.selfgen import GENERATED, generated_blocks
 
 FINAL = "final"
@@ -159,11 +159,11 @@ class TrainOutcome:
 def _warn_repeated_generation(recipe: HWARecipe, n_blocks: int) -> None:
     """Warn when the run reads the self-generated blocks more than once. Distillation on a second pass
     fits the generated text rather than the chip: SmolLM2 on pcm, 120 steps over 256 blocks, scored
-    1.24x on Shakespeare at 0 s against 1.21x after 60 steps (docs/training.md). The launch's processes
-    come from its environment, as :func:`check_launch` reads them: creating accelerate's state here,
-    before the training loop sets it up, would fix it without the run's plugins."""
+    1.24x on Shakespeare at 0 s against 1.21x after 60 steps (docs/training.md). The processes come from
+    the launch's environment (:func:`launch_processes`): creating accelerate's state here, before the
+    training loop sets it up, would fix it without the run's plugins."""
     t = recipe.train
-    passes = t.steps * t.grad_accum * t.batch_size * int(os.environ.get("WORLD_SIZE", "1")) / n_blocks
+    passes = t.steps * t.grad_accum * t.batch_size * launch_processes() / n_blocks
     if recipe.data.source == GENERATED and passes > 1 and os.environ.get("RANK", "0") == "0":
         warnings.warn(f"train: {t.steps} steps read the {n_blocks} generated blocks {passes:.1f} times; beyond one "
                       f"pass distillation fits the generated text, not the chip. Raise data.generated_blocks to "

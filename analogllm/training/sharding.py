@@ -47,6 +47,12 @@ def sharding_requested(spec: TrainSection) -> Sharding | None:
     return "fsdp" if fsdp else "zero3" if zero3 else None
 
 
+def launch_processes() -> int:
+    """The processes of this launch, from the environment ``torchrun`` / ``accelerate launch`` set
+    (``WORLD_SIZE``; 1 when launched plainly), readable before accelerate's state exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def check_launch(kind: Sharding, processes: int | None = None) -> None:
     """Refuse what cannot shard, before anything is loaded: a single process (nothing to shard across;
     ``processes`` defaults to this launch's ``WORLD_SIZE``), FSDP1, a ZeRO stage other than 3, and
@@ -63,7 +69,7 @@ def check_launch(kind: Sharding, processes: int | None = None) -> None:
         except ImportError as err:
             raise ConfigError(f"train.zero3 needs DeepSpeed ({err}); install it with: pip install 'analogllm[zero3]'") from None
     if processes is None:
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        processes = launch_processes()
     if processes < 2:
         raise ConfigError(f"train.{kind}: sharding needs several processes; launch with {LAUNCH[kind]}")
 
@@ -254,6 +260,6 @@ def checkpoint_sharding(ckpt) -> Sharding | None:
     return "zero3" if (ckpt / MODEL_NAME).is_dir() else None
 
 
-__all__ = ["LAUNCH", "Sharding", "accelerator_sharding", "average_grads_", "check_launch", "checkpoint_sharding", "fsdp_plugin",
+__all__ = ["LAUNCH", "Sharding", "accelerator_sharding", "average_grads_", "check_launch", "checkpoint_sharding", "fsdp_plugin", "launch_processes",
            "full_state_dict", "gathered", "partition_zero3_", "plugin_for", "sharding_requested", "update_master_",
            "use_sharding", "zero3_plugin"]
