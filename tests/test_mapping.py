@@ -220,6 +220,43 @@ def test_error_model_histogram_bins_match_a_binary_search():
     assert torch.equal(lm._bin(y), expected)
 
 
+def test_error_model_terms_equal_their_sums_written_out():
+    # The error model's DAC, weight-noise and ADC-saturation terms against the docstring's sums computed
+    # element by element (float64), so a faster evaluation cannot change what the mapping optimises.
+    torch.manual_seed(0)
+    cfg = al.AnalogConfig.from_profile("pcm")
+    tiles, rows = 2, 300
+    x = torch.randn(96, 600) * torch.linspace(0.2, 3.0, 600)
+    x[::16, :3] *= 40  # outlier tokens: clipped at the DAC, saturating at the ADC
+    w = torch.randn(50, 600) / 25
+    var = device_variance(cfg, 0.0)
+    lm = LayerModel(x, w, tiles, rows, cfg, var)
+    xd, wd = x.double(), w.double()
+    y = xd @ wd.T
+    sig = y.square().sum(-1)
+    tok = 1.0 / (sig + 0.05 * sig.mean())  # each token's weight: one over its floored output power
+    step = 1.0 / (2 ** (cfg.dac.bits - 1) - 1)
+    r = 3.0 * lm.rms
+    parts = [(xd[:, t * rows:(t + 1) * rows], wd[:, t * rows:(t + 1) * rows]) for t in range(tiles)]
+    y0 = [(xt @ wt.T).abs() / (wt.abs().amax(-1) * lm.rms) for xt, wt in parts]
+    # a threshold just inside the bin below the median output: the histogram counts every value from
+    # the bin's upper edge on, so the sum written out does too
+    k = int(torch.searchsorted(lm.edges, torch.cat([y.flatten() for y in y0]).median()))
+    c = 0.99 * float(lm.edges[k])
+    dac = wts = sat = 0.0
+    for (xt, wt), y in zip(parts, y0):
+        m = wt.abs().amax(-1)
+        wn = wt / m[:, None]
+        q = torch.round((xt / r).clamp(-1, 1) / step) * step
+        dac += float(tok @ (q - xt / r).square() @ (wn.square().T @ m.square()))
+        wts += float(tok @ q.square() @ (var.lookup(wn.abs().float()).double().T @ m.square()))
+        sat += float(tok @ ((y >= lm.edges[k]) * (y - c).square()) @ m.square())
+    e = lm.errors(r, None)
+    assert e.dac == pytest.approx(r * r * dac / len(x), rel=1e-4)
+    assert e.weights == pytest.approx(r * r * wts / len(x), rel=1e-4)
+    assert float(lm._saturation(torch.full((tiles,), float(c))).sum()) == pytest.approx(sat, rel=1e-4)
+
+
 def test_error_calibration_beats_max_and_std_on_outlier_inputs():
     torch.manual_seed(0)
     cfg = al.AnalogConfig.from_profile("pcm")

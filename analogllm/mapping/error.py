@@ -127,11 +127,14 @@ class LayerModel:
         self.edges = top * torch.logspace(-_DECADES, 0, _BINS + 1, dtype=torch.float64)[:-1]  # lower edges
         self._log_edge0 = float(self.edges[0].log10())
         sums = torch.zeros(3, tiles, _BINS, dtype=torch.float64)
+        den = self.inv_den.double()
         for t, (y, m) in enumerate(zip(y0, m2)):
-            idx = self._bin(y.flatten())
-            flat = y.flatten().double()
-            weights = (self.inv_den[:, None] * m[None, :]).flatten().double()
-            for k, v in enumerate((weights, weights * flat, weights * flat * flat)):
+            flat = y.flatten()
+            idx = self._bin(flat)
+            # ω, ω·y, ω·y² in float64, each one pass over the tile (float32 y promoted in the product)
+            weights = torch.outer(den, m.double()).flatten()
+            moment = weights * flat
+            for k, v in enumerate((weights, moment, moment.mul(flat))):
                 sums[k, t].scatter_add_(0, idx, v)
         sums = torch.cat([sums.flip(-1).cumsum(-1).flip(-1), torch.zeros(3, tiles, 1, dtype=torch.float64)], -1)
         self.s0, self.s1, self.s2 = sums.unbind(0)
@@ -163,18 +166,20 @@ class LayerModel:
     def errors(self, r: float, adc: torch.Tensor | None) -> LayerErrors:
         """The relative error parts at DAC range ``r`` and ADC ranges ``adc`` (T,) (None: no ADC)."""
         cfg = self.config
-        u = self.xt / r
-        q = u.clamp(-1, 1)
+        # in DAC steps (unit steps; an ideal DAC: in units of the range): x/(r·step) clamped and rounded
+        step = 1.0 if cfg.dac.bits is None else 1.0 / (2 ** (cfg.dac.bits - 1) - 1)
+        u = self.xt * (1.0 / (r * step))
+        q = u.clamp(-1.0 / step, 1.0 / step)
         if cfg.dac.bits is not None:
-            step = 1.0 / (2 ** (cfg.dac.bits - 1) - 1)
-            q.div_(step).round_().mul_(step)
-        r2 = r * r
+            q.round_()
+        s2 = (r * step) ** 2
         n = self.n
         # token-weighted sums over the tokens as one batched matrix product per term: 3× faster than a
         # three-operand einsum, and the mapping evaluates this ~25,000 times for SmolLM2
         w = self.inv_den.view(1, 1, n).expand(len(self.xt), 1, n)
-        e_dac = r2 * float(torch.bmm(w, u.sub_(q).square_()).squeeze(1).mul_(self.g).sum()) / n
-        e_w = r2 * float(torch.bmm(w, q.square_()).squeeze(1).mul_(self.h).sum()) / n
+        e_dac = s2 * float(torch.bmm(w, u.sub_(q).square_()).squeeze(1).mul_(self.g).sum()) / n
+        e_w = s2 * float(torch.bmm(w, q.square_()).squeeze(1).mul_(self.h).sum()) / n
+        r2 = r * r
         e_out = r2 * (self.out_var * float(self.m2w.sum()) + self.shot * self.rms / r) / n
         e_adc = 0.0
         if adc is not None and cfg.adc.bits is not None:
